@@ -1,0 +1,176 @@
+"""The `vpl` command end to end, in-process, on real VOC images with a random-weight CLIP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
+pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
+
+from vpl_plugin.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
+
+IDS = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
+
+
+@pytest.fixture(scope="module")
+def small_voc(voc_root, tmp_path_factory) -> Path:
+    """Four real VOC images (with XML) in a temporary VOC layout, plus a train list."""
+    root = tmp_path_factory.mktemp("voc") / "VOC2012"
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    for i in IDS:
+        shutil.copy(voc_root / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
+        shutil.copy(voc_root / "Annotations" / f"{i}.xml", root / "Annotations")
+        shutil.copy(voc_root / "SegmentationClass" / f"{i}.png", root / "SegmentationClass")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(IDS) + "\n")
+    return root
+
+
+def _run(argv):
+    return main([str(a) for a in argv])
+
+
+def test_cams_learn_cams_masks_eval_end_to_end(small_voc, tiny_checkpoint, tmp_path, capsys):
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress"]
+    assert _run(["cams", *data, "--out", tmp_path / "cams_text"]) == EXIT_OK
+    files = sorted(p.name for p in (tmp_path / "cams_text").glob("*.npy"))
+    assert files == [f"{i}.npy" for i in IDS]
+    assert (tmp_path / "cams_text" / "vpl_cams.yaml").exists()
+    d = np.load(tmp_path / "cams_text" / "2007_000032.npy", allow_pickle=True).item()
+    assert list(d["keys"]) == [0, 14] and d["attn_highres"].shape == (2, 281, 500)
+
+    protos = tmp_path / "vpl.pt"
+    assert _run(["learn", *data, "--out", protos, "--iters", "5", "--tau", "0.03"]) == EXIT_OK
+    assert protos.exists() and (tmp_path / "vpl.yaml").exists()
+    history = json.loads((tmp_path / "vpl.history.json").read_text())
+    assert history["loss"][-1] <= history["loss"][0]
+
+    assert _run(["cams", *data, "--out", tmp_path / "cams_vpl", "--prototypes", protos]) == EXIT_OK
+    d2 = np.load(tmp_path / "cams_vpl" / "2007_000032.npy", allow_pickle=True).item()
+    assert not np.array_equal(d["attn_highres"], d2["attn_highres"])
+
+    assert _run(["masks", "--cams", tmp_path / "cams_vpl", "--root", small_voc, "--split-file", "train.txt",
+                 "--out", tmp_path / "masks", "--no-progress"]) == EXIT_OK
+    from PIL import Image
+
+    mask = np.array(Image.open(tmp_path / "masks" / "2007_000032.png"))
+    assert mask.shape == (281, 500) and set(np.unique(mask)) <= {0, 1, 15, 255}
+
+    capsys.readouterr()
+    result = tmp_path / "eval.json"
+    gt = small_voc / "SegmentationClass"
+    assert _run(["eval", "--cams", tmp_path / "cams_text", "--gt-root", gt, "--split-file",
+                 small_voc / "ImageSets/Segmentation/train.txt", "--json", result, "--no-progress"]) == EXIT_OK
+    out = capsys.readouterr().out
+    report = json.loads(result.read_text())
+    assert 0 <= report["miou"] <= 1 and f"{100 * report['miou']:.2f}" in out
+    assert _run(["eval", "--masks", tmp_path / "masks", "--gt-root", gt, "--split-file",
+                 small_voc / "ImageSets/Segmentation/train.txt", "--no-progress"]) == EXIT_OK
+
+
+def test_identity_learning_reproduces_text_cams(small_voc, tiny_checkpoint, tmp_path):
+    """`vpl learn --tau clip --iters 0` gives prototypes whose CAMs are the text CAMs, bit for bit."""
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress",
+            "--limit", "2"]
+    assert _run(["cams", *data, "--out", tmp_path / "t"]) == EXIT_OK
+    assert _run(["learn", *data, "--out", tmp_path / "id.pt", "--tau", "clip", "--iters", "0"]) == EXIT_OK
+    assert _run(["cams", *data, "--out", tmp_path / "v", "--prototypes", tmp_path / "id.pt"]) == EXIT_OK
+    for i in IDS[:2]:
+        a = np.load(tmp_path / "t" / f"{i}.npy", allow_pickle=True).item()
+        b = np.load(tmp_path / "v" / f"{i}.npy", allow_pickle=True).item()
+        np.testing.assert_array_equal(a["attn_highres"], b["attn_highres"])
+
+
+def test_interrupted_run_resumes_to_identical_files(small_voc, tiny_checkpoint, tmp_path):
+    from vpl_plugin.adapters import CLIPESAdapter
+    from vpl_plugin.backbones import load_clip
+    from vpl_plugin.data.voc import VOCDataset
+    from vpl_plugin.pipeline import generate_cams
+
+    dataset = VOCDataset(small_voc, "train.txt")
+    adapter = CLIPESAdapter(load_clip(str(tiny_checkpoint)))
+    generate_cams(adapter, dataset, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    real_call = CLIPESAdapter.__call__
+
+    class Crashing(CLIPESAdapter):
+        def __call__(self, image, labels):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return real_call(self, image, labels)
+
+    crashing = Crashing(adapter.encoder)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cams(crashing, dataset, tmp_path / "resumed", progress=False)
+    assert len(list((tmp_path / "resumed").glob("*.npy"))) == 2
+    assert not list((tmp_path / "resumed").glob(".*tmp*"))  # no half-written file left
+    summary = generate_cams(adapter, dataset, tmp_path / "resumed", progress=False)
+    assert summary.skipped_existing == 2 and summary.done == 2
+    for i in IDS:
+        assert (tmp_path / "full" / f"{i}.npy").read_bytes() == (tmp_path / "resumed" / f"{i}.npy").read_bytes()
+
+
+def test_bad_inputs_are_reported_and_the_run_continues(small_voc, tiny_checkpoint, tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(small_voc, root)
+    (root / "JPEGImages" / "broken.jpg").write_bytes(b"not a jpeg")
+    shutil.copy(root / "Annotations" / f"{IDS[0]}.xml", root / "Annotations" / "broken.xml")
+    shutil.copy(root / "JPEGImages" / f"{IDS[0]}.jpg", root / "JPEGImages" / "alien.jpg")
+    xml = (root / "Annotations" / f"{IDS[0]}.xml").read_text().replace("<name>aeroplane</name>", "<name>ufo</name>")
+    (root / "Annotations" / "alien.xml").write_text(xml)
+    shutil.copy(root / "JPEGImages" / f"{IDS[0]}.jpg", root / "JPEGImages" / "nolabel.jpg")
+    (root / "list.txt").write_text("\n".join([IDS[0], "broken", "alien", "nolabel", IDS[1]]) + "\n")
+    out = tmp_path / "cams"
+    code = _run(["cams", "--clip", tiny_checkpoint, "--root", root, "--split-file", root / "list.txt",
+                 "--out", out, "--no-progress"])
+    assert code == EXIT_PARTIAL
+    err = capsys.readouterr().err
+    assert "broken" in err and "alien" in err and "ufo" in err and "nolabel" in err
+    summary = json.loads((out / "vpl_cams_summary.json").read_text())
+    assert summary["done"] == 2 and {f["id"] for f in summary["failed"]} == {"broken", "alien", "nolabel"}
+    assert sorted(p.stem for p in out.glob("*.npy")) == sorted(IDS[:2])
+
+
+def test_usage_errors_exit_2_with_a_message(tmp_path, small_voc, capsys):
+    assert _run(["cams", "--root", small_voc, "--out", tmp_path]) == EXIT_USAGE
+    assert "--clip" in capsys.readouterr().err
+    assert _run(["cams", "--clip", tmp_path / "missing.pt", "--root", small_voc, "--out", tmp_path / "o",
+                 "--no-progress"]) == EXIT_USAGE
+    assert "missing.pt" in capsys.readouterr().err
+    assert _run(["learn", "--clip", "x", "--root", small_voc, "--out", tmp_path / "p.pt", "--tau", "hot"]) == EXIT_USAGE
+    assert "--tau" in capsys.readouterr().err
+    assert _run(["eval", "--gt-root", tmp_path, "--split-file", tmp_path / "nolist.txt", "--cams", tmp_path]) == EXIT_USAGE
+
+
+def test_config_file_sits_between_defaults_and_flags(tmp_path, small_voc, tiny_checkpoint):
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"clip": str(tiny_checkpoint), "root": str(small_voc), "limit": 1,
+                                   "box_threshold": 0.5, "progress": False}))
+    assert _run(["cams", "--config", cfg, "--out", tmp_path / "o", "--box-threshold", "0.6"]) == EXIT_OK
+    written = yaml.safe_load((tmp_path / "o" / "vpl_cams.yaml").read_text())
+    assert written["limit"] == 1 and written["box_threshold"] == 0.6
+    assert written["adapter_config"]["box_threshold"] == 0.6
+    assert len(list((tmp_path / "o").glob("*.npy"))) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("colour: red\n")
+    assert _run(["cams", "--config", bad, "--out", tmp_path / "o2"]) == EXIT_USAGE
+
+
+def test_help_teaches_and_python_m_works():
+    proc = subprocess.run([sys.executable, "-m", "vpl_plugin", "learn", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened"):
+        assert word in proc.stdout
+    assert main(["--version"]) == 0

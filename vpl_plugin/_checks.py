@@ -1,0 +1,36 @@
+"""Validation at the public boundary: raise with the argument, the expectation and a fix."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def check_ndim(name: str, x: Any, ndim: int, shape_doc: str) -> None:
+    """Raise ValueError unless ``x.ndim == ndim`` (``shape_doc`` names the axes, e.g. ``(K, D)``)."""
+    if getattr(x, "ndim", None) != ndim:
+        raise ValueError(
+            f"{name} must have shape {shape_doc} ({ndim} dims); got shape "
+            f"{tuple(getattr(x, 'shape', ()))}."
+        )
+
+
+def check_same(name_a: str, a: int, name_b: str, b: int, hint: str = "") -> None:
+    """Raise ValueError unless two sizes agree."""
+    if a != b:
+        raise ValueError(f"{name_a} ({a}) must equal {name_b} ({b}).{(' ' + hint) if hint else ''}")
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """Raise ValueError unless ``low (<|<=) value <= high``."""
+    if low is not None and (value <= low if low_open else value < low):
+        op = ">" if low_open else ">="
+        raise ValueError(f"{name} must be {op} {low}; got {value}.")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}; got {value}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices`` (the message lists them)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")

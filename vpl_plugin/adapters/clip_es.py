@@ -1,0 +1,183 @@
+"""CLIP-ES (Lin et al., CVPR 2023) as an adapter, with text or vision prototypes.
+
+Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images (spec
+``clip_es.md``), except where a documented switch fixes an upstream quirk, and except that all
+classes of an image share one trunk forward and one backward (identical results, fewer passes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from vpl_plugin.adapters.base import CAMAdapter, CAMOutput, register_adapter
+from vpl_plugin.cam import GradCAMResult, affinity_transition, box_mask, image_gradcams, refine_cams, resize_maps
+from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
+from vpl_plugin.prototypes import PrototypeSet
+
+__all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
+
+_TEXT_CACHE: dict = {}
+
+
+@dataclass
+class CLIPESConfig:
+    """Settings of the CLIP-ES CAM stage (defaults = upstream).
+
+    Attributes:
+        box_threshold: CAA box threshold; ``None`` takes the dataset's (0.4 VOC, 0.7 COCO).
+        affinity_layers: attention maps of the last this-many blocks are averaged (8).
+        sinkhorn_rounds: column/row normalisation rounds of the affinity (3).
+        box_clip_fix: ``True`` fixes quirk Q7 (last row/column never in the box mask).
+        refine: apply CAA (``False`` saves the upsampled GradCAM instead, for ablations).
+        save_gradcam: also save the raw upsampled GradCAM under ``highres`` (float16).
+        templates: prompt templates averaged per class (CLIP-ES: one).
+    """
+
+    box_threshold: Optional[float] = None
+    affinity_layers: int = 8
+    sinkhorn_rounds: int = 3
+    box_clip_fix: bool = False
+    refine: bool = True
+    save_gradcam: bool = False
+    templates: Tuple[str, ...] = field(default=(CLIP_ES_TEMPLATE,))
+
+
+def text_prototype_set(encoder, class_spec: ClassSpec = VOC,
+                       templates: Sequence[str] = (CLIP_ES_TEMPLATE,)) -> PrototypeSet:
+    """CLIP-ES text prototypes (foreground prompt names, then background concepts), cached per
+    model and class list. The set carries CLIP's exact fp32 logit scale."""
+    key = (encoder.fingerprint(), str(encoder.device), class_spec.prompt_names, class_spec.background,
+           tuple(templates))
+    if key not in _TEXT_CACHE:
+        names = list(class_spec.prompt_names) + list(class_spec.background)
+        protos = encoder.encode_text_prototypes(names, templates)
+        scale = float(encoder.logit_scale)
+        _TEXT_CACHE[key] = PrototypeSet(
+            protos, class_spec.names, class_spec.background, tau=1.0 / scale, kind="text",
+            provenance={"templates": list(templates), "model": encoder.fingerprint(),
+                        "checkpoint": encoder.checkpoint},
+            logit_scale_override=scale,
+        )
+    cached = _TEXT_CACHE[key]
+    return PrototypeSet(cached.prototypes.clone(), cached.class_names, cached.background_names,
+                        cached.tau, cached.kind, dict(cached.provenance), cached.logit_scale_override)
+
+
+@register_adapter("clip-es")
+class CLIPESAdapter(CAMAdapter):
+    """CLIP-ES CAMs from a :class:`~vpl_plugin.backbones.CLIPDense` encoder.
+
+    Args:
+        encoder: the CLIP encoder.
+        class_spec: label space (VOC or COCO, or your own :class:`ClassSpec`).
+        prototypes: a :class:`PrototypeSet` (vision prototypes from ``learn``); ``None`` = text.
+        config: :class:`CLIPESConfig`; keyword arguments override its fields.
+
+    Example:
+        >>> adapter = CLIPESAdapter(load_clip("ViT-B-16.pt"))  # doctest: +SKIP
+        >>> out = adapter(PIL.Image.open("2007_000032.jpg"), [0, 14])  # doctest: +SKIP
+        >>> out.attn_highres.shape  # doctest: +SKIP
+        (2, 281, 500)
+    """
+
+    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+                 config: Optional[CLIPESConfig] = None, **overrides) -> None:
+        self.encoder = encoder
+        self.class_spec = class_spec
+        self.config = CLIPESConfig(**{**asdict(config or CLIPESConfig()), **overrides})
+        self.text_prototypes = text_prototype_set(encoder, class_spec, self.config.templates)
+        self.prototypes = self.text_prototypes
+        if prototypes is not None:
+            self.set_prototypes(prototypes)
+
+    # -- plug points ------------------------------------------------------------------------------
+    def set_prototypes(self, prototypes: PrototypeSet) -> None:
+        """Use ``prototypes`` (text or vision) in the GradCAM from now on."""
+        spec = self.class_spec
+        if tuple(prototypes.class_names) != tuple(spec.names) or \
+                len(prototypes.background_names) != len(spec.background):
+            raise ValueError(
+                f"prototype set has classes {list(prototypes.class_names)[:5]}... and "
+                f"{len(prototypes.background_names)} background concepts; the adapter's label space "
+                f"{spec.name!r} has {list(spec.names)[:5]}... and {len(spec.background)}. Learn the "
+                f"prototypes with the same --dataset."
+            )
+        if prototypes.prototypes.shape[1] != self.encoder.embed_dim:
+            raise ValueError(
+                f"prototypes have dimension {prototypes.prototypes.shape[1]} but the CLIP model's "
+                f"embedding has {self.encoder.embed_dim}: they were learned with another model."
+            )
+        self.prototypes = prototypes
+
+    @property
+    def box_threshold(self) -> float:
+        return self.config.box_threshold if self.config.box_threshold is not None else self.class_spec.box_threshold
+
+    def logit_scale(self) -> torch.Tensor:
+        """0-d fp32 scale: CLIP's ``exp(logit_scale)`` for text, ``1/tau_I`` for vision prototypes."""
+        return torch.tensor(self.prototypes.logit_scale, dtype=torch.float32)
+
+    def stacked_prototypes(self, labels: Sequence[int], prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
+        """``[fg[labels]; bg]`` rows, the per-image softmax candidates (quirk Q12)."""
+        ps = prototypes or self.prototypes
+        idx = torch.as_tensor(list(labels), dtype=torch.long)
+        return torch.cat([ps.fg[idx], ps.bg], dim=0).float()
+
+    def gradcams(self, image: torch.Tensor, labels: Sequence[int],
+                 prototypes: Optional[PrototypeSet] = None) -> GradCAMResult:
+        """GradCAMs of a preprocessed image for its labels with the current (or given) prototypes."""
+        ps = prototypes or self.prototypes
+        stacked = self.stacked_prototypes(labels, ps)
+        scale = torch.tensor(ps.logit_scale, dtype=torch.float32)
+        return image_gradcams(self.encoder, image, stacked, list(range(len(labels))), scale,
+                              affinity_layers=self.config.affinity_layers)
+
+    def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
+        """Hook: the maps that enter refinement. CLIP-ES uses the GradCAMs unchanged."""
+        return result.cams
+
+    def refine(self, result: GradCAMResult, maps: torch.Tensor) -> torch.Tensor:
+        """CAA refinement at token resolution ``(k, h, w)``."""
+        transition = affinity_transition(result.attention, self.config.affinity_layers,
+                                         self.config.sinkhorn_rounds)
+        masks = torch.stack([torch.from_numpy(box_mask(m, self.box_threshold, self.config.box_clip_fix))
+                             for m in maps]) if len(maps) else torch.zeros_like(maps)
+        return refine_cams(transition, maps, masks)
+
+    # -- the whole stage --------------------------------------------------------------------------
+    def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
+        labels = [int(c) for c in labels]
+        bad = [c for c in labels if not 0 <= c < len(self.class_spec.names)]
+        if bad:
+            raise ValueError(f"labels {bad} are outside 0..{len(self.class_spec.names) - 1} "
+                             f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
+        x, size = self.encoder.preprocess(image)
+        result = self.gradcams(x, labels)
+        maps = self.fuse(result, labels)
+        final = self.refine(result, maps) if self.config.refine else maps
+        extra = {}
+        if self.config.save_gradcam:
+            extra["highres"] = resize_maps(result.cams, size).astype(np.float16)
+        return CAMOutput(
+            keys=np.asarray(labels, dtype=np.int64),
+            attn_highres=resize_maps(final, size).astype(np.float16),
+            cams=maps, features=result.features, probabilities=result.probabilities,
+            grid=result.grid, extra=extra,
+        )
+
+    def describe(self) -> dict:
+        return {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "adapter": self.name,
+            "dataset": self.class_spec.name,
+            "prototypes": self.prototypes.kind,
+            "logit_scale": float(self.prototypes.logit_scale),
+            "tau": float(self.prototypes.tau),
+            "box_threshold": self.box_threshold,
+            "fp16_compat": bool(getattr(self.encoder, "fp16_compat", False)),
+            "checkpoint": getattr(self.encoder, "checkpoint", None),
+        }

@@ -1,0 +1,241 @@
+"""GradCAM over any prototype set and CLIP-ES's class-aware attention-affinity (CAA) refinement.
+
+Functional pieces, each faithful to upstream CLIP-ES (spec ``clip_es.md`` sections 6 and 7):
+
+* :func:`prototype_probabilities` - softmax of ``scale * normalise(f) @ normalise(T)^T``.
+* :func:`gradcam` - channel weights = spatial mean of the gradient, ReLU of the weighted sum,
+  min-max normalised twice (quirk Q6).
+* :func:`box_mask` - the ``scoremap2bbox`` box mask (quirk Q7 switchable).
+* :func:`affinity_transition` - attention affinity: last layers' patch attention averaged, three
+  Sinkhorn rounds, symmetrised, squared. It does not depend on the class, so it is computed once
+  per image.
+* :func:`refine_cams` - ``T @ (mask * cam)`` for all classes at once, min-max, resized.
+* :func:`image_gradcams` - one trunk forward and one batched backward through the last block for
+  all classes of an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from vpl_plugin._imports import require
+
+__all__ = [
+    "GradCAMResult",
+    "affinity_transition",
+    "box_mask",
+    "gradcam",
+    "image_gradcams",
+    "minmax_scale",
+    "prototype_probabilities",
+    "refine_cams",
+    "resize_maps",
+]
+
+
+def minmax_scale(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``(x - min) / (eps + max(x - min))`` over the last two dims, as CLIP-ES's ``scale_cam_image``.
+
+    Args:
+        x: ``(..., h, w)`` float32.
+    """
+    flat = x.flatten(-2)
+    flat = flat - flat.min(dim=-1, keepdim=True).values
+    flat = flat / (eps + flat.max(dim=-1, keepdim=True).values)
+    return flat.reshape(x.shape)
+
+
+def prototype_probabilities(image_embedding: torch.Tensor, prototypes: torch.Tensor,
+                            logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP-ES's image-level softmax over a stacked prototype set.
+
+    Args:
+        image_embedding: ``(B, D)`` unnormalised pooled embeddings.
+        prototypes: ``(P, D)`` rows (renormalised here by plain division, as upstream).
+        logit_scale: 0-d tensor multiplied into the normalised embedding before the product.
+
+    Returns:
+        ``(B, P)`` probabilities.
+    """
+    f = image_embedding / image_embedding.norm(dim=-1, keepdim=True)
+    t = prototypes.to(f.dtype)
+    t = t / t.norm(dim=-1, keepdim=True)
+    logits = (logit_scale.to(f.device, f.dtype) * f) @ t.t()
+    return logits.softmax(dim=-1)
+
+
+def gradcam(activation: torch.Tensor, gradient: torch.Tensor, grid: Tuple[int, int],
+            half_arithmetic: bool = False) -> torch.Tensor:
+    """GradCAM of ViT tokens, normalised twice like CLIP-ES.
+
+    Args:
+        activation: ``(L, B, C)`` target-layer tokens (CLS first).
+        gradient: ``(L, B, C)`` gradient of each copy's score with respect to ``activation``.
+        grid: token grid ``(h, w)``.
+        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path, quirk Q1).
+
+    Returns:
+        ``(B, h, w)`` float32 maps in ``[0, 1)``.
+    """
+    h, w = grid
+    act = activation[1:].permute(1, 0, 2).detach()
+    grad = gradient[1:].permute(1, 0, 2).detach()
+    if half_arithmetic:
+        act16, grad16 = act.half().cpu(), grad.half().cpu()
+        weights = grad16.float().mean(dim=1).half()
+        cam = (weights[:, None, :] * act16).float().sum(dim=-1).half()
+        cam = cam.clamp_min(0).float()
+    else:
+        act, grad = act.float().cpu(), grad.float().cpu()
+        weights = grad.mean(dim=1)
+        cam = (weights[:, None, :] * act).sum(dim=-1).clamp_min(0)
+    cam = cam.reshape(-1, h, w)
+    return minmax_scale(minmax_scale(cam))
+
+
+def box_mask(cam: Union[np.ndarray, torch.Tensor], threshold: float, clip_fix: bool = False) -> np.ndarray:
+    """CLIP-ES's ``scoremap2bbox`` mask: union of the bounding boxes of all contours above threshold.
+
+    Args:
+        cam: ``(h, w)`` float32 map in ``[0, 1)``.
+        threshold: relative threshold (0.4 VOC, 0.7 COCO) of the uint8 map's maximum.
+        clip_fix: ``False`` reproduces upstream (box ends clamped to ``size - 1`` and used as
+            exclusive ends, so the last row and column are never in the mask, quirk Q7).
+
+    Returns:
+        ``(h, w)`` float32 0/1 mask.
+    """
+    cv2 = require("cv2")
+    cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    h, w = cam.shape
+    s8 = (cam.astype(np.float32) * np.float32(255)).astype(np.uint8)
+    t = int(threshold * int(s8.max()))
+    _, binary = cv2.threshold(s8, t, 255, cv2.THRESH_BINARY)
+    found = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    contours = found[0] if len(found) == 2 else found[1]
+    mask = np.zeros((h, w), dtype=np.float32)
+    for contour in contours:
+        x, y, bw, bh = cv2.boundingRect(contour)
+        if clip_fix:
+            x1, y1 = min(x + bw, w), min(y + bh, h)
+        else:
+            x1, y1 = min(x + bw, w - 1), min(y + bh, h - 1)
+        mask[y:y1, x:x1] = 1
+    return mask
+
+
+def affinity_transition(attention_maps: Sequence[torch.Tensor], layers: int = 8,
+                        rounds: int = 3) -> torch.Tensor:
+    """Class-independent CAA transition matrix from head-averaged attention.
+
+    Args:
+        attention_maps: per-block ``(1, L, L)`` (or ``(L, L)``) attention, last block last.
+        layers: how many of the last blocks to average (8 in CLIP-ES).
+        rounds: column- then row-normalisation rounds (3 in CLIP-ES).
+
+    Returns:
+        ``(n, n)`` float32 CPU matrix ``T``, symmetrised and squared.
+    """
+    maps = [m[0] if m.dim() == 3 else m for m in attention_maps]
+    stacked = torch.stack([m[1:, 1:] for m in maps])[-layers:]
+    aff = stacked.mean(dim=0).float().cpu()
+    t = aff
+    for _ in range(rounds):
+        t = t / t.sum(dim=0, keepdim=True)
+        t = t / t.sum(dim=1, keepdim=True)
+    t = (t + t.t()) / 2
+    return t @ t
+
+
+def refine_cams(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """CAA for all classes: ``r_c = T (mask_c * cam_c)``, min-max normalised.
+
+    Masking the columns of ``T`` by ``mask_c`` and multiplying by ``cam_c`` equals multiplying ``T``
+    by the masked map, so all classes take one matrix product.
+
+    Args:
+        transition: ``(n, n)`` from :func:`affinity_transition`.
+        cams: ``(k, h, w)`` GradCAMs.
+        masks: ``(k, h, w)`` box masks.
+
+    Returns:
+        ``(k, h, w)`` refined maps at token resolution (before resizing); all-zero where the mask
+        is empty.
+    """
+    k, h, w = cams.shape
+    src = (masks.float() * cams.float()).reshape(k, h * w)
+    refined = (transition @ src.t()).t().reshape(k, h, w)
+    return minmax_scale(refined)
+
+
+def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+    """Bilinear ``cv2.resize`` (half-pixel centres) of ``(k, h, w)`` maps to ``(H0, W0)`` float32."""
+    cv2 = require("cv2")
+    height, width = size
+    arr = maps.detach().cpu().numpy().astype(np.float32)
+    if arr.shape[0] == 0:
+        return np.zeros((0, height, width), dtype=np.float32)
+    return np.stack([cv2.resize(m, (width, height)) for m in arr])
+
+
+@dataclass
+class GradCAMResult:
+    """Everything one image's forward gives.
+
+    Attributes:
+        cams: ``(k, h, w)`` GradCAMs (double min-max), one per target class.
+        probabilities: ``(P,)`` the image-level softmax over the stacked prototypes.
+        features: ``(n, D)`` unit-norm projected patch tokens (VPL's pixel features).
+        attention: last ``layers`` attention maps, each ``(1, L, L)``, last block last.
+        grid: ``(h, w)``.
+    """
+
+    cams: torch.Tensor
+    probabilities: torch.Tensor
+    features: torch.Tensor
+    attention: List[torch.Tensor]
+    grid: Tuple[int, int]
+
+
+def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
+                   logit_scale: torch.Tensor, *, affinity_layers: int = 8) -> GradCAMResult:
+    """GradCAMs of all target columns of one image from one trunk forward and one backward.
+
+    The last block runs on ``k`` copies of the trunk tokens (one per target); the score of copy
+    ``j`` is the probability of column ``targets[j]``, and the gradient of their sum with respect
+    to the copies' ``ln_1`` outputs gives each copy its own class gradient. This equals running
+    the last block once per class, as upstream does.
+
+    Args:
+        encoder: a :class:`~vpl_plugin.backbones.CLIPDense`.
+        image: ``(3, H, W)`` preprocessed image (sizes multiples of the patch size).
+        prototypes: ``(P, D)`` stacked prototypes (image classes first, then background).
+        targets: column indices whose probability is explained (``len = k``).
+        logit_scale: 0-d tensor (CLIP's ``exp(logit_scale)`` for text, ``1/tau`` for vision).
+    """
+    if image.dim() != 3:
+        raise ValueError(f"image must have shape (3, H, W); got {tuple(image.shape)}.")
+    p = encoder.patch_size
+    grid = (image.shape[-2] // p, image.shape[-1] // p)
+    tokens, maps = encoder.trunk(image[None], keep_attention=affinity_layers)
+    k = len(targets)
+    out = encoder.last_block(tokens, copies=max(k, 1))
+    protos = prototypes.to(out.image_embedding.device)
+    with torch.enable_grad():
+        probs = prototype_probabilities(out.image_embedding, protos, logit_scale)
+        if k:
+            idx = torch.as_tensor(list(targets), device=probs.device)
+            score = probs[torch.arange(k, device=probs.device), idx].sum()
+            (grad,) = torch.autograd.grad(score, out.activation)
+    if k:
+        cams = gradcam(out.activation, grad, grid, half_arithmetic=encoder.half)
+    else:
+        cams = torch.zeros(0, *grid)
+    feats = out.patch_features[0].detach().float()
+    feats = (feats / feats.norm(dim=-1, keepdim=True)).cpu()
+    attention = [m[:1] for m in maps] + [out.attention[:1].detach()]
+    return GradCAMResult(cams, probs[0].detach().float().cpu(), feats, attention, grid)

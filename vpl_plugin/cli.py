@@ -1,0 +1,488 @@
+"""The ``vpl`` command (also ``python -m vpl_plugin``).
+
+Stages, each resumable and each writing its resolved configuration beside its outputs::
+
+    vpl cams   -> CAM_DIR/<id>.npy        (CLIP-ES CAMs, text or vision prototypes)
+    vpl learn  -> PROTOTYPES.pt           (VPL phase 1: vision prototypes from text CAMs)
+    vpl masks  -> MASK_DIR/<id>.png       (dense CRF pseudo masks, 255 = ignore)
+    vpl eval   -> mIoU of CAMs or masks   (upstream eval_cam.py semantics)
+
+Exit status: 0 every image processed; 3 some images skipped (the summary names them and why);
+2 nothing could run (bad arguments, missing model or dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from vpl_plugin._version import __version__
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+log = logging.getLogger("vpl_plugin")
+
+_EPILOG_CAMS = """examples:
+  # CLIP-ES CAMs with text prototypes on VOC train
+  vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --out cams_text
+  # the same with learned vision prototypes (VPL)
+  vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --prototypes vpl.pt --out cams_vpl
+A rerun skips images whose CAM file exists; outputs are written atomically."""
+
+_EPILOG_LEARN = """examples:
+  vpl learn --clip ViT-B/16 --root VOC2012 --split-file train_aug.txt --out vpl.pt
+  vpl learn ... --tau 0.03 --lr 10 --iters 3000 --phi 0.4          (the paper's values)
+  vpl learn ... --tau clip --iters 0                                  (identity: text CAMs)
+The learning pass computes text GradCAMs, seeds them at --phi, builds target distributions and
+runs projected gradient descent on the unit sphere from the text prototypes."""
+
+_EPILOG_MASKS = """examples:
+  vpl masks --cams cams_vpl --root VOC2012 --split-file train.txt --out pseudo --crf
+Pixels whose CRF confidence is below --conf are 255 (ignored when training a segmenter)."""
+
+_EPILOG_EVAL = """examples:
+  vpl eval --cams cams_vpl --gt-root VOC2012/SegmentationClass --split-file train.txt
+  vpl eval --masks pseudo --gt-root VOC2012/SegmentationClass --split-file train.txt --json r.json
+--bg-threshold auto searches upstream's candidates (power 1, 2); a float < 1 is a constant
+background score, a float >= 1 an exponent of (1 - max CAM)."""
+
+
+# -- argument helpers -------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of option values (keys = option names with '_'); flags override it")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of the list")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--adapter", default="clip-es", help="pipeline adapter (default: clip-es)")
+    g.add_argument("--clip", required=False, metavar="NAME_OR_PATH",
+                   help="OpenAI CLIP model name (e.g. ViT-B/16; downloads on first use) or checkpoint "
+                        "file (TorchScript archive or state dict)")
+    g.add_argument("--dataset", default="voc", choices=["voc", "coco"],
+                   help="label space and list format (default: voc)")
+    g.add_argument("--root", metavar="DATASET_DIR",
+                   help="VOC: the VOC2012 folder (JPEGImages/, Annotations/, SegmentationClass/); "
+                        "COCO: the folder holding train2014/")
+    g.add_argument("--split-file", metavar="LIST.txt",
+                   help="image list (VOC ids, or CLIP-ES COCO lines '<id> labels...'); default "
+                        "ImageSets/Segmentation/train.txt under --root")
+    g.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
+                   help="VOC image-level labels: XML annotations, GT masks, or XML where present "
+                        "else masks (default: auto)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--fp16-compat", action="store_true",
+                   help="reproduce upstream CLIP-ES's fp16 rounding (fp16-rounded weights and "
+                        "positional table; fp16 model and GradCAM arithmetic on CUDA)")
+    g.add_argument("--box-threshold", type=float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
+    g.add_argument("--box-clip-fix", action="store_true",
+                   help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vpl-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("cams", help="CLIP-ES CAMs with text or vision prototypes",
+                       description="Generate CLIP-ES CAMs (GradCAM + attention-affinity refinement) "
+                                   "in upstream's .npy format.", epilog=_EPILOG_CAMS, formatter_class=fmt)
+    _add_data(p)
+    p.add_argument("--out", required=False, metavar="CAM_DIR", help="output folder of <id>.npy files")
+    p.add_argument("--prototypes", metavar="PROTOTYPES.pt",
+                   help="vision prototypes from `vpl learn` (default: CLIP-ES text prototypes)")
+    p.add_argument("--save-gradcam", action="store_true",
+                   help="also save the unrefined upsampled GradCAM under the key 'highres'")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="skip CAA refinement (attn_highres = upsampled GradCAM)")
+    _add_common(p)
+
+    p = sub.add_parser("learn", help="VPL phase 1: learn vision prototypes",
+                       description="Learn vision prototypes from text-prototype GradCAMs (VPL phase 1).",
+                       epilog=_EPILOG_LEARN, formatter_class=fmt)
+    _add_data(p)
+    p.add_argument("--out", metavar="PROTOTYPES.pt", help="where to save the prototype set")
+    p.add_argument("--iters", type=int, default=3000, help="gradient steps T_w (default 3000)")
+    p.add_argument("--tau", default="0.03",
+                   help="tau_I, the vision temperature (default 0.03); 'clip' = CLIP's own temperature")
+    p.add_argument("--lr", type=float, default=10.0, help="step size alpha (default 10)")
+    p.add_argument("--phi", type=float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
+    p.add_argument("--target-mode", default="seed_hardened",
+                   choices=["seed_hardened", "inmap", "cam", "kl"],
+                   help="target distribution: seed_hardened (Q-A, default), inmap (Q-B), cam (Q-C), "
+                        "kl (Q-D, Eq. 7 literally)")
+    p.add_argument("--candidates", default="image", choices=["image", "all"],
+                   help="softmax candidates: the image's classes + background (default) or all")
+    p.add_argument("--step-rule", default=None,
+                   help="optimiser step rule (see learn_vision_prototypes; default: the converging rule; "
+                        "'halving' = the paper-literal InMaP rule)")
+    p.add_argument("--level", default="instance", choices=["instance", "class"],
+                   help="instance-level (each pixel, default) or class-level (class centroids)")
+    p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
+                   help="seeds from the raw GradCAM (default) or the CAA-refined map")
+    p.add_argument("--chunk-size", type=int, default=65536, help="pixels per gradient chunk")
+    _add_common(p)
+
+    p = sub.add_parser("masks", help="CRF pseudo masks from CAMs",
+                       description="Turn CAM files into VOC-palette pseudo-mask PNGs.",
+                       epilog=_EPILOG_MASKS, formatter_class=fmt)
+    p.add_argument("--cams", metavar="CAM_DIR", help="folder of <id>.npy CAM files")
+    p.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (images in JPEGImages/)")
+    p.add_argument("--image-dir", metavar="DIR", help="image folder (default: ROOT/JPEGImages)")
+    p.add_argument("--split-file", metavar="LIST.txt", help="image list")
+    p.add_argument("--out", metavar="MASK_DIR", help="output folder of <id>.png")
+    p.add_argument("--crf", dest="crf", action="store_true", default=True,
+                   help="dense CRF (default on, CLIP-ES parameters)")
+    p.add_argument("--no-crf", dest="crf", action="store_false", help="argmax of the CAMs only")
+    p.add_argument("--conf", type=float, default=0.95,
+                   help="pixels with CRF confidence below this become 255 (default 0.95)")
+    p.add_argument("--crf-image", default="upstream_wrapped", choices=["upstream_wrapped", "rgb"],
+                   help="image the bilateral kernel sees: upstream's uint8-wrapped mean-subtracted "
+                        "BGR (quirk Q10, default) or the plain RGB image")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--greyscale", dest="palette", action="store_false",
+                   help="write L-mode PNGs like upstream's cv2.imwrite (for trainers that read masks "
+                        "with cv2 in greyscale) instead of VOC-palette P-mode PNGs")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="mIoU of CAMs or pseudo masks",
+                       description="Evaluate CAM files (with the background-threshold search of "
+                                   "CLIP-ES's eval_cam.py) or mask PNGs against ground truth.",
+                       epilog=_EPILOG_EVAL, formatter_class=fmt)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cams", metavar="CAM_DIR")
+    src.add_argument("--masks", metavar="MASK_DIR")
+    p.add_argument("--gt-root", metavar="MASK_GT_DIR", help="folder of ground-truth <id>.png")
+    p.add_argument("--split-file", metavar="LIST.txt", help="image list")
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
+    p.add_argument("--bg-threshold", default="auto", help="auto | FLOAT (see below)")
+    p.add_argument("--cam-key", default="attn_highres", help="key of the maps in the CAM files")
+    p.add_argument("--json", metavar="RESULT.json", help="write the result as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("random-clip", help="write a random-weight OpenAI CLIP checkpoint (for trying the pipeline)",
+                       description="Write a random-weight CLIP ViT checkpoint of the real architecture. "
+                                   "Its CAMs are meaningless; it exercises the whole pipeline without "
+                                   "downloads.")
+    p.add_argument("--out", required=True, metavar="PATH.pt")
+    p.add_argument("--arch", default="tiny", choices=["tiny", "ViT-B/16"],
+                   help="tiny (fast, 64-d) or the real ViT-B/16 size (~600 MB)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torchscript", action="store_true",
+                   help="save as a TorchScript archive like OpenAI's released files")
+    return parser
+
+
+_REQUIRED = {
+    "cams": ("clip", "root", "out"),
+    "learn": ("clip", "root", "out"),
+    "masks": ("cams", "root", "out"),
+    "eval": ("gt_root", "split_file"),
+}
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on stderr with exit status 2."""
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(EXIT_USAGE)
+    if getattr(args, "config", None):
+        args = _apply_config(parser, argv, args)
+    missing = [k for k in _REQUIRED.get(args.command, ()) if getattr(args, k, None) in (None, "")]
+    if args.command == "eval" and not (args.cams or args.masks):
+        missing.append("cams or masks")
+    if missing:
+        raise UsageError(f"vpl {args.command}: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                         + f" (see `vpl {args.command} --help`).")
+    return args
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv, args) -> argparse.Namespace:
+    """defaults < YAML file < command-line flags."""
+    from vpl_plugin._imports import require
+
+    yaml = require("yaml")
+    path = Path(args.config)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values.")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(vars(args)) - {"command"})
+    if unknown:
+        raise UsageError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(vars(args))}.")
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _write_config(path: Path, args: argparse.Namespace, extra: Optional[dict] = None) -> None:
+    from vpl_plugin._io import write_text
+
+    record = {k: v for k, v in sorted(vars(args).items()) if k not in ("config",)}
+    record["vpl_plugin_version"] = __version__
+    record["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if extra:
+        record.update(extra)
+    try:
+        import yaml
+
+        text = yaml.safe_dump(json.loads(json.dumps(record, default=str)), sort_keys=True)
+    except ImportError:
+        text = json.dumps(record, indent=2, default=str) + "\n"
+    write_text(path, text)
+
+
+# -- stages -----------------------------------------------------------------------------------------
+def _dataset(args):
+    from vpl_plugin.data.classes import get_class_spec
+
+    spec = get_class_spec(args.dataset)
+    if args.dataset == "voc":
+        from vpl_plugin.data.voc import VOCDataset
+
+        return VOCDataset(args.root, args.split_file, class_spec=spec, label_source=args.label_source), spec
+    from vpl_plugin.data.coco import COCODataset
+
+    if not args.split_file:
+        raise UsageError("--dataset coco needs --split-file (CLIP-ES list: '<id> l1 l2 ...').")
+    return COCODataset(args.root, args.split_file, class_spec=spec), spec
+
+
+def _adapter(args, spec, prototypes=None):
+    from vpl_plugin.adapters import create_adapter
+    from vpl_plugin.backbones import load_clip
+
+    encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat)
+    overrides = {"box_clip_fix": args.box_clip_fix}
+    if args.box_threshold is not None:
+        overrides["box_threshold"] = args.box_threshold
+    for key in ("refine", "save_gradcam"):
+        if hasattr(args, key):
+            overrides[key] = getattr(args, key)
+    return create_adapter(args.adapter, encoder, spec, prototypes, **overrides)
+
+
+def _report(summary, what: str, out: Path) -> int:
+    print(f"vpl {what}: {summary.line()} -> {out}")
+    if summary.total and len(summary.failed) == summary.total:
+        print(f"error: every image failed; first: {summary.failed[0][0]}: {summary.failed[0][1]}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for image_id, reason in summary.failed[:20]:
+        print(f"  skipped {image_id}: {reason}", file=sys.stderr)
+    if len(summary.failed) > 20:
+        print(f"  ... and {len(summary.failed) - 20} more (see the summary JSON)", file=sys.stderr)
+    return EXIT_PARTIAL if summary.failed else EXIT_OK
+
+
+def cmd_cams(args) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.pipeline import generate_cams
+    from vpl_plugin.prototypes import PrototypeSet
+
+    dataset, spec = _dataset(args)
+    prototypes = PrototypeSet.load(args.prototypes) if args.prototypes else None
+    adapter = _adapter(args, spec, prototypes)
+    out = Path(args.out)
+    _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe()})
+    summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress)
+    write_json(out / "vpl_cams_summary.json", summary.as_dict())
+    return _report(summary, "cams", out)
+
+
+def cmd_learn(args) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset
+
+    tau: Any = args.tau
+    if tau != "clip":
+        try:
+            tau = float(tau)
+        except ValueError:
+            raise UsageError(f"--tau must be a positive number or 'clip'; got {args.tau!r}.") from None
+        if tau <= 0:
+            raise UsageError(f"--tau must be positive; got {tau}.")
+    if args.iters < 0:
+        raise UsageError(f"--iters must be >= 0; got {args.iters}.")
+    dataset, spec = _dataset(args)
+    adapter = _adapter(args, spec)
+    out = Path(args.out)
+    summary = RunSummary()
+    lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
+                                candidates=args.candidates, seed_source=args.seed_source,
+                                limit=args.limit, progress=args.progress, summary=summary)
+    print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels); "
+          f"{len(summary.failed)} skipped")
+    ps, history = learn_from_dataset(
+        adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
+        level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
+        provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
+                    "candidates": args.candidates, "seed_source": args.seed_source,
+                    "dataset": args.dataset, "split_file": str(args.split_file)})
+    ps.save(out)
+    base = out.with_suffix("")
+    _write_config(Path(f"{base}.yaml"), args)
+    write_json(Path(f"{base}.history.json"), {"summary": summary.as_dict(),
+                                               **{k: v for k, v in history.items()}})
+    losses = history.get("loss") or [float("nan")]
+    print(f"vpl learn: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses) - 1} steps "
+          f"(tau_I {ps.tau:.4g}); saved {out}")
+    return _report(summary, "learn", out)
+
+
+def _ids(args, root: Optional[Path]) -> List[str]:
+    from vpl_plugin.data.voc import read_split
+
+    split = args.split_file
+    if split is None and root is not None:
+        split = root / "ImageSets" / "Segmentation" / "train.txt"
+    if split is None:
+        raise UsageError("--split-file is required.")
+    path = Path(split)
+    if not path.is_file() and root is not None:
+        for cand in (root / split, root / "ImageSets" / "Segmentation" / split):
+            if cand.is_file():
+                path = cand
+                break
+    return read_split(path)
+
+
+def cmd_masks(args) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.pipeline import RunSummary
+    from vpl_plugin.pseudo_masks import make_pseudo_masks
+
+    root = Path(args.root)
+    ids = _ids(args, root)
+    if args.limit is not None:
+        ids = ids[: args.limit]
+    image_dir = Path(args.image_dir) if args.image_dir else root / "JPEGImages"
+    out = Path(args.out)
+    _write_config(out / "vpl_masks.yaml", args)
+    start = time.time()
+    result = make_pseudo_masks(args.cams, image_dir, ids, out, crf=args.crf, conf=args.conf,
+                               crf_image_mode=args.crf_image, workers=args.workers,
+                               palette=args.palette,
+                               progress=args.progress)
+    summary = RunSummary(total=len(ids), done=len(result.get("done", ())),
+                         skipped_existing=len(result.get("skipped_existing", ())),
+                         failed=[tuple(f) if not isinstance(f, dict) else (f.get("id"), f.get("reason"))
+                                 for f in result.get("failed", [])],
+                         seconds=time.time() - start)
+    write_json(out / "vpl_masks_summary.json", summary.as_dict())
+    return _report(summary, "masks", out)
+
+
+def cmd_eval(args) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.data.classes import get_class_spec
+    from vpl_plugin.metrics import evaluate_cams, evaluate_masks
+
+    spec = get_class_spec(args.dataset)
+    ids = _ids(args, None)
+    if args.limit is not None:
+        ids = ids[: args.limit]
+    names = ("background",) + tuple(spec.names)
+    if args.cams:
+        thr: Any = args.bg_threshold
+        if thr != "auto":
+            try:
+                thr = float(thr)
+            except ValueError:
+                raise UsageError(f"--bg-threshold must be 'auto' or a number; got {thr!r}.") from None
+        result = evaluate_cams(args.cams, args.gt_root, ids, num_classes=spec.num_classes,
+                               bg_thresholds=thr, cam_key=args.cam_key, class_names=names,
+                               progress=args.progress)
+        source = {"cams": str(args.cams)}
+    else:
+        result = evaluate_masks(args.masks, args.gt_root, ids, num_classes=spec.num_classes,
+                                class_names=names, progress=args.progress)
+        source = {"masks": str(args.masks)}
+    result = {**source, "gt_root": str(args.gt_root), "split_file": str(args.split_file),
+              "images": len(ids), **result}
+    _print_eval(result)
+    if args.json:
+        write_json(args.json, result)
+    missing = result.get("missing") or []
+    if ids and len(missing) == len(ids):
+        print(f"error: none of the {len(ids)} images could be evaluated (first: {missing[0]}).",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_PARTIAL if missing else EXIT_OK
+
+
+def _print_eval(result: Dict[str, Any]) -> None:
+    miou = result.get("miou")
+    thr = result.get("best_threshold", result.get("threshold"))
+    head = f"mIoU {100 * miou:.2f}" if miou is not None else "mIoU n/a"
+    if thr is not None:
+        head += f" (background threshold {thr}, {result.get('mode', '')} mode)"
+    print(head + f" over {result['images'] - len(result.get('missing') or [])} images")
+    per_class = result.get("per_class") or result.get("iou") or {}
+    if isinstance(per_class, dict):
+        for name, value in per_class.items():
+            if value is not None and value == value:
+                print(f"  {name:<14s} {100 * value:6.2f}")
+    for item in (result.get("missing") or [])[:10]:
+        print(f"  missing: {item}", file=sys.stderr)
+
+
+def cmd_random_clip(args) -> int:
+    from vpl_plugin.backbones import build_random_clip, save_checkpoint
+
+    sizes = {} if args.arch == "tiny" else dict(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, patch_size=16,
+        transformer_width=512, transformer_heads=8, transformer_layers=12)
+    model = build_random_clip(seed=args.seed, **sizes)
+    out = Path(args.out)
+    save_checkpoint(model, out, torchscript=args.torchscript)
+    print(f"vpl random-clip: wrote a random-weight {args.arch} CLIP to {out}")
+    return EXIT_OK
+
+
+_COMMANDS = {"cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
+             "random-clip": cmd_random_clip}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``vpl`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = _parse(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as err:  # argparse --help / errors
+        return int(err.code or 0)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,666 @@
+"""PASCAL VOC 2012 as CLIP-ES reads it: split lists, image-level labels, images.
+
+CLIP-ES needs three things per image: the JPEG, its image-level foreground labels in
+*first-appearance order* (spec ``clip_es.md`` section 5) and, for VOC, the original size
+``(H0, W0)`` from the XML. Labels come from ``Annotations/<id>.xml`` exactly as upstream reads them
+(every ``<object>`` in file order, difficult and truncated ones included, quirk Q18). Images
+without an XML (e.g. ``train_aug`` ids from SBD) can take their labels from the ground-truth mask
+instead (``label_source="auto"`` or ``"mask"``).
+
+Quirk Q5: upstream crashes on an annotation without objects; here that image raises a
+:class:`DatasetError`, which the CAM loop turns into "skip this image with a warning"
+(see :meth:`VOCDataset.iter_samples`).
+
+Example:
+    >>> ds = VOCDataset("VOCdevkit/VOC2012", "train.txt")  # doctest: +SKIP
+    >>> s = ds[0]  # doctest: +SKIP
+    >>> s.id, s.labels, s.label_source, s.size  # doctest: +SKIP
+    ('2007_000032', (0, 14), 'xml', (281, 500))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from vpl_plugin._checks import check_choice
+from vpl_plugin._imports import require
+from vpl_plugin.data.classes import VOC, ClassSpec
+
+if TYPE_CHECKING:  # Pillow is optional (extra 'data'); imported lazily at run time
+    from PIL.Image import Image as PILImage
+
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "VOCDataset",
+    "image_level_label_mismatches",
+    "labels_from_mask",
+    "load_image",
+    "parse_voc_xml",
+    "read_split",
+]
+
+log = logging.getLogger(__name__)
+
+LABEL_SOURCES = ("auto", "xml", "mask")
+IGNORE_INDEX = 255
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
+_VOC_LAYOUT = (
+    "A VOC root is the VOC2012 folder itself, holding JPEGImages/<id>.jpg, "
+    "Annotations/<id>.xml, SegmentationClass/<id>.png (or SegmentationClassAug/<id>.png) and "
+    "ImageSets/Segmentation/train.txt."
+)
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used, with the path and the reason.
+
+    Raised for one sample (the caller may skip it, e.g. an annotation without objects, Q5) or for
+    a whole dataset whose layout is wrong.
+
+    Attributes:
+        path: the offending file or folder.
+        reason: what is wrong with it.
+        hint: how to fix it (may be empty).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, hint: str = "") -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.hint = hint
+        message = f"{self.path}: {reason}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep the attributes when sent between DataLoader workers
+        return (type(self), (self.path, self.reason, self.hint))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset and its image-level labels.
+
+    Attributes:
+        id: image id (file stem), e.g. ``'2007_000032'``.
+        image_path: path of the JPEG.
+        labels: 0-based foreground class indices in first-appearance order (VOC: 0..19).
+        label_source: where the labels came from: ``'xml'``, ``'mask'`` or ``'list'`` (COCO).
+        gt_path: ground-truth segmentation PNG, or None when there is none.
+        size: original ``(H0, W0)`` when known from the XML ``<size>``, else None (then take it
+            from the decoded image).
+    """
+
+    id: str
+    image_path: Path
+    labels: Tuple[int, ...]
+    label_source: str
+    gt_path: Optional[Path] = None
+    size: Optional[Tuple[int, int]] = None
+
+
+# --------------------------------------------------------------------------------------------
+# Split lists
+# --------------------------------------------------------------------------------------------
+
+
+def _id_from_token(token: str) -> str:
+    """``'2007_000032'`` -> itself; ``'/JPEGImages/2007_000032.jpg'`` -> ``'2007_000032'``."""
+    if "/" in token or "\\" in token or token.lower().endswith(_IMAGE_SUFFIXES):
+        return Path(token.replace("\\", "/")).stem
+    return token
+
+
+def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
+    """Return ``(line number, tokens)`` of the non-blank, non-comment lines of a list file."""
+    path = Path(path)
+    if not path.is_file():
+        where = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"{what} '{path}' {where}. Give a text file with one image id per line, e.g. "
+            f"VOC2012/ImageSets/Segmentation/train.txt."
+        )
+    rows = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            rows.append((number, line.split()))
+    return rows
+
+
+def read_split(path: str | os.PathLike[str]) -> List[str]:
+    """Read the image ids of a split list, in file order.
+
+    Accepted line forms (the first whitespace-separated token is used):
+
+    * ``2007_000032`` (VOC ``ImageSets`` lists; CLIP-ES lists);
+    * ``2007_000032 <anything>`` (e.g. a COCO list with labels);
+    * ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`` (DeepLab lists; the
+      id is the file stem).
+
+    Blank lines and lines starting with ``#`` are skipped.
+
+    Args:
+        path: the list file.
+
+    Returns:
+        The ids, duplicates kept.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+
+    Example:
+        >>> read_split("VOC2012/ImageSets/Segmentation/train.txt")[:2]  # doctest: +SKIP
+        ['2007_000032', '2007_000039']
+    """
+    return [_id_from_token(tokens[0]) for _, tokens in _read_list_lines(path, "split file")]
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def _int_text(elem: Optional[ET.Element], tag: str) -> Optional[int]:
+    if elem is None:
+        return None
+    child = elem.find(tag)
+    if child is None or child.text is None:
+        return None
+    try:
+        return int(float(child.text.strip()))
+    except ValueError:
+        return None
+
+
+def parse_voc_xml(
+    path: str | os.PathLike[str], class_spec: ClassSpec = VOC
+) -> Tuple[Tuple[int, ...], Optional[Tuple[int, int]]]:
+    """Image-level labels and size from a VOC annotation, as upstream CLIP-ES reads them.
+
+    Every ``<object>`` child of the root is visited in file order (difficult and truncated ones
+    included, Q18); its ``<name>`` (whitespace stripped) is mapped to its index in
+    ``class_spec.names``; repeated classes keep their first position. ``<name>`` tags of
+    ``<part>`` elements (person layout) are not objects and are ignored.
+
+    Args:
+        path: ``Annotations/<id>.xml``.
+        class_spec: the label space (default VOC, 20 classes).
+
+    Returns:
+        ``(labels, size)``: 0-based class indices in first-appearance order, and ``(H0, W0)``
+        from ``<size>`` or None when the XML has no usable size.
+
+    Raises:
+        DatasetError: unreadable or malformed XML; no ``<object>`` (Q5: upstream crashes; callers
+            skip the image); an object without ``<name>``; a name not in ``class_spec.names``
+            (the message lists the valid names).
+
+    Example:
+        >>> parse_voc_xml("VOC2012/Annotations/2007_000032.xml")  # doctest: +SKIP
+        ((0, 14), (281, 500))
+    """
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise DatasetError(path, f"malformed XML ({err})",
+                           "re-download the annotation or drop the id from the list") from err
+    except OSError as err:
+        raise DatasetError(path, f"cannot read annotation ({err.strerror or err})") from err
+
+    objects = root.findall("object")
+    if not objects:
+        raise DatasetError(
+            path, "annotation has no <object>, so the image has no image-level labels (Q5)",
+            "upstream CLIP-ES crashes here; skip the image or drop the id from the list",
+        )
+    index = {name: i for i, name in enumerate(class_spec.names)}
+    labels: List[int] = []
+    unknown: List[str] = []
+    for number, obj in enumerate(objects, start=1):
+        name_elem = obj.find("name")
+        if name_elem is None or not (name_elem.text or "").strip():
+            raise DatasetError(path, f"<object> number {number} has no <name>")
+        name = name_elem.text.strip()
+        if name not in index:
+            if name not in unknown:
+                unknown.append(name)
+            continue
+        if index[name] not in labels:
+            labels.append(index[name])
+    if unknown:
+        raise DatasetError(
+            path,
+            f"object name(s) {unknown} not in the {class_spec.name} class list",
+            f"valid names: {', '.join(class_spec.names)}",
+        )
+
+    size_elem = root.find("size")
+    height, width = _int_text(size_elem, "height"), _int_text(size_elem, "width")
+    size = (height, width) if height and width and height > 0 and width > 0 else None
+    return tuple(labels), size
+
+
+def labels_from_mask(path: str | os.PathLike[str], num_classes: int = 21) -> Tuple[int, ...]:
+    """Image-level labels from a segmentation PNG: the classes present in it.
+
+    Args:
+        path: a label mask (P or L mode) whose pixel values are class ids, 0 = background,
+            255 = ignore (VOC ``SegmentationClass``/``SegmentationClassAug``).
+        num_classes: number of labels including background (VOC: 21).
+
+    Returns:
+        The 0-based foreground indices (pixel value - 1) present, ascending; empty when the mask
+        holds only background/ignore.
+
+    Raises:
+        DatasetError: the file cannot be decoded, is a colour (RGB) image, or holds a value
+            ``>= num_classes`` other than 255.
+
+    Example:
+        >>> labels_from_mask("VOC2012/SegmentationClass/2007_000032.png")  # doctest: +SKIP
+        (0, 14)
+    """
+    path = Path(path)
+    arr = _read_mask(path)
+    values = np.unique(arr)
+    bad = [int(v) for v in values if v != IGNORE_INDEX and (v < 0 or v >= num_classes)]
+    if bad:
+        raise DatasetError(
+            path,
+            f"mask holds values {bad} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = ignore)",
+            "is this mask from another dataset, or is num_classes wrong?",
+        )
+    return tuple(int(v) - 1 for v in values if 0 < v < num_classes)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    Image = require("PIL.Image")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode not in _MASK_MODES:
+                raise DatasetError(
+                    path,
+                    f"mask has mode {mode!r}; expected a single-channel label image (P or L) "
+                    "whose pixel values are class ids",
+                    "a colour-coded RGB rendering cannot be used as labels",
+                )
+            return np.asarray(img)
+    except DatasetError:
+        raise
+    except FileNotFoundError as err:
+        raise DatasetError(path, "mask file does not exist") from err
+    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise DatasetError(path, f"cannot decode mask ({err})") from err
+
+
+def load_image(path: str | os.PathLike[str]) -> PILImage:
+    """Open and decode an image with PIL, without any mode conversion.
+
+    CLIP-ES resizes the PIL image first and converts it to RGB afterwards (quirk Q2), so the
+    mode is left as stored.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` (the file is closed).
+
+    Raises:
+        DatasetError: the file does not exist or cannot be decoded (the message names it).
+        ImportError: Pillow is not installed (the message names the pip extra).
+    """
+    Image = require("PIL.Image")
+    path = Path(path)
+    img = None
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here and the file handle is released
+        return img
+    except FileNotFoundError as err:
+        raise DatasetError(path, "image file does not exist") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        if img is not None:
+            img.close()
+        raise DatasetError(path, f"cannot decode image ({err})",
+                           "the file is corrupt or not an image; re-download it or drop the id") \
+            from err
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path]) -> Path:
+    """Return ``split_file`` as given if it exists, else the first ``base/split_file`` that does.
+
+    A name without suffix (``train``) also tries ``train.txt``.
+    """
+    given = Path(split_file)
+    if given.exists() or given.is_absolute():
+        return given
+    names = [given] if given.suffix else [given, given.with_name(given.name + ".txt")]
+    for base in bases:
+        for name in names:
+            candidate = base / name
+            if candidate.is_file():
+                return candidate
+    tried = ", ".join(str(b / n) for b in bases for n in names)
+    raise FileNotFoundError(
+        f"split file '{split_file}' not found (also tried {tried}). Give a text file with one "
+        f"image id per line, e.g. VOC2012/ImageSets/Segmentation/train.txt."
+    )
+
+
+class _ListDataset:
+    """Shared behaviour of the map-style datasets: ids, indexing, iteration, validation."""
+
+    _ids: List[str]
+    _cache: Dict[int, Sample]
+
+    def _make_sample(self, index: int) -> Sample:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def ids(self) -> List[str]:
+        """The image ids, in split-file order."""
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: int) -> Sample:
+        """Return sample ``index`` (negative indices count from the end).
+
+        Raises:
+            IndexError: index out of range.
+            DatasetError: this sample's image or labels cannot be used (callers may skip it).
+        """
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an int; got {type(index).__name__}.")
+        n = len(self._ids)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images.")
+        index = int(index) % n
+        sample = self._cache.get(index)
+        if sample is None:
+            sample = self._make_sample(index)
+            self._cache[index] = sample
+        return sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Yield every sample; a :class:`DatasetError` stops the iteration (see
+        :meth:`iter_samples` to skip bad samples instead)."""
+        return self.iter_samples()
+
+    def iter_samples(
+        self, *, skip_errors: bool = False, skipped: Optional[List[Tuple[str, str]]] = None
+    ) -> Iterator[Sample]:
+        """Yield the samples in order, optionally skipping the unusable ones.
+
+        Args:
+            skip_errors: if True, a sample raising :class:`DatasetError` (e.g. an annotation
+                without objects, Q5) is logged as a warning and skipped instead of raised.
+            skipped: if given, ``(id, message)`` of each skipped sample is appended to it (for
+                the run summary and the exit status).
+        """
+        for index, image_id in enumerate(self._ids):
+            try:
+                sample = self[index]
+            except DatasetError as err:
+                if not skip_errors:
+                    raise
+                log.warning("skipping image %s: %s", image_id, err)
+                if skipped is not None:
+                    skipped.append((image_id, str(err)))
+                continue
+            yield sample
+
+    def validate(self) -> List[Tuple[str, str]]:
+        """Check every sample up front (image exists, labels obtainable), for dry runs.
+
+        Returns:
+            ``(id, message)`` of each problem; empty when every sample is usable.
+        """
+        problems = []
+        for index, image_id in enumerate(self._ids):
+            try:
+                self[index]
+            except DatasetError as err:
+                problems.append((image_id, str(err)))
+        return problems
+
+
+class VOCDataset(_ListDataset):
+    """PASCAL VOC images of one split with their image-level labels (map-style).
+
+    Labels are read lazily, one sample at a time (and cached); :meth:`validate` checks all of
+    them up front.
+
+    Args:
+        root: the ``VOC2012`` folder (holding ``JPEGImages/``, ``Annotations/``,
+            ``SegmentationClass/``).
+        split_file: list of ids (see :func:`read_split`). None: ``root/ImageSets/Segmentation/
+            train.txt``. A relative path that does not exist from the current directory is also
+            looked up under ``root`` and ``root/ImageSets/Segmentation`` (``"val.txt"`` and
+            ``"val"`` both work).
+        class_spec: the label space (default VOC).
+        label_source: ``"xml"`` (upstream: ``Annotations/<id>.xml``), ``"mask"`` (classes present
+            in the ground-truth PNG) or ``"auto"`` (the XML where it exists, else the mask; each
+            sample records which in ``Sample.label_source``).
+        gt_dir: folder of ground-truth PNGs; default ``root/SegmentationClassAug`` if it exists,
+            else ``root/SegmentationClass``. A relative path is tried from the current directory,
+            then under ``root``.
+
+    Raises:
+        DatasetError: ``root`` is not a VOC root, or it lacks the folder ``label_source`` needs.
+        FileNotFoundError: the split file does not exist.
+        ValueError: ``label_source`` is not one of ``auto``, ``xml``, ``mask``.
+
+    Example:
+        >>> ds = VOCDataset("VOC2012", "train.txt", label_source="auto")  # doctest: +SKIP
+        >>> ds.label_source_counts  # doctest: +SKIP
+        {'xml': 311, 'mask': 352, 'missing': 0}
+        >>> for sample in ds.iter_samples(skip_errors=True):  # doctest: +SKIP
+        ...     image = load_image(sample.image_path)
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split_file: str | os.PathLike[str] | None = None,
+        *,
+        class_spec: ClassSpec = VOC,
+        label_source: str = "auto",
+        gt_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        check_choice("label_source", label_source, LABEL_SOURCES)
+        self.root = _check_voc_root(root)
+        self.class_spec = class_spec
+        self.label_source = label_source
+        self.image_dir = self.root / "JPEGImages"
+        self.annotation_dir = self.root / "Annotations"
+        self.gt_dir = self._resolve_gt_dir(gt_dir)
+
+        if label_source == "xml" and not self.annotation_dir.is_dir():
+            raise DatasetError(
+                self.annotation_dir, "label_source='xml' but the VOC root has no Annotations/",
+                "use label_source='mask' or 'auto' to take labels from the ground-truth masks",
+            )
+        if label_source == "mask" and not self.gt_dir.is_dir():
+            raise DatasetError(
+                self.gt_dir, "label_source='mask' but the ground-truth folder does not exist",
+                "pass gt_dir=... or use label_source='xml'",
+            )
+        if (label_source == "auto" and not self.annotation_dir.is_dir()
+                and not self.gt_dir.is_dir()):
+            raise DatasetError(
+                self.root,
+                "neither Annotations/ nor a ground-truth mask folder "
+                f"({self.gt_dir.name}/) exists, so no image-level labels can be derived",
+                _VOC_LAYOUT,
+            )
+
+        if split_file is None:
+            self.split_file = self.root / "ImageSets" / "Segmentation" / "train.txt"
+        else:
+            self.split_file = _resolve_split_file(
+                split_file, [self.root, self.root / "ImageSets" / "Segmentation"])
+        self._ids = read_split(self.split_file)
+        if not self._ids:
+            raise DatasetError(self.split_file, "split file lists no image ids")
+        self._cache: Dict[int, Sample] = {}
+        self._counts: Optional[Dict[str, int]] = None
+
+    def _resolve_gt_dir(self, gt_dir: str | os.PathLike[str] | None) -> Path:
+        if gt_dir is None:
+            aug = self.root / "SegmentationClassAug"
+            return aug if aug.is_dir() else self.root / "SegmentationClass"
+        given = Path(gt_dir)
+        if not given.exists() and not given.is_absolute() and (self.root / given).is_dir():
+            given = self.root / given
+        if not given.is_dir():
+            raise DatasetError(given, "gt_dir does not exist",
+                               "give the folder of ground-truth PNGs, or leave gt_dir unset")
+        return given
+
+    def __repr__(self) -> str:
+        return (f"VOCDataset(root='{self.root}', split_file='{self.split_file}', "
+                f"n={len(self)}, label_source='{self.label_source}')")
+
+    def xml_path(self, image_id: str) -> Path:
+        """``root/Annotations/<id>.xml``."""
+        return self.annotation_dir / f"{image_id}.xml"
+
+    def mask_path(self, image_id: str) -> Path:
+        """``gt_dir/<id>.png``."""
+        return self.gt_dir / f"{image_id}.png"
+
+    def _source_for(self, image_id: str) -> str:
+        """``'xml'``, ``'mask'`` or ``'missing'``: where this id's labels would come from."""
+        if self.label_source in ("auto", "xml") and self.xml_path(image_id).is_file():
+            return "xml"
+        if self.label_source in ("auto", "mask") and self.mask_path(image_id).is_file():
+            return "mask"
+        return "missing"
+
+    @property
+    def label_source_counts(self) -> Dict[str, int]:
+        """How many ids take their labels from ``'xml'``, from ``'mask'``, or have none
+        (``'missing'``). Computed from file existence only (no parsing); the values sum to
+        ``len(self)``."""
+        if self._counts is None:
+            counts = {"xml": 0, "mask": 0, "missing": 0}
+            for image_id in self._ids:
+                counts[self._source_for(image_id)] += 1
+            self._counts = counts
+        return dict(self._counts)
+
+    def _make_sample(self, index: int) -> Sample:
+        image_id = self._ids[index]
+        image_path = self.image_dir / f"{image_id}.jpg"
+        if not image_path.is_file():
+            raise DatasetError(
+                image_path, "image file does not exist",
+                f"check the VOC root, or drop '{image_id}' from {self.split_file.name}",
+            )
+        source = self._source_for(image_id)
+        size = None
+        if source == "xml":
+            labels, size = parse_voc_xml(self.xml_path(image_id), self.class_spec)
+        elif source == "mask":
+            labels = labels_from_mask(self.mask_path(image_id), self.class_spec.num_classes)
+            if not labels:
+                raise DatasetError(
+                    self.mask_path(image_id),
+                    "mask holds no foreground class, so the image has no image-level labels",
+                    f"drop '{image_id}' from {self.split_file.name}",
+                )
+        else:
+            raise DatasetError(self._missing_labels_path(image_id),
+                               *self._missing_labels_message(image_id))
+        gt_path = self.mask_path(image_id)
+        return Sample(
+            id=image_id,
+            image_path=image_path,
+            labels=labels,
+            label_source=source,
+            gt_path=gt_path if gt_path.is_file() else None,
+            size=size,
+        )
+
+    def _missing_labels_path(self, image_id: str) -> Path:
+        return self.mask_path(image_id) if self.label_source == "mask" else self.xml_path(image_id)
+
+    def _missing_labels_message(self, image_id: str) -> Tuple[str, str]:
+        xml = f"Annotations/{image_id}.xml"
+        png = f"{self.gt_dir.name}/{image_id}.png"
+        drop = f"drop '{image_id}' from {self.split_file.name}"
+        if self.label_source == "xml":
+            return (f"no {xml}: cannot derive image-level labels",
+                    f"use label_source='auto' to fall back to {png}, or {drop}")
+        if self.label_source == "mask":
+            return (f"no {png}: cannot derive image-level labels",
+                    f"use label_source='auto' to use {xml}, or {drop}")
+        return (f"no {xml} and no {png}: cannot derive image-level labels",
+                f"provide one or {drop}")
+
+
+def _check_voc_root(root: str | os.PathLike[str]) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        where = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DatasetError(path, f"VOC root {where}", _VOC_LAYOUT)
+    if not (path / "JPEGImages").is_dir():
+        hint = _VOC_LAYOUT
+        for guess in ("VOC2012", "VOCdevkit/VOC2012"):
+            if (path / guess / "JPEGImages").is_dir():
+                hint += f" Did you mean '{path / guess}'?"
+                break
+        raise DatasetError(path, "not a VOC root: it has no JPEGImages/ folder", hint)
+    return path
+
+
+def image_level_label_mismatches(
+    dataset: VOCDataset,
+) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """Images whose XML labels differ (as sets) from the classes in their ground-truth mask (Q18).
+
+    CLIP-ES takes labels from the XML, difficult objects included, so an image may carry a class
+    that its segmentation mask lacks. This is for logging, not for changing labels.
+    Ids lacking either file, or whose XML or mask cannot be read, are left out.
+
+    Args:
+        dataset: a :class:`VOCDataset` (any ``label_source``).
+
+    Returns:
+        ``{id: (xml_labels, mask_labels)}`` for each mismatching id, in split order (iterating it
+        gives the ids).
+    """
+    out: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
+    for image_id in dataset.ids:
+        xml_path, mask_path = dataset.xml_path(image_id), dataset.mask_path(image_id)
+        if not (xml_path.is_file() and mask_path.is_file()):
+            continue
+        try:
+            xml_labels, _ = parse_voc_xml(xml_path, dataset.class_spec)
+            mask_labels = labels_from_mask(mask_path, dataset.class_spec.num_classes)
+        except DatasetError as err:
+            log.debug("label comparison skipped for %s: %s", image_id, err)
+            continue
+        if set(xml_labels) != set(mask_labels):
+            out[image_id] = (xml_labels, mask_labels)
+    return out
