@@ -1,5 +1,58 @@
-"""vpl-plugin: Vision Prototype Learning for CLIP-based weakly supervised semantic segmentation."""
+"""vpl-plugin: Vision Prototype Learning for CLIP-based weakly supervised semantic segmentation.
+
+The core (prototype learning, metrics) needs only torch and numpy; CLIP, OpenCV, the dense CRF and
+plotting are optional and imported where used.
+
+Example:
+    >>> import torch, vpl_plugin
+    >>> x = torch.nn.functional.normalize(torch.randn(100, 8), dim=-1)
+    >>> q = torch.softmax(torch.randn(100, 3), dim=-1)
+    >>> w = vpl_plugin.learn_vision_prototypes(x, q, torch.eye(3, 8), iters=5)
+    >>> w.shape
+    torch.Size([3, 8])
+"""
 
 from vpl_plugin._version import __version__
+from vpl_plugin.adapters import CAMAdapter, CAMOutput, CLIPESAdapter, CLIPESConfig, create_adapter, list_adapters
+from vpl_plugin.backbones import CLIPDense, build_random_clip, load_clip
+from vpl_plugin.data.classes import COCO, VOC, ClassSpec
+from vpl_plugin.metrics import MeanIoU, confusion_matrix, evaluate_cams, evaluate_masks, mean_iou
+from vpl_plugin.pipeline import collect_learning_set, generate_cams, learn_from_dataset
+from vpl_plugin.prototypes import (
+    PrototypeSet,
+    build_targets,
+    learn_vision_prototypes,
+    modality_gap,
+    seeds_from_cams,
+    shift_text_prototypes,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "CAMAdapter",
+    "CAMOutput",
+    "CLIPDense",
+    "CLIPESAdapter",
+    "CLIPESConfig",
+    "COCO",
+    "ClassSpec",
+    "MeanIoU",
+    "PrototypeSet",
+    "VOC",
+    "__version__",
+    "build_random_clip",
+    "build_targets",
+    "collect_learning_set",
+    "confusion_matrix",
+    "create_adapter",
+    "evaluate_cams",
+    "evaluate_masks",
+    "generate_cams",
+    "learn_from_dataset",
+    "learn_vision_prototypes",
+    "list_adapters",
+    "load_clip",
+    "mean_iou",
+    "modality_gap",
+    "seeds_from_cams",
+    "shift_text_prototypes",
+]

@@ -7,7 +7,7 @@ from types import ModuleType
 
 # module name -> (pip extra of vpl-plugin, the distribution that provides it)
 _EXTRAS = {
-    "clip": ("clip", "clip-anytorch"),
+    "clip": ("clip", "clip-anytorch"),  # OpenAI's code; the PyPI name `clip` is another package
     "pydensecrf": ("crf", "pydensecrf2"),
     "pydensecrf.densecrf": ("crf", "pydensecrf2"),
     "pydensecrf.utils": ("crf", "pydensecrf2"),
@@ -31,7 +31,8 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        extra, dist = _EXTRAS.get(module, (None, module.split(".")[0]))
+        top = module.split(".")[0]
+        extra, dist = _EXTRAS.get(module) or _EXTRAS.get(top) or (None, top)
         hint = f"pip install 'vpl-plugin[{extra}]'" if extra else f"pip install {dist}"
         raise ImportError(
             f"vpl-plugin needs the optional package '{dist}' (import name '{module}') for this "

@@ -133,6 +133,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=int, default=65536, help="pixels per gradient chunk")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="per-image features and targets (<id>.npz; a rerun reuses them, so an "
+                        "interrupted run resumes). Default: OUT without suffix + '.features/'")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="keep the learning set in memory only (nothing reused on rerun)")
+    p.add_argument("--memmap", action="store_true", default=None,
+                   help="stream features from memory-mapped files in the cache (default: automatic "
+                        "above 2 GB of features, e.g. VOC train_aug)")
     _add_common(p)
 
     p = sub.add_parser("masks", help="CRF pseudo masks from CAMs",
@@ -326,10 +334,14 @@ def cmd_learn(args) -> int:
     dataset, spec = _dataset(args)
     adapter = _adapter(args, spec)
     out = Path(args.out)
+    cache = None
+    if args.cache:
+        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.stem + ".features")
     summary = RunSummary()
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
-                                limit=args.limit, progress=args.progress, summary=summary)
+                                limit=args.limit, progress=args.progress, summary=summary,
+                                cache_dir=cache, memmap=args.memmap)
     print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels); "
           f"{len(summary.failed)} skipped")
     ps, history = learn_from_dataset(

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from vpl_plugin._io import save_npy_dict, write_json
+from vpl_plugin._io import atomic_path, save_npy_dict
 from vpl_plugin.data.voc import DatasetError, load_image
 from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes
 
@@ -98,76 +98,153 @@ class LearningSet:
     """Pixel features, targets and candidates of VPL phase 1 (spec ``vpl.md`` sections 3-4).
 
     Attributes:
-        features: list of ``(n_i, D)`` tensors (float16) or a ``(K, D)`` memmap.
-        targets: list of ``(n_i, N)`` float32 tensors or a ``(K, N)`` memmap.
-        candidates: list of ``(N,)`` bool tensors (one per image) or a ``(K, N)`` bool memmap.
-        seeds: list of ``(n_i,)`` seed labels (0 bg, c+1 class c) for the gap measure.
-        ids: image ids in order.
+        features: ``(K, D)`` float32 tensor, or a float16 ``np.memmap`` for large sets.
+        targets: ``(K, N)`` float32 tensor or float32 ``np.memmap``.
+        candidates: ``(K, N)`` bool tensor or ``np.memmap``.
+        seeds: ``(K,)`` seed labels (0 background, ``c + 1`` for class ``c``), for the gap measure.
+        sizes: pixels per image, in the order of ``ids``.
+        ids: image ids.
     """
 
     features: Any
     targets: Any
     candidates: Any
-    seeds: List[torch.Tensor]
+    seeds: torch.Tensor
+    sizes: List[int]
     ids: List[str]
 
     @property
     def num_pixels(self) -> int:
-        return int(sum(s.numel() for s in self.seeds))
+        return int(sum(self.sizes))
+
+
+def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
+                           tau_text) -> Dict[str, np.ndarray]:
+    x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
+    labels = list(sample.labels)
+    result = adapter.gradcams(x, labels, prototypes=text)
+    maps = adapter.fuse(result, labels)
+    if seed_source == "refined":
+        maps = adapter.refine(result, maps)
+    flat = maps.reshape(len(labels), -1).float()
+    q, cand = build_targets(result.features, text.prototypes, flat,
+                            torch.as_tensor(labels, dtype=torch.long), text.num_fg, phi=phi,
+                            tau_text=tau_text, mode=target_mode, candidates=candidates)
+    seed = torch.zeros(flat.shape[1], dtype=torch.long)
+    if labels:
+        best, arg = flat.max(dim=0)
+        seed = torch.where(best > phi, torch.as_tensor(labels)[arg] + 1, seed)
+    return {"features": result.features.half().numpy(), "targets": q.float().numpy(),
+            "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
 
 
 def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
                          candidates: str = "image", seed_source: str = "gradcam",
                          limit: Optional[int] = None, progress: bool = True,
-                         summary: Optional[RunSummary] = None) -> LearningSet:
+                         summary: Optional[RunSummary] = None,
+                         cache_dir: Optional[Union[str, os.PathLike]] = None,
+                         memmap: Optional[bool] = None) -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
-        adapter: a CLIP-ES-style adapter holding text prototypes.
+        adapter: a CLIP-ES-style adapter (its text prototypes are used, whatever it holds).
         phi: seed threshold on the GradCAM (0.4).
         target_mode: ``seed_hardened`` (Q-A), ``inmap`` (Q-B), ``cam`` (Q-C), ``kl`` (Q-D).
         candidates: ``image`` (GT classes + background, like CLIP-ES's softmax) or ``all``.
         seed_source: ``gradcam`` (raw map, the default reading) or ``refined`` (CAA map at patch
             resolution).
+        cache_dir: keep one ``<id>.npz`` per image here (written atomically; a rerun reuses them,
+            so an interrupted collection resumes) and assemble the set from them.
+        memmap: assemble into ``np.memmap`` files in ``cache_dir`` instead of memory (default: when
+            the features would exceed 2 GB), so VOC train_aug-sized sets stream from disk.
     """
+    if seed_source not in ("gradcam", "refined"):
+        raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
     text = adapter.text_prototypes
     tau_text = 1.0 / float(text.logit_scale)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     summary = summary if summary is not None else RunSummary()
     summary.total = n
-    feats, targets, cands, seeds, ids = [], [], [], [], []
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    records: Dict[str, Any] = {}
     start = time.time()
     for i in _bar(range(n), n, "features", progress):
         image_id = dataset.ids[i]
+        path = cache / f"{image_id}.npz" if cache is not None else None
+        if path is not None and path.exists():
+            records[image_id] = path
+            summary.skipped_existing += 1
+            continue
         try:
-            sample = dataset[i]
-            x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
-            labels = list(sample.labels)
-            result = adapter.gradcams(x, labels, prototypes=text)
+            rec = _image_learning_record(adapter, text, dataset[i], phi=phi, target_mode=target_mode,
+                                         candidates=candidates, seed_source=seed_source,
+                                         tau_text=tau_text)
         except (DatasetError, OSError, ValueError) as err:
             summary.failed.append((image_id, str(err)))
             continue
-        maps = adapter.fuse(result, labels)
-        if seed_source == "refined":
-            maps = adapter.refine(result, maps)
-        elif seed_source != "gradcam":
-            raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
-        flat = maps.reshape(len(labels), -1).float()
-        q, cand = build_targets(result.features, text.prototypes, flat,
-                                torch.as_tensor(labels, dtype=torch.long), text.num_fg, phi=phi,
-                                tau_text=tau_text, mode=target_mode, candidates=candidates)
-        best, arg = (flat.max(dim=0) if len(labels) else (torch.zeros(flat.shape[1]), None))
-        seed = torch.zeros(flat.shape[1], dtype=torch.long)
-        if len(labels):
-            seed = torch.where(best > phi, torch.as_tensor(labels)[arg] + 1, seed)
-        feats.append(result.features.half())
-        targets.append(q.float())
-        cands.append(cand.bool())
-        seeds.append(seed)
-        ids.append(image_id)
+        if path is not None:
+            with atomic_path(path) as tmp:
+                np.savez(tmp, **rec)
+            records[image_id] = path
+        else:
+            records[image_id] = rec
         summary.done += 1
     summary.seconds = time.time() - start
-    return LearningSet(feats, targets, cands, seeds, ids)
+    return _assemble(records, text.prototypes.shape, cache, memmap)
+
+
+def _load_record(rec) -> Dict[str, np.ndarray]:
+    if isinstance(rec, dict):
+        return rec
+    with np.load(rec) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool]) -> LearningSet:
+    ids = list(records)
+    sizes, seeds = [], []
+    for image_id in ids:  # first pass: sizes only (npz members load lazily)
+        rec = records[image_id]
+        if isinstance(rec, dict):
+            sizes.append(int(rec["features"].shape[0]))
+        else:
+            with np.load(rec) as z:
+                sizes.append(int(z["seeds"].shape[0]))
+    k = int(sum(sizes))
+    n_proto, dim = int(proto_shape[0]), int(proto_shape[1])
+    if memmap is None:
+        memmap = cache is not None and k * dim * 4 > 2 * 1024 ** 3
+    if memmap:
+        if cache is None:
+            raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
+        feats = np.lib.format.open_memmap(cache / "features.npy", "w+", np.float16, (k, dim))
+        targets = np.lib.format.open_memmap(cache / "targets.npy", "w+", np.float32, (k, n_proto))
+        cands = np.lib.format.open_memmap(cache / "candidates.npy", "w+", np.bool_, (k, n_proto))
+    else:
+        feats = torch.empty(k, dim, dtype=torch.float32)
+        targets = torch.empty(k, n_proto, dtype=torch.float32)
+        cands = torch.empty(k, n_proto, dtype=torch.bool)
+    pos = 0
+    for image_id, size in zip(ids, sizes):
+        rec = _load_record(records[image_id])
+        sl = slice(pos, pos + size)
+        if memmap:
+            feats[sl] = rec["features"]
+            targets[sl] = rec["targets"]
+            cands[sl] = rec["candidates"][None, :]
+        else:
+            feats[sl] = torch.from_numpy(rec["features"].astype(np.float32))
+            targets[sl] = torch.from_numpy(rec["targets"])
+            cands[sl] = torch.from_numpy(rec["candidates"])[None, :]
+        seeds.append(torch.from_numpy(rec["seeds"].astype(np.int64)))
+        pos += size
+    if memmap:
+        for arr in (feats, targets, cands):
+            arr.flush()
+    seed = torch.cat(seeds) if seeds else torch.zeros(0, dtype=torch.long)
+    return LearningSet(feats, targets, cands, seed, sizes, ids)
 
 
 def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, str] = 0.03,
@@ -196,10 +273,8 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
     if not learning_set.ids:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
     kwargs = {} if step_rule is None else {"step_rule": step_rule}
-    feats = [f.float() for f in learning_set.features] if isinstance(learning_set.features, list) \
-        else learning_set.features
     w, history = learn_vision_prototypes(
-        feats, learning_set.targets, text.prototypes, learning_set.candidates, tau=tau_value, lr=lr,
+        learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates, tau=tau_value, lr=lr,
         iters=iters, level=level, tau_text=1.0 / float(text.logit_scale), chunk_size=chunk_size,
         device=device, progress=progress, return_history=True, **kwargs)
     record = {

@@ -1,0 +1,17 @@
+# One command each, on a fresh machine: `make demo` (install + main job), `make test` (install + tests).
+PYTHON ?= python3
+export PYTHONWARNINGS ?= ignore::UserWarning:clip.clip,ignore::FutureWarning
+
+.PHONY: setup demo test test-slow
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) examples/voc_subset_pipeline.py
+
+test: setup
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow -q
