@@ -42,7 +42,11 @@ def test_cams_learn_cams_masks_eval_end_to_end(small_voc, tiny_checkpoint, tmp_p
     assert _run(["cams", *data, "--out", tmp_path / "cams_text"]) == EXIT_OK
     files = sorted(p.name for p in (tmp_path / "cams_text").glob("*.npy"))
     assert files == [f"{i}.npy" for i in IDS]
-    assert (tmp_path / "cams_text" / "vpl_cams.yaml").exists()
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "cams_text" / "vpl_cams.yaml").read_text())
+    assert written["label_sources"]["xml"] == 4
+    assert written["adapter_config"]["templates"] == ["a clean origami {}."]
     d = np.load(tmp_path / "cams_text" / "2007_000032.npy", allow_pickle=True).item()
     assert list(d["keys"]) == [0, 14] and d["attn_highres"].shape == (2, 281, 500)
 
@@ -174,3 +178,15 @@ def test_help_teaches_and_python_m_works():
     for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened"):
         assert word in proc.stdout
     assert main(["--version"]) == 0
+
+
+def test_template_ensemble_changes_the_text_prototypes(small_voc, tiny_checkpoint, tmp_path):
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress",
+            "--limit", "1"]
+    assert _run(["cams", *data, "--out", tmp_path / "a"]) == EXIT_OK
+    assert _run(["cams", *data, "--out", tmp_path / "b", "--template", "a clean origami {}.",
+                 "--template", "a photo of a {}."]) == EXIT_OK
+    a = np.load(tmp_path / "a" / f"{IDS[0]}.npy", allow_pickle=True).item()
+    b = np.load(tmp_path / "b" / f"{IDS[0]}.npy", allow_pickle=True).item()
+    assert not np.array_equal(a["attn_highres"], b["attn_highres"])
+    assert _run(["cams", *data, "--out", tmp_path / "c", "--template", "no slot"]) == EXIT_USAGE

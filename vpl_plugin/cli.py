@@ -84,6 +84,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16-compat", action="store_true",
                    help="reproduce upstream CLIP-ES's fp16 rounding (fp16-rounded weights and "
                         "positional table; fp16 model and GradCAM arithmetic on CUDA)")
+    g.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
+                   help="prompt template with {} for the class name; repeat for an ensemble "
+                        "(default: CLIP-ES's 'a clean origami {}.')")
     g.add_argument("--box-threshold", type=float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
     g.add_argument("--box-clip-fix", action="store_true",
                    help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
@@ -275,12 +278,25 @@ def _dataset(args):
     return COCODataset(args.root, args.split_file, class_spec=spec), spec
 
 
+def _describe_labels(dataset) -> dict:
+    counts = getattr(dataset, "label_source_counts", None)
+    if not counts:
+        return {}
+    print("image-level labels: " + ", ".join(f"{v} from {k}" for k, v in counts.items() if v))
+    return {"label_sources": dict(counts)}
+
+
 def _adapter(args, spec, prototypes=None):
     from vpl_plugin.adapters import create_adapter
     from vpl_plugin.backbones import load_clip
 
     encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat)
     overrides = {"box_clip_fix": args.box_clip_fix}
+    if args.templates:
+        bad = [t for t in args.templates if "{}" not in t]
+        if bad:
+            raise UsageError(f"--template needs a '{{}}' where the class name goes; got {bad}.")
+        overrides["templates"] = tuple(args.templates)
     if args.box_threshold is not None:
         overrides["box_threshold"] = args.box_threshold
     for key in ("refine", "save_gradcam"):
@@ -311,7 +327,8 @@ def cmd_cams(args) -> int:
     prototypes = PrototypeSet.load(args.prototypes) if args.prototypes else None
     adapter = _adapter(args, spec, prototypes)
     out = Path(args.out)
-    _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe()})
+    _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
+                                                **_describe_labels(dataset)})
     summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress)
     write_json(out / "vpl_cams_summary.json", summary.as_dict())
     return _report(summary, "cams", out)
@@ -352,7 +369,7 @@ def cmd_learn(args) -> int:
                     "dataset": args.dataset, "split_file": str(args.split_file)})
     ps.save(out)
     base = out.with_suffix("")
-    _write_config(Path(f"{base}.yaml"), args)
+    _write_config(Path(f"{base}.yaml"), args, _describe_labels(dataset))
     write_json(Path(f"{base}.history.json"), {"summary": summary.as_dict(),
                                                **{k: v for k, v in history.items()}})
     losses = history.get("loss") or [float("nan")]
