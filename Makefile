@@ -2,12 +2,15 @@
 PYTHON ?= python3
 export PYTHONWARNINGS ?= ignore::UserWarning:clip.clip,ignore::FutureWarning
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo voc-demo test test-slow
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 demo: setup
+	$(PYTHON) -m vpl_plugin demo --out demo_out
+
+voc-demo: setup
 	$(PYTHON) examples/voc_subset_pipeline.py
 
 test: setup

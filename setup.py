@@ -33,7 +33,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["vpl_plugin", "vpl_plugin.*"]),
-    package_data={"vpl_plugin": ["py.typed"]},
+    package_data={"vpl_plugin": ["py.typed", "demo/assets/*.pt", "demo/assets/*.json"]},
     install_requires=["torch>=2.0", "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["vpl=vpl_plugin.cli:main"]},

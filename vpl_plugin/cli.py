@@ -69,8 +69,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", required=False, metavar="NAME_OR_PATH",
                    help="OpenAI CLIP model name (e.g. ViT-B/16; downloads on first use) or checkpoint "
                         "file (TorchScript archive or state dict)")
-    g.add_argument("--dataset", default="voc", choices=["voc", "coco"],
-                   help="label space and list format (default: voc)")
+    g.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
+                   help="label space and list format (default: voc; synthetic = the demo world's "
+                        "VOC-layout export)")
     g.add_argument("--root", metavar="DATASET_DIR",
                    help="VOC: the VOC2012 folder (JPEGImages/, Annotations/, SegmentationClass/); "
                         "COCO: the folder holding train2014/")
@@ -87,6 +88,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
                    help="prompt template with {} for the class name; repeat for an ensemble "
                         "(default: CLIP-ES's 'a clean origami {}.')")
+    g.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
+                   help="map refined into CAMs: gradcam (CLIP-ES; with --prototypes the paper-literal "
+                        "VPL), dense (per-token class posterior of the prototypes), fused (text "
+                        "GradCAM x dense map)")
     g.add_argument("--box-threshold", type=float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
     g.add_argument("--box-clip-fix", action="store_true",
                    help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
@@ -177,11 +182,42 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--masks", metavar="MASK_DIR")
     p.add_argument("--gt-root", metavar="MASK_GT_DIR", help="folder of ground-truth <id>.png")
     p.add_argument("--split-file", metavar="LIST.txt", help="image list")
-    p.add_argument("--dataset", default="voc", choices=["voc", "coco"])
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"])
     p.add_argument("--bg-threshold", default="auto", help="auto | FLOAT (see below)")
     p.add_argument("--cam-key", default="attn_highres", help="key of the maps in the CAM files")
     p.add_argument("--json", metavar="RESULT.json", help="write the result as JSON")
     _add_common(p)
+
+    p = sub.add_parser("demo", help="CLIP-ES vs CLIP-ES + VPL on the synthetic world (the embedded default)",
+                       description="Run the embedded default: held-out synthetic scenes, the shipped demo "
+                                   "CLIP, CLIP-ES with text and vision prototypes, CRF pseudo masks, "
+                                   "controls and sweeps. Writes report.json, report.md and grid.png.",
+                       formatter_class=fmt,
+                       epilog="examples:\n  vpl demo --quick            (about 2 minutes on 2 CPU cores)\n"
+                              "  vpl demo --out demo_out     (the full report)")
+    p.add_argument("--quick", action="store_true", help="smaller splits and sweeps")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
+    p.add_argument("--clip", metavar="PATH", help="demo CLIP checkpoint (default: the shipped one)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser("train-clip", help="train the demo CLIP on the synthetic world",
+                       description="Train the demo CLIP (OpenAI's architecture, 64x64 images, patch 8) "
+                                   "from scratch on the synthetic world; resumable. The shipped "
+                                   "checkpoint is reproduced by the defaults.", formatter_class=fmt,
+                       epilog="examples:\n  vpl train-clip --out demo_clip.pt\n"
+                              "  vpl train-clip --out demo_clip.pt --device cuda --steps 6000 --batch-size 512")
+    p.add_argument("--out", required=True, metavar="PATH.pt")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over instead of continuing from OUT.train.pt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser("random-clip", help="write a random-weight OpenAI CLIP checkpoint (for trying the pipeline)",
                        description="Write a random-weight CLIP ViT checkpoint of the real architecture. "
@@ -267,7 +303,7 @@ def _dataset(args):
     from vpl_plugin.data.classes import get_class_spec
 
     spec = get_class_spec(args.dataset)
-    if args.dataset == "voc":
+    if args.dataset in ("voc", "synthetic"):
         from vpl_plugin.data.voc import VOCDataset
 
         return VOCDataset(args.root, args.split_file, class_spec=spec, label_source=args.label_source), spec
@@ -291,7 +327,7 @@ def _adapter(args, spec, prototypes=None):
     from vpl_plugin.backbones import load_clip
 
     encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat)
-    overrides = {"box_clip_fix": args.box_clip_fix}
+    overrides = {"box_clip_fix": args.box_clip_fix, "map_mode": args.map_mode}
     if args.templates:
         bad = [t for t in args.templates if "{}" not in t]
         if bad:
@@ -488,7 +524,26 @@ def cmd_random_clip(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
+def cmd_demo(args) -> int:
+    from vpl_plugin.demo.report import run_demo
+
+    run_demo(Path(args.out), clip=args.clip, quick=args.quick, device=args.device)
+    return EXIT_OK
+
+
+def cmd_train_clip(args) -> int:
+    from vpl_plugin.demo.train_clip import TrainConfig, train_demo_clip
+
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    record = train_demo_clip(args.out, config=config, device=args.device, resume=args.resume,
+                             progress=args.progress)
+    last = record["curve"][-1] if record["curve"] else {}
+    print(f"vpl train-clip: {config.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "
+          f"{record['seconds']:.0f} s on {args.device}; saved {args.out}")
+    return EXIT_OK
+
+
+_COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
              "random-clip": cmd_random_clip}
 
 

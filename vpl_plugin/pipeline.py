@@ -123,7 +123,7 @@ def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidate
     x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
     labels = list(sample.labels)
     result = adapter.gradcams(x, labels, prototypes=text)
-    maps = adapter.fuse(result, labels)
+    maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
     if seed_source == "refined":
         maps = adapter.refine(result, maps)
     flat = maps.reshape(len(labels), -1).float()

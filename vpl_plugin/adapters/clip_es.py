@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from vpl_plugin.adapters.base import CAMAdapter, CAMOutput, register_adapter
-from vpl_plugin.cam import GradCAMResult, affinity_transition, box_mask, image_gradcams, refine_cams, resize_maps
+from vpl_plugin.cam import (
+    GradCAMResult,
+    affinity_transition,
+    box_mask,
+    image_gradcams,
+    minmax_scale,
+    refine_cams,
+    resize_maps,
+)
 from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
 
@@ -35,6 +43,13 @@ class CLIPESConfig:
         refine: apply CAA (``False`` saves the upsampled GradCAM instead, for ablations).
         save_gradcam: also save the raw upsampled GradCAM under ``highres`` (float16).
         templates: prompt templates averaged per class (CLIP-ES: one).
+        map_mode: which per-class map enters refinement. ``"gradcam"`` (CLIP-ES; with vision
+            prototypes this is the paper-literal VPL); ``"dense"``: the per-token posterior of
+            each class under the current prototypes (softmax over the image's classes and the
+            background concepts at the set's temperature), min-max normalised; ``"fused"``: the
+            text-prototype GradCAM times the dense map of the current prototypes, min-max
+            normalised (compare it with the text prototypes' own fusion, not with plain GradCAM).
+        dense_kind: ``"softmax"`` (posterior, default) or ``"cosine"`` (raw similarity) dense maps.
     """
 
     box_threshold: Optional[float] = None
@@ -44,6 +59,8 @@ class CLIPESConfig:
     refine: bool = True
     save_gradcam: bool = False
     templates: Tuple[str, ...] = field(default=(CLIP_ES_TEMPLATE,))
+    map_mode: str = "gradcam"
+    dense_kind: str = "softmax"
 
 
 def text_prototype_set(encoder, class_spec: ClassSpec = VOC,
@@ -89,6 +106,10 @@ class CLIPESAdapter(CAMAdapter):
         self.encoder = encoder
         self.class_spec = class_spec
         self.config = CLIPESConfig(**{**asdict(config or CLIPESConfig()), **overrides})
+        if self.config.map_mode not in ("gradcam", "dense", "fused"):
+            raise ValueError(f"map_mode must be 'gradcam', 'dense' or 'fused'; got {self.config.map_mode!r}.")
+        if self.config.dense_kind not in ("softmax", "cosine"):
+            raise ValueError(f"dense_kind must be 'softmax' or 'cosine'; got {self.config.dense_kind!r}.")
         self.text_prototypes = text_prototype_set(encoder, class_spec, self.config.templates)
         self.prototypes = self.text_prototypes
         if prototypes is not None:
@@ -136,9 +157,29 @@ class CLIPESAdapter(CAMAdapter):
         return image_gradcams(self.encoder, image, stacked, list(range(len(labels))), scale,
                               affinity_layers=self.config.affinity_layers)
 
+    def dense_maps(self, features: torch.Tensor, labels: Sequence[int], grid: Tuple[int, int],
+                   prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
+        """Per-class dense maps ``(k, h, w)`` from the patch features and the (current) prototypes."""
+        ps = prototypes or self.prototypes
+        stacked = self.stacked_prototypes(labels, ps)
+        stacked = stacked / stacked.norm(dim=-1, keepdim=True)
+        sims = features.float() @ stacked.t()  # (n, k + n_bg)
+        k = len(labels)
+        if self.config.dense_kind == "softmax":
+            maps = (sims * float(ps.logit_scale)).softmax(dim=-1)[:, :k]
+        else:
+            maps = sims[:, :k]
+        return minmax_scale(maps.t().reshape(k, *grid))
+
     def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
-        """Hook: the maps that enter refinement. CLIP-ES uses the GradCAMs unchanged."""
-        return result.cams
+        """Hook: the maps that enter refinement (``map_mode``; CLIP-ES: the GradCAMs unchanged)."""
+        mode = self.config.map_mode
+        if mode == "gradcam" or not len(labels):
+            return result.cams
+        dense = self.dense_maps(result.features, labels, result.grid)
+        if mode == "dense":
+            return dense
+        return minmax_scale(result.cams * dense)
 
     def refine(self, result: GradCAMResult, maps: torch.Tensor) -> torch.Tensor:
         """CAA refinement at token resolution ``(k, h, w)``."""
@@ -156,7 +197,9 @@ class CLIPESAdapter(CAMAdapter):
             raise ValueError(f"labels {bad} are outside 0..{len(self.class_spec.names) - 1} "
                              f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
         x, size = self.encoder.preprocess(image)
-        result = self.gradcams(x, labels)
+        # "fused" explains the image with the text prototypes and localises with the current ones
+        gradcam_set = self.text_prototypes if self.config.map_mode == "fused" else None
+        result = self.gradcams(x, labels, prototypes=gradcam_set)
         maps = self.fuse(result, labels)
         final = self.refine(result, maps) if self.config.refine else maps
         extra = {}

@@ -419,7 +419,8 @@ class CLIPDense(nn.Module):
         clip = require("clip")
         rows = []
         for name in names:
-            tokens = clip.tokenize([t.format(name) for t in templates]).to(self.device)
+            tokens = clip.tokenize([t.format(name) for t in templates],
+                                   context_length=int(self.model.context_length)).to(self.device)
             emb = self.model.encode_text(tokens).float()
             emb = emb / emb.norm(dim=-1, keepdim=True)
             emb = emb.mean(dim=0)

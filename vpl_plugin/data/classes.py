@@ -93,8 +93,10 @@ COCO = ClassSpec(
 
 
 def get_class_spec(name: str) -> ClassSpec:
-    """Return the :class:`ClassSpec` of ``'voc'`` or ``'coco'``."""
-    specs = {"voc": VOC, "coco": COCO}
+    """Return the :class:`ClassSpec` of ``'voc'``, ``'coco'`` or ``'synthetic'`` (the demo world)."""
+    from vpl_plugin.data.synthetic import SYNTHETIC
+
+    specs = {"voc": VOC, "coco": COCO, "synthetic": SYNTHETIC}
     if name not in specs:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(specs)}.")
     return specs[name]

@@ -1,0 +1,97 @@
+"""The demo CLIP's training and the `vpl demo` report, on tiny configurations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
+pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
+
+from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, contrastive_loss, train_demo_clip  # noqa: E402
+
+TINY = DemoCLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, transformer_width=64,
+                      transformer_heads=1, transformer_layers=1, context_length=24)
+
+
+def test_contrastive_loss_matches_a_float64_loop():
+    torch.manual_seed(0)
+    img, txt = torch.randn(5, 8), torch.randn(5, 8)
+    sets = [0, 1, 0, 2, 1]
+    pos = torch.tensor([[float(a == b) for b in sets] for a in sets])
+    scale = torch.tensor(np.log(10.0))
+    got = contrastive_loss(img, txt, scale, pos)
+    i, t = img.double(), txt.double()
+    i, t = i / i.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
+    logits = 10.0 * i @ t.t()
+    total = 0.0
+    for r in range(5):
+        row = [-float(torch.log_softmax(logits[r], 0)[c]) for c in range(5) if sets[c] == sets[r]]
+        col = [-float(torch.log_softmax(logits[:, r], 0)[c]) for c in range(5) if sets[c] == sets[r]]
+        total += np.mean(row) / 5 / 2 + np.mean(col) / 5 / 2
+    assert float(got) == pytest.approx(total, rel=1e-5)
+    # with only the diagonal positive it is CLIP's own loss
+    eye = torch.eye(5)
+    clip_loss = (torch.nn.functional.cross_entropy(10 * torch.nn.functional.normalize(img) @ torch.nn.functional.normalize(txt).t(), torch.arange(5))
+                 + torch.nn.functional.cross_entropy(10 * torch.nn.functional.normalize(txt) @ torch.nn.functional.normalize(img).t(), torch.arange(5))) / 2
+    assert float(contrastive_loss(img, txt, scale, eye)) == pytest.approx(float(clip_loss), rel=1e-5)
+
+
+def test_training_resumes_to_the_same_weights_and_loads_as_openai_clip(tmp_path):
+    from vpl_plugin.backbones import load_clip
+
+    cfg = dict(batch_size=8, warmup=2, checkpoint_every=2, log_every=1)
+    straight = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=4, **cfg),
+                               progress=False, log=None)
+    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False, log=None)
+    resumed = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False,
+                              log=None)
+    a = torch.load(tmp_path / "a.pt.train.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b.pt.train.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [c["step"] for c in resumed["curve"]] == [1, 2, 3, 4]
+    assert straight["curve"][-1]["loss"] == pytest.approx(resumed["curve"][-1]["loss"], rel=1e-5)
+    enc = load_clip(str(tmp_path / "a.pt"))
+    assert (enc.patch_size, enc.pretrain_grid, enc.embed_dim) == (8, 8, 32)
+    assert json.loads((tmp_path / "a.pt.curve.json").read_text())["curve"][0]["step"] == 1
+
+
+def test_dense_and_fused_maps_follow_their_definitions(tiny_encoder):
+    from vpl_plugin.adapters import CLIPESAdapter
+    from vpl_plugin.cam import minmax_scale
+
+    torch.manual_seed(0)
+    image = torch.randn(3, 48, 64)
+    dense = CLIPESAdapter(tiny_encoder, map_mode="dense")
+    res = dense.gradcams(image, [3, 7])
+    maps = dense.fuse(res, [3, 7])
+    protos = dense.stacked_prototypes([3, 7]).double()
+    protos = protos / protos.norm(dim=1, keepdim=True)
+    post = (res.features.double() @ protos.t() * dense.prototypes.logit_scale).softmax(-1)[:, :2]
+    ref = minmax_scale(post.t().reshape(2, 3, 4).float())
+    torch.testing.assert_close(maps, ref, atol=1e-5, rtol=0)
+    fused = CLIPESAdapter(tiny_encoder, map_mode="fused").fuse(res, [3, 7])
+    torch.testing.assert_close(fused, minmax_scale(res.cams * ref), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="map_mode"):
+        CLIPESAdapter(tiny_encoder, map_mode="magic")
+
+
+def test_demo_report_on_a_tiny_model(tmp_path):
+    from vpl_plugin.demo.report import DemoConfig, run_demo
+    from vpl_plugin.demo.train_clip import build_demo_clip
+    from vpl_plugin.backbones import save_checkpoint
+
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(build_demo_clip(TINY), ckpt)
+    cfg = DemoConfig(train_scenes=12, eval_scenes=6, taus=(0.03,), phis=(0.4,), iters=10, grid_scenes=2)
+    report = run_demo(tmp_path / "out", clip=str(ckpt), config=cfg, log=lambda m: None)
+    names = [r["name"] for r in report["rows"]]
+    assert names[0] == "CLIP-ES (text prototypes)" and any("paper-literal" in n for n in names)
+    for r in report["rows"]:
+        assert 0 <= r["seed_miou"] <= 100 and 0 <= r["mask_miou"] <= 100
+    assert (tmp_path / "out" / "grid.png").exists() and "| tau_I |" in (tmp_path / "out" / "report.md").read_text()
+    assert set(report["gates_passed"]) == {"label_set_accuracy>=0.95", "text_seed_miou>=35"}

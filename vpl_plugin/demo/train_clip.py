@@ -1,0 +1,210 @@
+"""Train the demo CLIP (OpenAI's architecture, small) from scratch on the synthetic scene world.
+
+The image embedding during training is the CLS token, as in real CLIP (CLIP-ES later scores the
+mean of the patch tokens, an untrained substitute, exactly as it does with real CLIP). The loss is
+CLIP's symmetric contrastive loss in which every caption describing the same label set as the
+image counts as a positive, with a learnable temperature. Batches are a deterministic function of
+the seed and the step, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vpl_plugin._imports import require
+from vpl_plugin._io import atomic_path, write_json
+from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
+
+__all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "images_to_tensor", "train_demo_clip"]
+
+
+@dataclass(frozen=True)
+class DemoCLIPConfig:
+    """Architecture of the demo CLIP (arguments of ``clip.model.CLIP``).
+
+    A 64x64 image with patch 8 gives an 8x8 token grid. Widths are multiples of 64 because
+    ``clip.model.build_model`` infers 64-wide heads when it loads the checkpoint back.
+    """
+
+    embed_dim: int = 128
+    image_resolution: int = 64
+    vision_layers: int = 6
+    vision_width: int = 128
+    patch_size: int = 8
+    context_length: int = 32
+    vocab_size: int = 49408
+    transformer_width: int = 128
+    transformer_heads: int = 2
+    transformer_layers: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe (defaults sized for a CPU run in the background; raise ``steps`` on a GPU)."""
+
+    steps: int = 2500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    world_seed: int = 1
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+
+
+def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
+    """A freshly initialised demo CLIP (fp32)."""
+    clip_model = require("clip.model")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = clip_model.CLIP(
+            config.embed_dim, config.image_resolution, config.vision_layers, config.vision_width,
+            config.patch_size, config.context_length, config.vocab_size, config.transformer_width,
+            config.transformer_heads, config.transformer_layers)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.float()
+
+
+def images_to_tensor(images: List[np.ndarray]) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB scenes -> ``(B, 3, H, W)`` CLIP-normalised float32."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _batch(world, step: int, batch_size: int, context_length: int):
+    clip = require("clip")
+    scenes = world.batch(step * batch_size, batch_size)
+    images = images_to_tensor([s.image for s in scenes])
+    tokens = clip.tokenize([s.caption for s in scenes], context_length=context_length, truncate=True)
+    sets = [frozenset(s.labels) for s in scenes]
+    same = torch.tensor([[a == b for b in sets] for a in sets], dtype=torch.float32)
+    return images, tokens, same
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where ``positives[i, j] = 1`` marks every caption that fits image ``i``.
+
+    Args:
+        image_emb, text_emb: ``(B, D)`` (normalised here).
+        logit_scale: log of the inverse temperature (CLIP's parameter).
+        positives: ``(B, B)`` 0/1 with a non-zero diagonal.
+    """
+    img = F.normalize(image_emb, dim=-1)
+    txt = F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.t()
+    target_rows = positives / positives.sum(dim=1, keepdim=True)
+    target_cols = positives.t() / positives.t().sum(dim=1, keepdim=True)
+    loss_i = -(target_rows * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    loss_t = -(target_cols * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = DemoCLIPConfig(),
+                    config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = True,
+                    progress: bool = True, log: Optional[Callable[[str], None]] = print) -> Dict:
+    """Train the demo CLIP and save it to ``out`` (fp16 state dict, OpenAI format).
+
+    A training state (fp32 weights, optimiser, step, curve) is checkpointed to ``<out>.train.pt``
+    every ``checkpoint_every`` steps; with ``resume`` a rerun continues from it. The curve is
+    written to ``<out>.curve.json``.
+
+    Returns:
+        the training record (config, curve, seconds).
+    """
+    from vpl_plugin.data.synthetic import SceneWorld
+
+    out = Path(out)
+    state_path = out.with_name(out.name + ".train.pt")
+    world = SceneWorld(seed=config.world_seed)
+    model = build_demo_clip(arch, config.seed).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    step, curve, seconds = 0, [], 0.0
+    if resume and state_path.exists():
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
+        if log:
+            log(f"resuming demo-CLIP training at step {step} from {state_path}")
+
+    def lr_at(s: int) -> float:
+        if s < config.warmup:
+            return config.lr * (s + 1) / config.warmup
+        t = (s - config.warmup) / max(1, config.steps - config.warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    def save_state() -> None:
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "curve": curve, "seconds": seconds, "arch": asdict(arch), "config": asdict(config)},
+                       tmp)
+
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=step, desc="train-clip", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    model.train()
+    window: List[float] = []
+    while step < config.steps:
+        t0 = time.time()
+        images, tokens, same = _batch(world, step, config.batch_size, arch.context_length)
+        images, tokens, same = images.to(device), tokens.to(device), same.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            img = model.encode_image(images)
+            txt = model.encode_text(tokens)
+        loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        seconds += time.time() - t0
+        window.append(loss.item())
+        if step % config.log_every == 0 or step == config.steps:
+            curve.append({"step": step, "loss": float(np.mean(window)), "seconds": round(seconds, 1),
+                          "temperature": float(1 / model.logit_scale.exp())})
+            window = []
+            if log and not bar:
+                log(f"step {step}/{config.steps} loss {curve[-1]['loss']:.4f} ({seconds:.0f} s)")
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1] if window else 0:.3f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_state()
+    if bar:
+        bar.close()
+    model.eval()
+    from vpl_plugin.backbones import save_checkpoint
+
+    save_checkpoint(model.half(), out)
+    record = {"arch": asdict(arch), "config": asdict(config), "curve": curve, "seconds": seconds,
+              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_json(out.with_name(out.name + ".curve.json"), record)
+    return record
