@@ -95,3 +95,33 @@ def test_zero_iterations_with_clip_temperature_returns_the_text_prototypes(adapt
     ps, _ = learn_from_dataset(adapter, lset, tau="clip", iters=0, progress=False)
     assert torch.equal(ps.prototypes, adapter.text_prototypes.prototypes)
     assert ps.logit_scale == adapter.text_prototypes.logit_scale and ps.kind == "vision"
+
+
+def test_region_pool_rows_follow_their_definition():
+    from vpl_plugin.prototypes import region_pool
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(10, 4), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)  # 3 fg + 2 bg
+    seeds = torch.tensor([0, 0, 1, -1, -1, 0, -1, 1, -1, -1])
+    feats, q, cand = region_pool(x, seeds, torch.tensor([2, 0]), text, 3, tau_text=0.05)
+    assert feats.shape == (3, 4) and q.shape == (3, 5)
+    torch.testing.assert_close(feats[0], torch.nn.functional.normalize(x[seeds == 0].mean(0), dim=0))
+    torch.testing.assert_close(feats[1], torch.nn.functional.normalize(x[seeds == 1].mean(0), dim=0))
+    assert q[0].tolist() == [0, 0, 1, 0, 0] and q[1].tolist() == [1, 0, 0, 0, 0]
+    bg = torch.nn.functional.normalize(x[seeds < 0].mean(0), dim=0)
+    torch.testing.assert_close(q[2, 3:], ((bg @ text[3:].t()) / 0.05).softmax(0))
+    assert cand[0].tolist() == [True, False, True, True, True]
+
+
+def test_region_pooling_in_the_pipeline_and_cache_settings_guard(adapter, dataset, tmp_path):
+    lset = collect_learning_set(adapter, dataset, limit=4, progress=False, pooling="region",
+                                cache_dir=tmp_path / "c")
+    # at most one row per class plus one background row per image
+    assert len(lset.sizes) == 4
+    assert all(1 <= n <= len(dataset[i].labels) + 1 for i, n in enumerate(lset.sizes))
+    ps, hist = learn_from_dataset(adapter, lset, tau=0.1, iters=50, progress=False)
+    assert hist["loss"][-1] < hist["loss"][0]
+    with pytest.raises(ValueError, match="other settings"):
+        collect_learning_set(adapter, dataset, limit=4, progress=False, pooling="token",
+                             cache_dir=tmp_path / "c")

@@ -138,6 +138,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         "'halving' = the paper-literal InMaP rule)")
     p.add_argument("--level", default="instance", choices=["instance", "class"],
                    help="instance-level (each pixel, default) or class-level (class centroids)")
+    p.add_argument("--pooling", default="token", choices=["token", "region"],
+                   help="learning rows: every patch token (the paper, default) or one pooled row per "
+                        "seed region and one for the background (the project's recommended "
+                        "configuration with --tau 0.1 and `vpl cams --map-mode dense`; see README)")
     p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=int, default=65536, help="pixels per gradient chunk")
@@ -394,13 +398,14 @@ def cmd_learn(args) -> int:
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
                                 limit=args.limit, progress=args.progress, summary=summary,
-                                cache_dir=cache, memmap=args.memmap)
+                                cache_dir=cache, memmap=args.memmap, pooling=args.pooling)
     print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels); "
           f"{len(summary.failed)} skipped")
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
         level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
         provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
+                    "pooling": args.pooling,
                     "candidates": args.candidates, "seed_source": args.seed_source,
                     "dataset": args.dataset, "split_file": str(args.split_file)})
     ps.save(out)

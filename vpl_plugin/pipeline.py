@@ -19,7 +19,7 @@ import torch
 
 from vpl_plugin._io import atomic_path, save_npy_dict
 from vpl_plugin.data.voc import DatasetError, load_image
-from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes
+from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes, region_pool, seeds_from_cams
 
 __all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "LearningSet"]
 
@@ -119,7 +119,7 @@ class LearningSet:
 
 
 def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
-                           tau_text) -> Dict[str, np.ndarray]:
+                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
     labels = list(sample.labels)
     result = adapter.gradcams(x, labels, prototypes=text)
@@ -134,6 +134,17 @@ def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidate
     if labels:
         best, arg = flat.max(dim=0)
         seed = torch.where(best > phi, torch.as_tensor(labels)[arg] + 1, seed)
+    if pooling == "region":
+        rows = seeds_from_cams(flat, phi) if labels else torch.full((flat.shape[1],), -1)
+        x, q, c = region_pool(result.features, rows, torch.as_tensor(labels, dtype=torch.long),
+                              text.prototypes, text.num_fg, tau_text=tau_text, candidates=candidates)
+        region_seed = torch.tensor([int(torch.nonzero(r[:text.num_fg]).flatten()[0]) + 1
+                                    if r[:text.num_fg].any() else 0 for r in q], dtype=torch.long)
+        return {"features": x.half().numpy(), "targets": q.float().numpy(),
+                "candidates": c[0].bool().numpy() if len(c) else cand.bool().numpy(),
+                "seeds": region_seed.numpy().astype(np.int16)}
+    if pooling != "token":
+        raise ValueError(f"pooling must be 'token' or 'region'; got {pooling!r}.")
     return {"features": result.features.half().numpy(), "targets": q.float().numpy(),
             "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
 
@@ -143,7 +154,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
-                         memmap: Optional[bool] = None) -> LearningSet:
+                         memmap: Optional[bool] = None, pooling: str = "token") -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
@@ -157,6 +168,9 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             so an interrupted collection resumes) and assemble the set from them.
         memmap: assemble into ``np.memmap`` files in ``cache_dir`` instead of memory (default: when
             the features would exceed 2 GB), so VOC train_aug-sized sets stream from disk.
+        pooling: ``token`` (each patch token is a row: the paper's instance level) or ``region``
+            (one row per seed region and one for the background, see
+            :func:`~vpl_plugin.prototypes.region_pool`).
     """
     if seed_source not in ("gradcam", "refined"):
         raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
@@ -167,7 +181,11 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
     summary.total = n
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+        _check_cache(cache, {"phi": phi, "target_mode": target_mode, "candidates": candidates,
+                             "seed_source": seed_source, "pooling": pooling,
+                             "model": adapter.encoder.fingerprint(),
+                             "templates": list(text.provenance.get("templates", [])),
+                             "text_prototypes": float(text.prototypes.double().sum())})
     records: Dict[str, Any] = {}
     start = time.time()
     for i in _bar(range(n), n, "features", progress):
@@ -180,7 +198,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
         try:
             rec = _image_learning_record(adapter, text, dataset[i], phi=phi, target_mode=target_mode,
                                          candidates=candidates, seed_source=seed_source,
-                                         tau_text=tau_text)
+                                         tau_text=tau_text, pooling=pooling)
         except (DatasetError, OSError, ValueError) as err:
             summary.failed.append((image_id, str(err)))
             continue
@@ -193,6 +211,26 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
         summary.done += 1
     summary.seconds = time.time() - start
     return _assemble(records, text.prototypes.shape, cache, memmap)
+
+
+def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
+    """A cache holds rows of one configuration: refuse to mix settings in one folder."""
+    import json
+
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"the feature cache {cache} was written with other settings "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                f"pass another --cache-dir or delete that folder.")
+    else:
+        from vpl_plugin._io import write_json
+
+        write_json(path, settings)
 
 
 def _load_record(rec) -> Dict[str, np.ndarray]:

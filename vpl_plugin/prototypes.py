@@ -55,6 +55,7 @@ __all__ = [
     "modality_gap",
     "prototype_gradient",
     "prototype_loss",
+    "region_pool",
     "seeds_from_cams",
     "shift_text_prototypes",
 ]
@@ -106,6 +107,57 @@ def seeds_from_cams(cams: torch.Tensor, phi: float = 0.4) -> torch.Tensor:
         cams = cams.float()
     best, idx = cams.max(dim=0)  # first index among ties
     return torch.where(best > phi, idx, torch.full_like(idx, -1))
+
+
+def region_pool(features: torch.Tensor, seeds: torch.Tensor, fg_classes: torch.Tensor,
+                text_prototypes: torch.Tensor, num_fg: int, *, tau_text: float = 0.01,
+                candidates: str = "image") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Region-pooled learning rows of one image (``pooling="region"``; an interpretation, not the
+    paper's instance-level objective).
+
+    Each foreground seed region (pixels whose seed is class ``c``) becomes one row: the normalised
+    mean of its pixel features, with target ``onehot(c)``. The remaining (background) pixels become
+    one row whose target is the text softmax of the pooled feature over the background concepts.
+    Pooling averages out token noise, which the research probes found to give better dense maps.
+
+    Args:
+        features: ``(n, D)`` unit pixel features.
+        seeds: ``(n,)`` from :func:`seeds_from_cams` (row index into ``fg_classes``, ``-1`` bg).
+        fg_classes: ``(k,)`` the image's class indices.
+        text_prototypes: ``(N, D)`` text prototypes, foreground first.
+        num_fg: number of foreground prototypes.
+
+    Returns:
+        ``(R, D)`` pooled features, ``(R, N)`` targets and ``(R, N)`` candidates.
+    """
+    check_ndim("features", features, 2, "(n, D)")
+    n_proto = text_prototypes.shape[0]
+    cand = torch.zeros(n_proto, dtype=torch.bool)
+    if candidates == "all":
+        cand[:] = True
+    else:
+        cand[fg_classes] = True
+        cand[num_fg:] = True
+    rows, targets = [], []
+    for j, c in enumerate(fg_classes.tolist()):
+        sel = seeds == j
+        if bool(sel.any()):
+            rows.append(torch.nn.functional.normalize(features[sel].float().mean(0), dim=0))
+            q = torch.zeros(n_proto)
+            q[c] = 1.0
+            targets.append(q)
+    sel = seeds < 0
+    if bool(sel.any()):
+        x = torch.nn.functional.normalize(features[sel].float().mean(0), dim=0)
+        q = torch.zeros(n_proto)
+        q[num_fg:] = ((x @ text_prototypes[num_fg:].float().t()) / tau_text).softmax(0)
+        rows.append(x)
+        targets.append(q)
+    if not rows:
+        d = features.shape[1]
+        return torch.zeros(0, d), torch.zeros(0, n_proto), torch.zeros(0, n_proto, dtype=torch.bool)
+    x = torch.stack(rows)
+    return x, torch.stack(targets), cand[None].expand(x.shape[0], -1).clone()
 
 
 def build_targets(

@@ -247,7 +247,12 @@ def label_set_accuracy(encoder, scenes, templates=DEMO_TEMPLATES) -> float:
 # -- the demo -----------------------------------------------------------------------------------------
 def run_demo(out: Path, *, clip: Optional[str] = None, quick: bool = False, device: str = "cpu",
              config: Optional[DemoConfig] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the demo and write ``report.json``, ``report.md`` and ``grid.png`` into ``out``."""
+    """Run the demo and write ``report.json``, ``report.md`` and ``grid.png`` into ``out``.
+
+    ``grid.png`` columns: image, ground truth, then the per-pixel maximum over the image's class
+    CAMs of CLIP-ES (text prototypes), paper-literal VPL (GradCAM) and the recommended
+    configuration (region-pooled prototypes, tau_I 0.1, dense map).
+    """
     threads = torch.get_num_threads()
     if str(device).startswith("cpu"):
         # 64-token images: extra threads only add synchronisation (measured 20x slower under load)
@@ -425,7 +430,8 @@ def _grid(path: Path, scenes, grids: Dict[str, List[np.ndarray]]) -> None:
     from vpl_plugin.pseudo_masks import VOC_PALETTE
 
     Image = __import__("PIL.Image", fromlist=["Image"])
-    cols = ["CLIP-ES (text prototypes)", "CLIP-ES + VPL (bb rule, GradCAM)", "VPL prototypes, dense map"]
+    cols = ["CLIP-ES (text prototypes)", "CLIP-ES + VPL, paper-literal (halving, GradCAM)",
+            "VPL region-pooled (tau_I 0.1), dense map"]
     tiles = []
     for i, sc in enumerate(scenes):
         row = [sc.image, VOC_PALETTE[sc.mask]]
