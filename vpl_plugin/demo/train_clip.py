@@ -64,18 +64,13 @@ class TrainConfig:
 
 
 def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
-    """A freshly initialised demo CLIP (fp32)."""
-    clip_model = require("clip.model")
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = clip_model.CLIP(
-            config.embed_dim, config.image_resolution, config.vision_layers, config.vision_width,
-            config.patch_size, config.context_length, config.vocab_size, config.transformer_width,
-            config.transformer_heads, config.transformer_layers)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.float()
+    """A freshly initialised demo CLIP (fp32, trainable)."""
+    from vpl_plugin.backbones import build_random_clip
+
+    model = build_random_clip(seed=seed, **asdict(config))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()
 
 
 def images_to_tensor(images: List[np.ndarray]) -> torch.Tensor:
