@@ -190,3 +190,24 @@ def test_template_ensemble_changes_the_text_prototypes(small_voc, tiny_checkpoin
     b = np.load(tmp_path / "b" / f"{IDS[0]}.npy", allow_pickle=True).item()
     assert not np.array_equal(a["attn_highres"], b["attn_highres"])
     assert _run(["cams", *data, "--out", tmp_path / "c", "--template", "no slot"]) == EXIT_USAGE
+
+
+def test_recommended_configuration_on_the_synthetic_export(tmp_path):
+    """`--dataset synthetic` end to end with the shipped demo CLIP and the recommended flags."""
+    from vpl_plugin.data.synthetic import SceneWorld, export_voc
+    from vpl_plugin.demo.report import DEFAULT_CHECKPOINT
+
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"shipped demo CLIP {DEFAULT_CHECKPOINT} absent")
+    root = export_voc(SceneWorld(seed=7), tmp_path / "syn", {"train": (0, 12), "val": (10_000_000, 6)})
+    common = ["--clip", DEFAULT_CHECKPOINT, "--dataset", "synthetic", "--root", root, "--no-progress",
+              "--template", "a photo of a {}."]
+    assert _run(["learn", *common, "--split-file", "train.txt", "--out", tmp_path / "p.pt",
+                 "--pooling", "region", "--tau", "0.1"]) == EXIT_OK
+    for name, extra in (("text", []), ("vpl", ["--prototypes", tmp_path / "p.pt", "--map-mode", "dense"])):
+        assert _run(["cams", *common, "--split-file", "val.txt", "--out", tmp_path / name, *extra]) == EXIT_OK
+        assert _run(["eval", "--dataset", "synthetic", "--cams", tmp_path / name, "--gt-root",
+                     root / "SegmentationClass", "--split-file", root / "ImageSets/Segmentation/val.txt",
+                     "--json", tmp_path / f"{name}.json", "--no-progress"]) == EXIT_OK
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(report["per_class"]) == 11 and 0 <= report["miou"] <= 1

@@ -6,6 +6,12 @@ Stages, each resumable and each writing its resolved configuration beside its ou
     vpl learn  -> PROTOTYPES.pt           (VPL phase 1: vision prototypes from text CAMs)
     vpl masks  -> MASK_DIR/<id>.png       (dense CRF pseudo masks, 255 = ignore)
     vpl eval   -> mIoU of CAMs or masks   (upstream eval_cam.py semantics)
+    vpl demo   -> the embedded default: CLIP-ES vs CLIP-ES + VPL on the synthetic world
+    vpl train-clip / random-clip          (the demo CLIP / a random-weight CLIP checkpoint)
+
+Recommended VPL configuration (measured on the demo world, see README): learn with
+`--pooling region --tau 0.1`, then `vpl cams --prototypes P --map-mode dense`. The
+paper-literal configuration is the default of every flag.
 
 Exit status: 0 every image processed; 3 some images skipped (the summary names them and why);
 2 nothing could run (bad arguments, missing model or dataset).
@@ -40,6 +46,7 @@ _EPILOG_LEARN = """examples:
   vpl learn --clip ViT-B/16 --root VOC2012 --split-file train_aug.txt --out vpl.pt
   vpl learn ... --tau 0.03 --lr 10 --iters 3000 --phi 0.4          (the paper's values)
   vpl learn ... --tau clip --iters 0                                  (identity: text CAMs)
+  vpl learn ... --pooling region --tau 0.1    (recommended; use with `vpl cams --map-mode dense`)
 The learning pass computes text GradCAMs, seeds them at --phi, builds target distributions and
 runs projected gradient descent on the unit sphere from the text prototypes."""
 
