@@ -16,6 +16,13 @@ from vpl_plugin._version import __version__
 from vpl_plugin.adapters import CAMAdapter, CAMOutput, CLIPESAdapter, CLIPESConfig, create_adapter, list_adapters
 from vpl_plugin.backbones import CLIPDense, build_random_clip, load_clip
 from vpl_plugin.data.classes import COCO, VOC, ClassSpec
+from vpl_plugin.dropin import (
+    DropInPrototypes,
+    check_imports,
+    learn_vision_prototypes_for,
+    use_logit_scale,
+    vision_logit_scale,
+)
 from vpl_plugin.metrics import MeanIoU, confusion_matrix, evaluate_cams, evaluate_masks, mean_iou
 from vpl_plugin.pipeline import collect_learning_set, generate_cams, learn_from_dataset
 from vpl_plugin.prototypes import (
@@ -35,12 +42,14 @@ __all__ = [
     "CLIPESConfig",
     "COCO",
     "ClassSpec",
+    "DropInPrototypes",
     "MeanIoU",
     "PrototypeSet",
     "VOC",
     "__version__",
     "build_random_clip",
     "build_targets",
+    "check_imports",
     "collect_learning_set",
     "confusion_matrix",
     "create_adapter",
@@ -49,10 +58,13 @@ __all__ = [
     "generate_cams",
     "learn_from_dataset",
     "learn_vision_prototypes",
+    "learn_vision_prototypes_for",
     "list_adapters",
     "load_clip",
     "mean_iou",
     "modality_gap",
     "seeds_from_cams",
     "shift_text_prototypes",
+    "use_logit_scale",
+    "vision_logit_scale",
 ]
