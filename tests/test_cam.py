@@ -142,3 +142,26 @@ def test_adapter_reproduces_the_upstream_style_loop_on_a_real_image(tiny_clip, t
     np.testing.assert_allclose(ours.cams.numpy(), ref["gradcams"], atol=1e-5, rtol=0)
     diff = np.abs(ours.attn_highres.astype(np.float32) - ref["attn_highres"].astype(np.float32))
     assert diff.max() <= 1e-3  # fp16 storage: a few ulps where a float32 rounding flips
+
+
+def test_fp16_compat_on_cpu_is_upstreams_cpu_path(tiny_clip, voc_image):
+    """Upstream on CPU: weights rounded through fp16 by build_model, positional table cast to fp16,
+    fp32 arithmetic. Our --fp16-compat must give the same CAMs; plain fp32 must differ."""
+    import clip.model
+    from upstream_reference import reference_cams
+
+    from vpl_plugin.adapters import CLIPESAdapter
+    from vpl_plugin.backbones import CLIPDense, build_clip_from_state_dict
+
+    state = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    upstream_model = clip.model.build_model({k: v.clone() for k, v in state.items()}).float()
+    ours = CLIPDense(build_clip_from_state_dict(state, round_weights=True), fp16_compat=True)
+    adapter = CLIPESAdapter(ours)
+    text = adapter.text_prototypes
+    out = adapter(voc_image, [0, 14])
+    ref = reference_cams(upstream_model, voc_image, text.fg, text.bg, [0, 14], ours.logit_scale,
+                         return_gradcams=True, pos_fp16=True)
+    np.testing.assert_allclose(out.cams.numpy(), ref["gradcams"], atol=1e-5, rtol=0)
+    exact = reference_cams(tiny_clip, voc_image, text.fg, text.bg, [0, 14], ours.logit_scale,
+                           return_gradcams=True)
+    assert np.abs(exact["gradcams"] - ref["gradcams"]).max() > 1e-6  # the rounding is visible

@@ -46,8 +46,11 @@ def _box_mask(cam, thr):
 
 
 def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labels, logit_scale,
-                   box_thr=0.4, layers=8, return_gradcams=False):
-    """Upstream-style CAMs of one image. ``model`` is a ``clip.model.CLIP`` (fp32, CPU)."""
+                   box_thr=0.4, layers=8, return_gradcams=False, pos_fp16=False):
+    """Upstream-style CAMs of one image. ``model`` is a ``clip.model.CLIP`` (fp32, CPU).
+
+    ``pos_fp16``: store the interpolated positional table in fp16 before adding it, as upstream
+    always does (its CPU path: fp16-rounded weights from ``build_model`` plus this cast)."""
     model = copy.deepcopy(model).float().eval()
     visual = model.visual
     blocks = visual.transformer.resblocks
@@ -66,7 +69,10 @@ def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labe
     g = int(round(math.sqrt(pos.shape[0] - 1)))
     grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
-    x = x + torch.cat([pos[:1], grid.reshape(1, -1, h * w).permute(0, 2, 1)[0]])[None]
+    table = torch.cat([pos[:1], grid.reshape(1, -1, h * w).permute(0, 2, 1)[0]])
+    if pos_fp16:
+        table = table.half()
+    x = x + table.to(x.dtype)[None]
     x = visual.ln_pre(x).permute(1, 0, 2)
     attn_list = []
     with torch.no_grad():
