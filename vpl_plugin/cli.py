@@ -240,6 +240,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torchscript", action="store_true",
                    help="save as a TorchScript archive like OpenAI's released files")
+
+    from vpl_plugin import reproduce
+
+    p = sub.add_parser("reproduce", help="reproduce the paper's Table 1 (seed and mask mIoU) in one command",
+                       description="Chain cams -> learn -> cams -> masks -> eval for every Table 1 row whose "
+                                   "adapter exists, under --out (one folder per stage, finished stages "
+                                   "skipped on rerun), and print the measured mIoU beside the paper's.",
+                       epilog=reproduce.EPILOG, formatter_class=fmt)
+    reproduce.add_arguments(p)
     return parser
 
 
@@ -523,6 +532,12 @@ def _print_eval(result: Dict[str, Any]) -> None:
         print(f"  missing: {item}", file=sys.stderr)
 
 
+def cmd_reproduce(args) -> int:
+    from vpl_plugin.reproduce import run
+
+    return run(args)
+
+
 def cmd_random_clip(args) -> int:
     from vpl_plugin.backbones import build_random_clip, save_checkpoint
 
@@ -556,7 +571,7 @@ def cmd_train_clip(args) -> int:
 
 
 _COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
-             "random-clip": cmd_random_clip}
+             "random-clip": cmd_random_clip, "reproduce": cmd_reproduce}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

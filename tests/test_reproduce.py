@@ -1,0 +1,138 @@
+"""`vpl reproduce table1` in-process: real VOC images with a random CLIP, dry runs, the synthetic world."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
+pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
+
+from vpl_plugin.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
+from vpl_plugin.reproduce import PAPER_TABLE1, STAGE_MARKER  # noqa: E402
+
+IDS = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
+
+
+@pytest.fixture(scope="module")
+def four_voc(voc_root, tmp_path_factory) -> Path:
+    """Four real VOC images (with XML and ground truth) in a temporary VOC layout with train.txt."""
+    root = tmp_path_factory.mktemp("voc4") / "VOC2012"
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    for i in IDS:
+        shutil.copy(voc_root / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
+        shutil.copy(voc_root / "Annotations" / f"{i}.xml", root / "Annotations")
+        shutil.copy(voc_root / "SegmentationClass" / f"{i}.png", root / "SegmentationClass")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(IDS) + "\n")
+    return root
+
+
+def _run(argv):
+    return main([str(a) for a in argv])
+
+
+def _stage_state(out: Path):
+    return {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob(f"*/{STAGE_MARKER}")}
+
+
+def test_table1_on_real_voc_with_a_random_clip_and_rerun_reuses_stages(four_voc, tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "t1"
+    argv = ["reproduce", "table1", "--voc-root", four_voc, "--clip", tiny_checkpoint, "--learn-split", "train",
+            "--out", out, "--iters", "5", "--no-progress"]
+    assert _run(argv) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "projected run time" in text and "adapter not available yet" in text
+    table = json.loads((out / "table1.json").read_text())
+    rows = {r["row"]: r for r in table["rows"]}
+    assert set(rows) == set(PAPER_TABLE1)
+    for name, (seed, mask) in PAPER_TABLE1.items():
+        assert (rows[name]["paper_seed"], rows[name]["paper_mask"]) == (seed, mask)
+    for name in ("CLIP-ES", "CLIP-ES + VPL"):
+        r = rows[name]
+        assert r["available"] is True
+        assert 0 <= r["seed"] <= 100 and 0 <= r["mask"] <= 100
+        assert r["diff_seed"] == pytest.approx(r["seed"] - r["paper_seed"], abs=0.011)
+    for name in ("CLIP-CPAL", "CLIP-CPAL + VPL"):
+        assert rows[name]["available"] is False and rows[name]["seed"] is None
+        assert "not available" in rows[name]["note"]
+    md = (out / "table1.md").read_text()
+    assert "CLIP-ES + VPL" in md and "76.3" in md and "adapter not available yet" in md
+    for stage in ("text_cams", "prototypes", "vpl_cams", "text_masks", "vpl_masks", "eval_text_cams",
+                  "eval_vpl_masks"):
+        assert (out / stage / STAGE_MARKER).is_file()
+    assert len(list((out / "vpl_cams").glob("*.npy"))) == 4
+    assert len(list((out / "text_masks").glob("*.png"))) == 4
+
+    before = _stage_state(out)
+    npy = {p.name: p.stat().st_mtime_ns for p in (out / "text_cams").glob("*.npy")}
+    assert _run(argv) == EXIT_OK
+    text = capsys.readouterr().out
+    assert text.count("finished before; skipped") == 9 and "projected run time" not in text
+    assert _stage_state(out) == before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "text_cams").glob("*.npy")} == npy
+    assert json.loads((out / "table1.json").read_text())["rows"] == table["rows"]
+
+    # changed learning settings: the prototypes and everything downstream are redone (old outputs
+    # kept aside), the text stages are reused
+    argv[argv.index("--iters") + 1] = "6"
+    assert _run(argv) == EXIT_OK
+    text = capsys.readouterr().out
+    assert text.count("finished before; skipped") == 4
+    after = _stage_state(out)
+    for stage in ("text_cams", "text_masks", "eval_text_cams", "eval_text_masks"):
+        assert after[stage] == before[stage]
+    for stage in ("prototypes", "vpl_cams", "vpl_masks", "eval_vpl_cams", "eval_vpl_masks"):
+        assert after[stage] != before[stage]
+        assert len(list(out.glob(f"{stage}.old-*"))) == 1
+
+
+def test_dry_run_reports_what_is_missing_and_exits_2(four_voc, tiny_checkpoint, tmp_path, capsys):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(four_voc, root)
+    shutil.rmtree(root / "SegmentationClass")
+    out = tmp_path / "never"
+    code = _run(["reproduce", "table1", "--voc-root", root, "--clip", tiny_checkpoint, "--dry-run", "--out", out])
+    assert code == EXIT_USAGE
+    text = capsys.readouterr().out
+    assert "SegmentationClass" in text and "train_aug.txt" in text
+    assert "voc12/train_aug.txt" in text and "SBD" in text   # where users usually get it
+    assert not out.exists()
+    code = _run(["reproduce", "table1", "--voc-root", root, "--clip", tmp_path / "nope.pt", "--dry-run"])
+    assert code == EXIT_USAGE and "nope.pt" in capsys.readouterr().out
+
+
+def test_dry_run_on_a_complete_root_exits_0_with_a_projection(four_voc, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "t1"
+    code = _run(["reproduce", "table1", "--voc-root", four_voc, "--clip", tiny_checkpoint, "--learn-split",
+                 "train", "--dry-run", "--out", out, "--no-progress"])
+    assert code == EXIT_OK
+    text = capsys.readouterr().out
+    assert "projected run time:" in text and "n/a" not in text.split("projected run time:")[1].split("\n")[0]
+    assert "loadable" in text and "disk: about" in text and "ready:" in text
+    assert not out.exists()  # a dry run writes nothing under --out
+
+
+def test_help_teaches():
+    assert main(["reproduce", "--help"]) == 0
+
+
+def test_table1_on_the_synthetic_export_with_the_demo_clip(tmp_path, capsys):
+    from vpl_plugin.data.synthetic import SceneWorld, export_voc
+    from vpl_plugin.demo.report import DEFAULT_CHECKPOINT
+
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"shipped demo CLIP {DEFAULT_CHECKPOINT} absent")
+    root = export_voc(SceneWorld(seed=7), tmp_path / "syn", {"train": (0, 16), "val": (10_000_000, 8)})
+    out = tmp_path / "t1"
+    assert _run(["reproduce", "table1", "--dataset", "synthetic", "--voc-root", root, "--clip", DEFAULT_CHECKPOINT,
+                 "--split", "val", "--learn-split", "train", "--template", "a photo of a {}.", "--out", out,
+                 "--iters", "50", "--no-progress"]) == EXIT_OK
+    rows = {r["row"]: r for r in json.loads((out / "table1.json").read_text())["rows"]}
+    for name in ("CLIP-ES", "CLIP-ES + VPL"):
+        assert rows[name]["available"] and 0 <= rows[name]["seed"] <= 100 and 0 <= rows[name]["mask"] <= 100
+    print(capsys.readouterr().out)

@@ -1,0 +1,604 @@
+"""``vpl reproduce table1``: the paper's Table 1 (seed and pseudo-mask mIoU) with one command.
+
+For every row whose adapter is registered (today CLIP-ES: rows "CLIP-ES" and "CLIP-ES + VPL"),
+the existing ``vpl`` stages are chained by calling :func:`vpl_plugin.cli.main`, each stage in its
+own folder under ``--out``::
+
+    text_cams/        vpl cams  (text prototypes) on --split
+    prototypes/       vpl learn (vision prototypes) on --learn-split  -> prototypes/vpl.pt
+    vpl_cams/         vpl cams  --prototypes prototypes/vpl.pt on --split
+    text_masks/       vpl masks (dense CRF) of text_cams
+    vpl_masks/        vpl masks (dense CRF) of vpl_cams
+    eval_<name>/      vpl eval of each CAM and mask folder -> result.json
+    table1.json, table1.md
+
+A stage that finished writes ``reproduce_stage.json`` (its exact argument list and exit status);
+a rerun with the same arguments skips it. Stages are also resumable per image, so an interrupted
+stage continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# (seed mIoU, pseudo-mask mIoU) on VOC12 train, Table 1 of the paper.
+PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
+    "CLIP-ES": (70.8, 75.0),
+    "CLIP-ES + VPL": (76.3, 78.4),
+    "CLIP-CPAL": (71.9, 75.8),
+    "CLIP-CPAL + VPL": (77.8, 80.1),
+}
+ROW_ADAPTER = {"CLIP-ES": "clip-es", "CLIP-ES + VPL": "clip-es",
+               "CLIP-CPAL": "clip-cpal", "CLIP-CPAL + VPL": "clip-cpal"}
+STAGE_MARKER = "reproduce_stage.json"
+SAMPLE_IMAGES = 3
+
+_WHERE = {
+    "JPEGImages": "the PASCAL VOC 2012 trainval archive (VOCtrainval_11-May-2012.tar, "
+                  "host.robots.ox.ac.uk/pascal/VOC/voc2012/); --voc-root is its VOCdevkit/VOC2012 folder",
+    "Annotations": "the PASCAL VOC 2012 trainval archive (same as JPEGImages/); the image-level "
+                   "labels are read from these XML files as upstream CLIP-ES does",
+    "SegmentationClass": "the PASCAL VOC 2012 trainval archive (ground truth for the 2913 "
+                         "segmentation trainval images); or SegmentationClassAug/ (SBD-augmented "
+                         "masks, 12031 PNGs, distributed with SBD-based WSSS code bases)",
+    "train.txt": "the PASCAL VOC 2012 archive (ImageSets/Segmentation/train.txt, 1464 ids)",
+    "val.txt": "the PASCAL VOC 2012 archive (ImageSets/Segmentation/val.txt, 1449 ids)",
+    "train_aug.txt": "SBD (the 10582-image augmented training set); the CLIP-ES repository ships it "
+                     "as voc12/train_aug.txt - copy it to ImageSets/Segmentation/train_aug.txt",
+}
+_WHERE_SYNTHETIC = ("the synthetic world's export: python -c \"from vpl_plugin.data.synthetic import "
+                    "SceneWorld, export_voc; export_voc(SceneWorld(seed=7), 'syn', "
+                    "{'train': (0, 64), 'val': (10_000_000, 32)})\"")
+
+
+# -- options ----------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    """The flags of ``vpl reproduce`` (called by :mod:`vpl_plugin.cli`)."""
+    p.add_argument("table", choices=["table1"], help="what to reproduce (table1: seed and mask mIoU)")
+    p.add_argument("--voc-root", metavar="DIR",
+                   help="the VOC2012 folder (JPEGImages/, Annotations/, SegmentationClass[Aug]/, "
+                        "ImageSets/Segmentation/); with --dataset synthetic the export folder")
+    p.add_argument("--clip", metavar="NAME_OR_PATH",
+                   help="OpenAI CLIP model name (ViT-B/16, downloaded on first use) or checkpoint file")
+    p.add_argument("--dataset", default="voc", choices=["voc", "synthetic"],
+                   help="voc (default) or synthetic (the demo world's VOC export; use with "
+                        "--template 'a photo of a {}.' and the demo CLIP)")
+    p.add_argument("--split", default="train",
+                   help="list the seeds and masks are made and evaluated on (default: train, "
+                        "as Table 1); a name under ImageSets/Segmentation/ or a file")
+    p.add_argument("--learn-split", default="train_aug",
+                   help="list the vision prototypes are learned on (default: train_aug, as the paper)")
+    p.add_argument("--out", default="reproduce_table1", metavar="DIR",
+                   help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of each list")
+    p.add_argument("--workers", type=int, default=1, help="processes for the CRF stage (default 1)")
+    p.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
+                   help="prompt template (repeatable; default CLIP-ES's 'a clean origami {}.')")
+    p.add_argument("--iters", type=int, default=3000, help="prototype-learning steps (paper: 3000)")
+    p.add_argument("--tau", default="0.03", help="vision temperature tau_I (paper: 0.03)")
+    p.add_argument("--lr", type=float, default=10.0, help="step size (paper: 10)")
+    p.add_argument("--phi", type=float, default=0.4, help="seed threshold Phi (paper: 0.4)")
+    p.add_argument("--pooling", default="token", choices=["token", "region"],
+                   help="learning rows: token (the paper, default) or region (the project's recommended "
+                        "configuration with --tau 0.1 --map-mode dense; see README)")
+    p.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
+                   help="map of the VPL CAMs: gradcam (the paper, default), dense or fused (see vpl cams)")
+    p.add_argument("--no-projection", dest="project", action="store_false",
+                   help="do not time a few images per stage before the run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+EPILOG = """examples:
+  # check everything first (layout, lists, checkpoint, disk, projected time); exit 2 lists what is missing
+  vpl reproduce table1 --voc-root VOCdevkit/VOC2012 --clip ViT-B/16 --dry-run
+  # the paper's setting: seeds/masks on train, prototypes learned on train_aug (SBD list)
+  vpl reproduce table1 --voc-root VOCdevkit/VOC2012 --clip ViT-B/16 --device cuda --out t1
+  # rerun the same command after an interruption: finished stages are skipped, the rest resumes
+  # a quick look without SBD: learn on train itself, 100 images
+  vpl reproduce table1 --voc-root VOC2012 --clip ViT-B-16.pt --learn-split train --limit 100
+  # the project's recommended VPL configuration instead of the paper-literal one
+  vpl reproduce table1 ... --pooling region --tau 0.1 --map-mode dense --out t1_recommended
+  # meaningful numbers on CPU in minutes: the synthetic world and the shipped demo CLIP
+  vpl reproduce table1 --dataset synthetic --voc-root syn --clip vpl_plugin/demo/assets/demo_clip.pt \\
+      --split val --learn-split train --template "a photo of a {}."
+
+Rows whose adapter does not exist yet (CLIP-CPAL) are listed with the paper's values only.
+Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def _list_path(root: Path, split: str) -> Path:
+    given = Path(split)
+    if given.suffix == ".txt" and given.is_file():
+        return given
+    name = split if split.endswith(".txt") else f"{split}.txt"
+    return root / "ImageSets" / "Segmentation" / name
+
+
+def _gt_dir(root: Path) -> Path:
+    aug = root / "SegmentationClassAug"
+    return aug if aug.is_dir() else root / "SegmentationClass"
+
+
+def _where(key: str, dataset: str) -> str:
+    if dataset == "synthetic":
+        return _WHERE_SYNTHETIC
+    return _WHERE.get(key, _WHERE["train_aug.txt"] if "aug" in key else
+                      "ImageSets/Segmentation/ of the VOC 2012 archive, or write the list yourself "
+                      "(one image id per line)")
+
+
+def check_layout(args) -> Tuple[List[str], List[str]]:
+    """``(missing, notes)``: each missing item with where users usually get it; notes are informative."""
+    from vpl_plugin.data.classes import get_class_spec
+    from vpl_plugin.data.voc import DatasetError, VOCDataset, read_split
+
+    missing: List[str] = []
+    notes: List[str] = []
+    if not args.voc_root:
+        return ["--voc-root not given (the VOC2012 folder)"], notes
+    root = Path(args.voc_root).expanduser()
+    if not root.is_dir():
+        return [f"{root}: no such folder; get it from {_where('JPEGImages', args.dataset)}"], notes
+    for sub in ("JPEGImages", "Annotations"):
+        if not (root / sub).is_dir():
+            missing.append(f"{root / sub}/ is missing; get it from {_where(sub, args.dataset)}")
+    if not (root / "SegmentationClass").is_dir() and not (root / "SegmentationClassAug").is_dir():
+        missing.append(f"{root}/SegmentationClass/ (or SegmentationClassAug/) is missing: no ground "
+                       f"truth to evaluate against; get it from {_where('SegmentationClass', args.dataset)}")
+    elif not (root / "SegmentationClassAug").is_dir() and args.dataset == "voc":
+        notes.append("note: SegmentationClassAug/ absent: evaluating against SegmentationClass/ (enough for "
+                     "Table 1 on train; SBD's SegmentationClassAug is only needed for other lists)")
+    spec = get_class_spec(args.dataset)
+    lists = {"--split": args.split, "--learn-split": args.learn_split}
+    for flag, split in lists.items():
+        path = _list_path(root, split)
+        if not path.is_file():
+            missing.append(f"{flag} list {path} is missing; get it from {_where(Path(path).name, args.dataset)}")
+            continue
+        try:
+            ds = VOCDataset(root, path, class_spec=spec)
+        except (DatasetError, FileNotFoundError, ValueError) as err:
+            missing.append(f"{flag} list {path}: {err}")
+            continue
+        ids = ds.ids[: args.limit] if args.limit else ds.ids
+        if args.limit:
+            ds._ids = list(ids)  # noqa: SLF001 - validate only what will run
+        problems = ds.validate()
+        notes.append(f"{flag} {path.name}: {len(ids)} images" + (f", {len(problems)} unusable" if problems else ""))
+        for image_id, msg in problems[:10]:
+            missing.append(f"{flag} image {image_id}: {msg}")
+        if len(problems) > 10:
+            missing.append(f"{flag}: ... and {len(problems) - 10} more unusable images")
+        if flag == "--split":
+            gt = _gt_dir(root)
+            no_gt = [i for i in read_split(path)[: args.limit or None] if not (gt / f"{i}.png").is_file()]
+            if gt.is_dir() and no_gt:
+                missing.append(f"{len(no_gt)} image(s) of {path.name} have no ground truth in {gt}/ "
+                               f"(first: {no_gt[0]}); get it from {_where('SegmentationClass', args.dataset)}")
+    return missing, notes
+
+
+def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[int]]:
+    """``(missing, notes, embed_dim)`` for ``--clip``."""
+    import os
+
+    if not args.clip:
+        return ["--clip not given (ViT-B/16 or a checkpoint file)"], [], None
+    if os.path.isfile(args.clip):
+        try:
+            from vpl_plugin.backbones import load_clip
+
+            enc = load_clip(str(args.clip), "cpu")
+        except Exception as err:  # noqa: BLE001 - any load failure is reported
+            return [f"--clip {args.clip}: exists but cannot be loaded ({err})"], [], None
+        dim = getattr(getattr(enc, "model", None), "visual", None)
+        dim = getattr(getattr(dim, "proj", None), "shape", [None, None])[1]
+        return [], [f"checkpoint {args.clip}: loadable"], dim
+    try:
+        import clip  # noqa: F401
+    except ImportError:
+        return [f"--clip {args.clip}: not a file, and the OpenAI CLIP code is not installed "
+                "(pip install clip-anytorch)"], [], None
+    import clip
+
+    if args.clip in clip.available_models():
+        url = clip.clip._MODELS[args.clip]  # noqa: SLF001
+        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file():
+            return [], [f"checkpoint {args.clip}: cached at {cached}"], None
+        return [], [f"checkpoint {args.clip}: not cached; would download it (~335 MB for ViT-B/16) "
+                    f"into {cached.parent} on first use (needs internet; offline, copy OpenAI's "
+                    f"{os.path.basename(url)} here or pass its path)"], None
+    return [f"--clip {args.clip}: neither a file nor an OpenAI CLIP model name "
+            f"({', '.join(clip.available_models())}); OpenAI's ViT-B/16 is what the paper uses"], [], None
+
+
+def _checkpoint_local(clip_arg: str) -> bool:
+    """The checkpoint is a file, or an OpenAI model name already in the download cache."""
+    import os
+
+    if os.path.isfile(clip_arg):
+        return True
+    try:
+        import clip
+    except ImportError:
+        return False
+    url = clip.clip._MODELS.get(clip_arg)  # noqa: SLF001
+    return bool(url) and (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)).is_file()
+
+
+def estimate_disk(args, embed_dim: Optional[int]) -> Tuple[int, str]:
+    """Bytes the run will write (rough), and a one-line breakdown.
+
+    CAM files ~ H*W*2 bytes (float16) per class per image, twice (text and VPL); the feature cache of
+    the learning pass ~ tokens*dim*2 bytes per image (tokens = H/16 * W/16); masks ~ H*W/8.
+    """
+    from PIL import Image
+
+    from vpl_plugin.data.voc import read_split
+
+    root = Path(args.voc_root)
+    n = {}
+    for key, split in (("split", args.split), ("learn", args.learn_split)):
+        path = _list_path(root, split)
+        ids = read_split(path) if path.is_file() else []
+        n[key] = min(len(ids), args.limit) if args.limit else len(ids)
+        if key == "split":
+            sample_ids = ids[:20]
+    hw, classes = [], []
+    for i in sample_ids:
+        try:
+            with Image.open(root / "JPEGImages" / f"{i}.jpg") as im:
+                hw.append(im.size[0] * im.size[1])
+        except OSError:
+            continue
+        xml = root / "Annotations" / f"{i}.xml"
+        if xml.is_file():
+            import re
+
+            classes.append(len(set(re.findall(r"<name>([^<]+)</name>", xml.read_text(errors="ignore")))) or 1)
+    pixels = sum(hw) / len(hw) if hw else 500 * 375
+    per_img_classes = sum(classes) / len(classes) if classes else 1.5
+    dim = embed_dim or 512
+    cams = int(2 * n["split"] * pixels * 2 * per_img_classes)
+    cache = int(n["learn"] * (pixels / 256) * dim * 2)
+    masks = int(2 * n["split"] * pixels / 8)
+    total = cams + cache + masks
+    line = (f"CAMs {_size(cams)} (2 x {n['split']} images x {pixels:.0f} px x 2 B x "
+            f"{per_img_classes:.1f} classes) + feature cache {_size(cache)} ({n['learn']} images x "
+            f"{pixels / 256:.0f} tokens x {dim} x 2 B) + masks {_size(masks)}")
+    return total, line
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1024 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TB"  # pragma: no cover
+
+
+def _free_bytes(path: Path) -> int:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+# -- stages -----------------------------------------------------------------------------------------
+def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
+    root = Path(args.voc_root)
+    split = _list_path(root, args.split)
+    learn = _list_path(root, args.learn_split)
+    gt = _gt_dir(root)
+    data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device]
+    for t in args.templates or ():
+        data += ["--template", t]
+    common = [] if args.progress else ["--no-progress"]
+    if args.limit:
+        common += ["--limit", args.limit]
+    protos = out / "prototypes" / "vpl.pt"
+    stages = [
+        ("text_cams", ["cams", *data, "--split-file", split, "--out", out / "text_cams", *common]),
+        ("prototypes", ["learn", *data, "--split-file", learn, "--out", protos, "--iters", args.iters,
+                        "--tau", args.tau, "--lr", args.lr, "--phi", args.phi, "--pooling", args.pooling,
+                        *common]),
+        ("vpl_cams", ["cams", *data, "--split-file", split, "--prototypes", protos,
+                      "--map-mode", args.map_mode, "--out", out / "vpl_cams", *common]),
+    ]
+    for kind in ("text", "vpl"):
+        stages.append((f"{kind}_masks", ["masks", "--cams", out / f"{kind}_cams", "--root", root,
+                                         "--split-file", split, "--out", out / f"{kind}_masks",
+                                         "--workers", args.workers, *common]))
+    for name, flag in (("text_cams", "--cams"), ("vpl_cams", "--cams"), ("text_masks", "--masks"),
+                       ("vpl_masks", "--masks")):
+        stages.append((f"eval_{name}", ["eval", flag, out / name, "--dataset", args.dataset,
+                                        "--gt-root", gt, "--split-file", split,
+                                        "--json", out / f"eval_{name}" / "result.json", *common]))
+    return [(name, [str(a) for a in argv]) for name, argv in stages]
+
+
+def _stage_dir(out: Path, name: str) -> Path:
+    return out / name
+
+
+_DEPENDS = {"vpl_cams": ("prototypes",), "text_masks": ("text_cams",), "vpl_masks": ("vpl_cams",),
+            "eval_text_cams": ("text_cams",), "eval_vpl_cams": ("vpl_cams",),
+            "eval_text_masks": ("text_masks",), "eval_vpl_masks": ("vpl_masks",)}
+
+
+def stage_keys(stages: List[Tuple[str, List[str]]]) -> Dict[str, str]:
+    """A key per stage from its arguments and its inputs' keys: a changed upstream stage changes it."""
+    import hashlib
+
+    keys: Dict[str, str] = {}
+    for name, argv in stages:
+        payload = json.dumps([argv, [keys[d] for d in _DEPENDS.get(name, ())]])
+        keys[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return keys
+
+
+def _marker(out: Path, name: str) -> Optional[dict]:
+    path = _stage_dir(out, name) / STAGE_MARKER
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stage_done(out: Path, name: str, key: str) -> bool:
+    record = _marker(out, name)
+    return bool(record) and record.get("key") == key and record.get("exit") == 0
+
+
+def _set_aside_if_stale(out: Path, name: str, key: str) -> None:
+    """A stage finished earlier with other settings (or other inputs): keep it as NAME.old-TIME and
+    start afresh, since its per-image files would otherwise be reused."""
+    record = _marker(out, name)
+    if record is None or record.get("key") == key:
+        return
+    folder = _stage_dir(out, name)
+    aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    folder.rename(aside)
+    print(f"[{name}] settings or inputs changed since the last run; previous outputs moved to {aside}")
+
+
+def _run_stage(out: Path, name: str, argv: List[str], key: str) -> Tuple[int, float]:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.cli import main
+
+    _set_aside_if_stale(out, name, key)
+    _stage_dir(out, name).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    code = main(argv)
+    seconds = time.time() - start
+    if code == 0:
+        write_json(_stage_dir(out, name) / STAGE_MARKER,
+                   {"argv": argv, "key": key, "exit": code, "seconds": round(seconds, 2),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return code, seconds
+
+
+def project_time(args, work: Path) -> Optional[Dict[str, Any]]:
+    """Time ``SAMPLE_IMAGES`` images of the CAM and CRF stages (outputs in ``work``, reusable) and
+    multiply by the list sizes. Returns None when the sample could not run."""
+    import contextlib
+    import io
+
+    from vpl_plugin.cli import main
+    from vpl_plugin.data.voc import read_split
+
+    root = Path(args.voc_root)
+    k = min(SAMPLE_IMAGES, args.limit) if args.limit else SAMPLE_IMAGES
+    n_split = len(read_split(_list_path(root, args.split)))
+    n_learn = len(read_split(_list_path(root, args.learn_split)))
+    if args.limit:
+        n_split, n_learn = min(n_split, args.limit), min(n_learn, args.limit)
+    stages = dict(_stages(args, work))
+
+    def sample(argv: List[str]) -> Optional[float]:
+        """Seconds per image: one warm-up image, then the next k - 1 timed (k = 1: the one)."""
+        base = list(argv)
+        if "--limit" in base:
+            i = base.index("--limit")
+            del base[i:i + 2]
+        if "--no-progress" not in base:
+            base.append("--no-progress")
+        summary = Path(base[base.index("--out") + 1]) / f"vpl_{base[0]}_summary.json"
+        rate = None
+        for n in sorted({1, k}):
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = main(base + ["--limit", str(n)])
+            if code not in (0, 3) or not summary.is_file():
+                return None
+            rec = json.loads(summary.read_text())
+            if rec.get("done"):
+                rate = rec["seconds"] / rec["done"]
+        return rate
+
+    cam_rate = sample(stages["text_cams"])
+    mask_rate = sample(stages["text_masks"]) if cam_rate is not None else None
+    if cam_rate is None or mask_rate is None:
+        return None
+    per_stage = {"text_cams": cam_rate * n_split, "prototypes (features)": cam_rate * n_learn,
+                 "vpl_cams": cam_rate * n_split, "masks (CRF)": 2 * mask_rate * n_split}
+    return {"sample_images": k, "cam_seconds_per_image": round(cam_rate, 3),
+            "crf_seconds_per_image": round(mask_rate, 3), "images": {"split": n_split, "learn": n_learn},
+            "stages": {k2: round(v, 1) for k2, v in per_stage.items()},
+            "total_seconds": round(sum(per_stage.values()), 1)}
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _print_projection(proj: Optional[Dict[str, Any]], args) -> None:
+    if proj is None:
+        print("projected run time: n/a (the timing sample could not run)")
+        return
+    print(f"projected run time: {_hms(proj['total_seconds'])} on {args.device} "
+          f"(measured on {proj['sample_images']} images: CAMs {proj['cam_seconds_per_image']:.2f} s/image, "
+          f"CRF {proj['crf_seconds_per_image']:.2f} s/image; {proj['images']['split']} images in "
+          f"--split, {proj['images']['learn']} in --learn-split; plus {args.iters} prototype steps "
+          "and evaluation, not projected)")
+    for name, sec in proj["stages"].items():
+        print(f"  {name:<22s} {_hms(sec)}")
+
+
+# -- table ------------------------------------------------------------------------------------------
+def _miou(path: Path) -> Optional[float]:
+    try:
+        value = json.loads(path.read_text()).get("miou")
+    except (OSError, ValueError):
+        return None
+    return None if value is None else round(100 * float(value), 2)
+
+
+def build_table(out: Path, available: Sequence[str]) -> List[Dict[str, Any]]:
+    rows = []
+    for row, (p_seed, p_mask) in PAPER_TABLE1.items():
+        rec: Dict[str, Any] = {"row": row, "adapter": ROW_ADAPTER[row], "paper_seed": p_seed,
+                               "paper_mask": p_mask}
+        if ROW_ADAPTER[row] not in available:
+            rec.update(available=False, note="adapter not available yet",
+                       seed=None, mask=None, diff_seed=None, diff_mask=None)
+        else:
+            kind = "vpl" if row.endswith("+ VPL") else "text"
+            seed = _miou(out / f"eval_{kind}_cams" / "result.json")
+            mask = _miou(out / f"eval_{kind}_masks" / "result.json")
+            rec.update(available=True, seed=seed, mask=mask,
+                       diff_seed=None if seed is None else round(seed - p_seed, 2),
+                       diff_mask=None if mask is None else round(mask - p_mask, 2))
+        rows.append(rec)
+    return rows
+
+
+def _fmt(v: Optional[float], sign: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    head = "| row | paper seed | paper mask | measured seed | measured mask | diff seed | diff mask |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["available"]:
+            lines.append(f"| {r['row']} | {r['paper_seed']:.1f} | {r['paper_mask']:.1f} | "
+                         f"{r['note']} | | | |")
+        else:
+            lines.append(f"| {r['row']} | {r['paper_seed']:.1f} | {r['paper_mask']:.1f} | {_fmt(r['seed'])} | "
+                         f"{_fmt(r['mask'])} | {_fmt(r['diff_seed'], True)} | {_fmt(r['diff_mask'], True)} |")
+    return "\n".join(lines)
+
+
+# -- command ----------------------------------------------------------------------------------------
+def run(args) -> int:
+    """Body of ``vpl reproduce table1``; returns the exit status."""
+    from vpl_plugin._io import write_json, write_text
+    from vpl_plugin.adapters import list_adapters
+    from vpl_plugin.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
+
+    out = Path(args.out)
+    available = list_adapters()
+    print(f"vpl reproduce table1: {args.dataset} at {args.voc_root}, CLIP {args.clip}, seeds/masks on "
+          f"--split {args.split}, prototypes learned on --learn-split {args.learn_split}, out {out}")
+    for row, adapter in ROW_ADAPTER.items():
+        if adapter not in available:
+            seed, mask = PAPER_TABLE1[row]
+            print(f"  {row}: adapter not available yet (paper: seed {seed}, mask {mask})")
+
+    missing, notes = check_layout(args)
+    ck_missing, ck_notes, dim = check_checkpoint(args)
+    missing += ck_missing
+    notes += ck_notes
+    if args.voc_root and Path(args.voc_root).is_dir():
+        need, line = estimate_disk(args, dim)
+        free = _free_bytes(out)
+        notes.append(f"disk: about {_size(need)} needed ({line}); {_size(free)} free under {out}")
+        if need > free:
+            missing.append(f"disk: about {_size(need)} needed under {out}, only {_size(free)} free")
+    for n in notes:
+        print(f"  {n}" if n.startswith("note:") else f"  ok: {n}")
+    if missing:
+        print(f"missing ({len(missing)}):")
+        for m in missing:
+            print(f"  - {m}")
+        print("nothing was run." if args.dry_run else "fix these first (see `vpl reproduce --help`).")
+        return EXIT_USAGE
+
+    stages = _stages(args, out)
+    keys = stage_keys(stages)
+    pending = [name for name, argv in stages if not _stage_done(out, name, keys[name])]
+    proj = None
+    if args.project and (args.dry_run or pending):
+        if args.dry_run and not _checkpoint_local(args.clip):
+            print("projected run time: n/a until the checkpoint is downloaded (a dry run downloads "
+                  "nothing); rerun the dry run afterwards")
+        elif args.dry_run:
+            with tempfile.TemporaryDirectory(prefix="vpl_reproduce_") as tmp:
+                proj = project_time(args, Path(tmp))
+        elif "text_cams" in pending and "text_masks" in pending:
+            for name in ("text_cams", "text_masks"):
+                _set_aside_if_stale(out, name, keys[name])
+            proj = project_time(args, out)  # the sampled images are reused by the run
+        if proj is not None or (args.dry_run and _checkpoint_local(args.clip)):
+            _print_projection(proj, args)
+    if args.dry_run:
+        print(f"ready: {len(pending)} of {len(stages)} stages to run "
+              f"({', '.join(pending) if pending else 'none'}).")
+        return EXIT_OK
+
+    status = EXIT_OK
+    timings: Dict[str, Any] = {}
+    for name, argv in stages:
+        if name not in pending:
+            print(f"[{name}] finished before; skipped (delete {out / name / STAGE_MARKER} to redo)")
+            timings[name] = "reused"
+            continue
+        print(f"[{name}] vpl {' '.join(argv)}")
+        code, seconds = _run_stage(out, name, argv, keys[name])
+        timings[name] = round(seconds, 1)
+        if code == EXIT_PARTIAL:
+            status = EXIT_PARTIAL
+            print(f"[{name}] some images were skipped (see its summary); continuing", file=sys.stderr)
+        elif code != EXIT_OK:
+            print(f"error: stage {name} failed (exit {code}); fix it and rerun - finished stages "
+                  "are kept", file=sys.stderr)
+            return EXIT_USAGE
+
+    rows = build_table(out, available)
+    table = format_table(rows)
+    print(table)
+    record = {"table": "table1", "rows": rows, "dataset": args.dataset, "voc_root": str(args.voc_root),
+              "clip": str(args.clip), "split": args.split, "learn_split": args.learn_split,
+              "limit": args.limit, "learning": {"iters": args.iters, "tau": args.tau, "lr": args.lr,
+                                                "phi": args.phi, "pooling": args.pooling,
+                                                "map_mode": args.map_mode},
+              "templates": args.templates, "stage_seconds": timings, "projection": proj,
+              "paper": {k: {"seed": v[0], "mask": v[1]} for k, v in PAPER_TABLE1.items()},
+              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(out / "table1.json", record)
+    md = (f"# Table 1 reproduction\n\nseed and pseudo-mask mIoU (%) on `{args.split}` of {args.dataset} "
+          f"(`{args.voc_root}`), CLIP `{args.clip}`, prototypes learned on `{args.learn_split}` "
+          f"(tau {args.tau}, lr {args.lr}, {args.iters} steps, phi {args.phi})"
+          + (f", first {args.limit} images of each list" if args.limit else "") + ".\n\n" + table + "\n")
+    write_text(out / "table1.md", md)
+    print(f"wrote {out / 'table1.json'} and {out / 'table1.md'}")
+    return status
