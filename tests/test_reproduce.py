@@ -11,24 +11,18 @@ import pytest
 pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
 pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
 
+from voc_helpers import FOUR_IDS, copy_voc_layout  # noqa: E402
+
 from vpl_plugin.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
 from vpl_plugin.reproduce import PAPER_TABLE1, STAGE_MARKER  # noqa: E402
 
-IDS = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
+IDS = FOUR_IDS
 
 
 @pytest.fixture(scope="module")
 def four_voc(voc_root, tmp_path_factory) -> Path:
     """Four real VOC images (with XML and ground truth) in a temporary VOC layout with train.txt."""
-    root = tmp_path_factory.mktemp("voc4") / "VOC2012"
-    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    for i in IDS:
-        shutil.copy(voc_root / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-        shutil.copy(voc_root / "Annotations" / f"{i}.xml", root / "Annotations")
-        shutil.copy(voc_root / "SegmentationClass" / f"{i}.png", root / "SegmentationClass")
-    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(IDS) + "\n")
-    return root
+    return copy_voc_layout(voc_root, tmp_path_factory.mktemp("voc4"))
 
 
 def _run(argv):

@@ -17,7 +17,7 @@ Functional pieces, each faithful to upstream CLIP-ES (spec ``clip_es.md`` sectio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch

@@ -206,11 +206,10 @@ def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[int]]:
         dim = getattr(getattr(dim, "proj", None), "shape", [None, None])[1]
         return [], [f"checkpoint {args.clip}: loadable"], dim
     try:
-        import clip  # noqa: F401
+        import clip
     except ImportError:
         return [f"--clip {args.clip}: not a file, and the OpenAI CLIP code is not installed "
                 "(pip install clip-anytorch)"], [], None
-    import clip
 
     if args.clip in clip.available_models():
         url = clip.clip._MODELS[args.clip]  # noqa: SLF001

@@ -11,18 +11,17 @@ Nothing in the evaluation split is used to learn or choose anything.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from vpl_plugin._io import write_json, write_text
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
-from vpl_plugin.data.synthetic import STUFF, SYNTHETIC, THINGS, SceneWorld, context_false_activation
+from vpl_plugin.data.synthetic import SYNTHETIC, THINGS, SceneWorld, context_false_activation
 from vpl_plugin.metrics import MeanIoU, cams_to_label
 from vpl_plugin.prototypes import (
     PrototypeSet,

@@ -9,7 +9,6 @@ the seed and the step, so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
