@@ -35,12 +35,13 @@ def test_double_minmax_leaves_the_maximum_just_below_one():
     assert torch.all(minmax_scale(torch.zeros(1, 2, 2)) == 0)
 
 
-def test_batched_gradcam_equals_one_backward_per_class(tiny_encoder):
+@pytest.mark.parametrize("backward", ["batched", "shared"])
+def test_batched_gradcam_equals_one_backward_per_class(tiny_encoder, backward):
     torch.manual_seed(0)
     image = torch.randn(3, 48, 80)
     protos = _protos(7, tiny_encoder.embed_dim)
     scale = tiny_encoder.logit_scale
-    batched = image_gradcams(tiny_encoder, image, protos, [0, 1, 2], scale)
+    batched = image_gradcams(tiny_encoder, image, protos, [0, 1, 2], scale, backward=backward)
     tokens, _ = tiny_encoder.trunk(image[None])
     for j in range(3):
         out = tiny_encoder.last_block(tokens)
