@@ -70,3 +70,15 @@ class PeakAnonMemory:
     @property
     def added_gb(self) -> float:
         return (self.peak - self.baseline) / 1024 ** 3
+
+
+def voc_root() -> Path:
+    """The shared VOC subset (``$VPL_VOC_ROOT``, else ``<ancestor>/shared/data/voc2012_subset/VOC2012``)."""
+    if os.environ.get("VPL_VOC_ROOT"):
+        return Path(os.environ["VPL_VOC_ROOT"])
+    here = Path(__file__).resolve().parent
+    for folder in (here, *here.parents):
+        cand = folder / "shared" / "data" / "voc2012_subset" / "VOC2012"
+        if cand.is_dir():
+            return cand
+    raise SystemExit("VOC subset not found: set VPL_VOC_ROOT=/path/to/VOC2012")

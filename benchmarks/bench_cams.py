@@ -16,14 +16,12 @@ Writes benchmarks/results/cams_cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import write_results
+from _common import voc_root, write_results
 from vpl_plugin.adapters import CLIPESAdapter
 from vpl_plugin.backbones import CLIPDense, build_random_clip
 from vpl_plugin.cam import affinity_transition, box_mask, gradcam, minmax_scale, prototype_probabilities, resize_maps
@@ -59,17 +57,6 @@ def upstream_loop(adapter: CLIPESAdapter, image, labels, timings: dict) -> np.nd
     result = resize_maps(torch.stack(out_maps), size).astype(np.float16)
     timings["per_class"] += time.perf_counter() - t0
     return result
-
-
-def voc_root() -> Path:
-    if os.environ.get("VPL_VOC_ROOT"):
-        return Path(os.environ["VPL_VOC_ROOT"])
-    here = Path(__file__).resolve().parent
-    for folder in (here, *here.parents):
-        cand = folder / "shared" / "data" / "voc2012_subset" / "VOC2012"
-        if cand.is_dir():
-            return cand
-    raise SystemExit("VOC subset not found: set VPL_VOC_ROOT")
 
 
 def main() -> None:

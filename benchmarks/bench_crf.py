@@ -18,20 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import write_results
+from _common import voc_root, write_results
 from vpl_plugin._io import save_npy_dict
 from vpl_plugin.pseudo_masks import load_label_png, make_pseudo_masks
-
-
-def voc_root() -> Path:
-    if os.environ.get("VPL_VOC_ROOT"):
-        return Path(os.environ["VPL_VOC_ROOT"])
-    here = Path(__file__).resolve().parent
-    for folder in (here, *here.parents):
-        cand = folder / "shared" / "data" / "voc2012_subset" / "VOC2012"
-        if cand.is_dir():
-            return cand
-    raise SystemExit("VOC subset not found: set VPL_VOC_ROOT")
 
 
 def main() -> None:
