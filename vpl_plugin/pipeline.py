@@ -119,31 +119,28 @@ class LearningSet:
 
 def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
                            tau_text, pooling="token") -> Dict[str, np.ndarray]:
+    if pooling not in ("token", "region"):
+        raise ValueError(f"pooling must be 'token' or 'region'; got {pooling!r}.")
     x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
-    labels = list(sample.labels)
-    result = adapter.gradcams(x, labels, prototypes=text)
+    labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
+    result = adapter.gradcams(x, labels.tolist(), prototypes=text)
     maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
     if seed_source == "refined":
         maps = adapter.refine(result, maps)
     flat = maps.reshape(len(labels), -1).float()
-    q, cand = build_targets(result.features, text.prototypes, flat,
-                            torch.as_tensor(labels, dtype=torch.long), text.num_fg, phi=phi,
-                            tau_text=tau_text, mode=target_mode, candidates=candidates)
-    seed = torch.zeros(flat.shape[1], dtype=torch.long)
-    if labels:
-        best, arg = flat.max(dim=0)
-        seed = torch.where(best > phi, torch.as_tensor(labels)[arg] + 1, seed)
+    rows = seeds_from_cams(flat, phi)  # index into labels, -1 background
     if pooling == "region":
-        rows = seeds_from_cams(flat, phi) if labels else torch.full((flat.shape[1],), -1)
-        x, q, c = region_pool(result.features, rows, torch.as_tensor(labels, dtype=torch.long),
-                              text.prototypes, text.num_fg, tau_text=tau_text, candidates=candidates)
-        region_seed = torch.tensor([int(torch.nonzero(r[:text.num_fg]).flatten()[0]) + 1
-                                    if r[:text.num_fg].any() else 0 for r in q], dtype=torch.long)
+        x, q, c = region_pool(result.features, rows, labels, text.prototypes, text.num_fg,
+                              tau_text=tau_text, candidates=candidates)
+        fg = q[:, :text.num_fg]
+        seed = torch.where(fg.sum(dim=1) > 0, fg.argmax(dim=1) + 1, torch.zeros(len(q), dtype=torch.long))
+        cand = c[0] if len(c) else torch.zeros(text.prototypes.shape[0], dtype=torch.bool)
         return {"features": x.half().numpy(), "targets": q.float().numpy(),
-                "candidates": c[0].bool().numpy() if len(c) else cand.bool().numpy(),
-                "seeds": region_seed.numpy().astype(np.int16)}
-    if pooling != "token":
-        raise ValueError(f"pooling must be 'token' or 'region'; got {pooling!r}.")
+                "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
+    q, cand = build_targets(result.features, text.prototypes, flat, labels, text.num_fg, phi=phi,
+                            tau_text=tau_text, mode=target_mode, candidates=candidates)
+    seed = torch.where(rows >= 0, labels[rows.clamp_min(0)] + 1, torch.zeros_like(rows)) if len(labels) \
+        else torch.zeros_like(rows)
     return {"features": result.features.half().numpy(), "targets": q.float().numpy(),
             "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
 

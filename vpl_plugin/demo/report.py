@@ -28,6 +28,8 @@ from vpl_plugin.prototypes import (
     build_targets,
     learn_vision_prototypes,
     modality_gap,
+    region_pool,
+    seeds_from_cams,
     shift_text_prototypes,
 )
 
@@ -133,34 +135,12 @@ def _gt_targets(probes: List[_Probe], text: PrototypeSet):
 
 
 def _region_targets(probes: List[_Probe], text: PrototypeSet, phi: float):
-    """Region-pooled learning set (research candidate): per image, the normalised mean feature of
-    each class's seed region (target: that class) and of the non-seed region (target: the text
-    background distribution of the pooled feature). Uses image-level labels and text CAMs only."""
-    feats, targets, cands = [], [], []
+    """Region-pooled learning set (:func:`~vpl_plugin.prototypes.region_pool` per scene)."""
     tau_text = 1.0 / float(text.logit_scale)
-    nf, n = text.num_fg, text.prototypes.shape[0]
-    for p in probes:
-        seed = _seed_labels(p, phi)
-        cand = torch.zeros(n, dtype=torch.bool)
-        cand[list(p.labels)] = True
-        cand[nf:] = True
-        for c in p.labels:
-            sel = seed == c
-            if sel.any():
-                feats.append(torch.nn.functional.normalize(p.features[sel].mean(0), dim=0))
-                q = torch.zeros(n)
-                q[c] = 1
-                targets.append(q)
-                cands.append(cand)
-        sel = seed < 0
-        if sel.any():
-            x = torch.nn.functional.normalize(p.features[sel].mean(0), dim=0)
-            q = torch.zeros(n)
-            q[nf:] = ((x @ text.prototypes[nf:].t()) / tau_text).softmax(0)
-            feats.append(x)
-            targets.append(q)
-            cands.append(cand)
-    return torch.stack(feats), torch.stack(targets), torch.stack(cands)
+    rows = [region_pool(p.features, seeds_from_cams(p.cams.reshape(len(p.labels), -1), phi),
+                        torch.tensor(p.labels, dtype=torch.long), text.prototypes, text.num_fg,
+                        tau_text=tau_text) for p in probes]
+    return tuple(torch.cat(parts) for parts in zip(*rows))
 
 
 def _centroids(probes: List[_Probe], text: PrototypeSet, backgrounds: List[int]) -> torch.Tensor:
@@ -388,10 +368,11 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
 
 
 def _seed_labels(p: _Probe, phi: float) -> torch.Tensor:
-    flat = p.cams.reshape(len(p.labels), -1)
-    best, arg = flat.max(dim=0)
-    lab = torch.tensor(p.labels)[arg]
-    return torch.where(best > phi, lab, torch.full_like(lab, -1))
+    """Seed class per token (0-based), ``-1`` for background."""
+    rows = seeds_from_cams(p.cams.reshape(len(p.labels), -1), phi)
+    if not p.labels:
+        return rows
+    return torch.where(rows >= 0, torch.tensor(p.labels)[rows.clamp_min(0)], rows)
 
 
 def _markdown(r: Dict[str, Any]) -> str:
