@@ -37,7 +37,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
-from vpl_plugin.prototypes import PrototypeSet, build_targets, region_pool, seeds_from_cams
+from vpl_plugin._progress import progress as progress_bar
+from vpl_plugin.prototypes import PrototypeSet
 
 __all__ = [
     "DropInPrototypes",
@@ -267,17 +268,6 @@ def _model_device(model: Any) -> torch.device:
     return model.visual.conv1.weight.device
 
 
-def _progress(iterable: Iterable, enabled: bool) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    total = len(iterable) if hasattr(iterable, "__len__") else None
-    return tqdm(iterable, total=total, desc="vpl features", dynamic_ncols=True)
-
-
 def _open_image(image: Any, index: int):
     from vpl_plugin.data.voc import load_image
 
@@ -357,7 +347,7 @@ def learn_vision_prototypes_for(
     """
     from vpl_plugin.backbones.clip import CLIPDense
     from vpl_plugin.cam import image_gradcams
-    from vpl_plugin.pipeline import LearningSet, learn_from_dataset
+    from vpl_plugin.pipeline import _assemble, learn_from_dataset, learning_rows
 
     _check_model(model)
     check_ndim("fg_text_features", fg_text_features, 2, "(N_fg, D)")
@@ -389,8 +379,8 @@ def learn_vision_prototypes_for(
                         tau=1.0 / float(scale), kind="text", logit_scale_override=float(scale))
     tau_text = 1.0 / float(scale)
 
-    features, targets, candidates, seeds, sizes, ids = [], [], [], [], [], []
-    for index, sample in enumerate(_progress(samples, progress)):
+    records: Dict[str, Dict[str, Any]] = {}
+    for index, sample in enumerate(progress_bar(samples, desc="vpl features", enabled=progress)):
         try:
             image, labels = sample
         except (TypeError, ValueError):
@@ -401,31 +391,15 @@ def learn_vision_prototypes_for(
         idx = torch.as_tensor(labels, dtype=torch.long)
         stacked = torch.cat([text.fg[idx], text.bg], dim=0)
         result = image_gradcams(encoder, x, stacked, list(range(len(labels))), scale)
-        flat = result.cams.reshape(len(labels), -1).float()
-        if pooling == "token":
-            q, cand = build_targets(result.features, text.prototypes, flat, idx, num_fg, phi=phi,
-                                    tau_text=tau_text, mode=target_mode)
-            rows = seeds_from_cams(flat, phi)
-            seed = torch.where(rows >= 0, idx[rows.clamp_min(0)] + 1, torch.zeros_like(rows)) \
-                if labels else torch.zeros_like(rows)
-            feats = result.features
-        else:
-            rows = seeds_from_cams(flat, phi) if labels else torch.full((flat.shape[1],), -1)
-            feats, q, cand = region_pool(result.features, rows, idx, text.prototypes, num_fg,
-                                         tau_text=tau_text)
-            seed = torch.tensor([int(torch.nonzero(r[:num_fg]).flatten()[0]) + 1
-                                 if bool(r[:num_fg].any()) else 0 for r in q], dtype=torch.long)
-        if feats.shape[0] == 0:
-            continue
-        features.append(feats.half())  # stored like vpl learn's feature cache
-        targets.append(q.float())
-        candidates.append(cand.bool())
-        seeds.append(seed)
-        sizes.append(int(feats.shape[0]))
-        ids.append(str(image) if isinstance(image, (str, os.PathLike)) else f"sample{index}")
-    if not ids:
+        rec = learning_rows(result.features, result.cams.reshape(len(labels), -1).float(), idx, text,
+                            phi=phi, target_mode=target_mode, candidates="image", pooling=pooling,
+                            tau_text=tau_text)
+        if rec["features"].shape[0]:
+            name = str(image) if isinstance(image, (str, os.PathLike)) else f"sample{index}"
+            records[f"{index}:{name}"] = rec
+    if not records:
         raise ValueError("samples is empty: give at least one (image, labels) pair.")
-    lset = LearningSet(features, targets, candidates, torch.cat(seeds), sizes, ids)
+    lset = _assemble(records, text.prototypes.shape, None, False)
     provenance = {"source": "vpl_plugin.dropin", "phi": float(phi), "target_mode": target_mode,
                   "pooling": pooling, "model_class": type(model).__name__,
                   "clip_module": check_imports()["clip"]}

@@ -29,12 +29,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+
 from vpl_plugin._checks import check_choice, check_ndim
+from vpl_plugin._progress import progress as progress_bar
 
 __all__ = [
     "confusion_matrix",
@@ -450,18 +452,6 @@ def _require_pil() -> Any:
     return require("PIL.Image")
 
 
-def _progress(iterable: Iterable, total: int, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from vpl_plugin._imports import require
-
-        tqdm = require("tqdm").tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc)
-
-
 def _default_class_names(num_classes: int, class_names: Optional[Sequence[str]]):
     if class_names is not None:
         _check_class_names(class_names, num_classes)
@@ -552,7 +542,7 @@ def evaluate_cams(
     hists = [np.zeros((num_classes, num_classes), dtype=np.int64) for _ in candidates]
     missing: List[Dict[str, str]] = []
     n_images = 0
-    for img_id in _progress(ids, len(ids), progress, "eval cams"):
+    for img_id in progress_bar(ids, desc="eval cams", enabled=progress):
         cam_path, gt_path = cam_dir / f"{img_id}.npy", gt_dir / f"{img_id}.png"
         if not cam_path.is_file():
             missing.append({"id": img_id, "path": str(cam_path), "reason": "CAM file not found"})
@@ -645,7 +635,7 @@ def evaluate_masks(
     hist = np.zeros((num_classes, num_classes), dtype=np.int64)
     missing: List[Dict[str, str]] = []
     n_images = n_valid = n_ignored = 0
-    for img_id in _progress(ids, len(ids), progress, "eval masks"):
+    for img_id in progress_bar(ids, desc="eval masks", enabled=progress):
         pred_path, gt_path = mask_dir / f"{img_id}.png", gt_dir / f"{img_id}.png"
         arrays = []
         for p, what in ((pred_path, "mask"), (gt_path, "GT")):

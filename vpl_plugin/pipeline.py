@@ -11,16 +11,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from vpl_plugin._io import atomic_path, save_npy_dict
+from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.voc import DatasetError, load_image
 from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes, region_pool, seeds_from_cams
 
-__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "LearningSet"]
+__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
+           "LearningSet"]
 
 
 @dataclass
@@ -40,16 +42,6 @@ class RunSummary:
     def line(self) -> str:
         return (f"{self.done} done, {self.skipped_existing} already there, {len(self.failed)} failed "
                 f"of {self.total} in {self.seconds:.1f} s")
-
-
-def _bar(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
 def _shard(n: int, rank: int, world: int) -> range:
@@ -74,7 +66,7 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
     indices = _shard(n, rank, world_size)
     summary = RunSummary(total=len(indices))
     start = time.time()
-    for i in _bar(indices, len(indices), "cams", progress):
+    for i in progress_bar(indices, desc="cams", enabled=progress):
         image_id = dataset.ids[i]
         target = out_dir / f"{image_id}.npy"
         if skip_existing and target.exists():
@@ -117,32 +109,53 @@ class LearningSet:
         return int(sum(self.sizes))
 
 
-def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
-                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
+def learning_rows(features: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, text: PrototypeSet, *,
+                  phi: float, target_mode: str, candidates: str, pooling: str,
+                  tau_text: float) -> Dict[str, np.ndarray]:
+    """VPL learning rows of one image from its text GradCAMs (shared by ``vpl learn`` and the
+    CLIP-ES drop-in).
+
+    Args:
+        features: ``(n, D)`` unit patch features.
+        cams: ``(k, n)`` text GradCAMs of the image's classes.
+        labels: ``(k,)`` the classes.
+        pooling: ``token`` (one row per patch) or ``region`` (see
+            :func:`~vpl_plugin.prototypes.region_pool`).
+
+    Returns:
+        ``features`` (float16), ``targets``, ``candidates`` (``(N,)``, the image's set) and ``seeds``
+        (0 background, ``c + 1`` class ``c``; one per row).
+    """
     if pooling not in ("token", "region"):
         raise ValueError(f"pooling must be 'token' or 'region'; got {pooling!r}.")
-    x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
-    labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
-    result = adapter.gradcams(x, labels.tolist(), prototypes=text)
-    maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
-    if seed_source == "refined":
-        maps = adapter.refine(result, maps)
-    flat = maps.reshape(len(labels), -1).float()
-    rows = seeds_from_cams(flat, phi)  # index into labels, -1 background
+    rows = seeds_from_cams(cams, phi)  # index into labels, -1 background
     if pooling == "region":
-        x, q, c = region_pool(result.features, rows, labels, text.prototypes, text.num_fg,
+        x, q, c = region_pool(features, rows, labels, text.prototypes, text.num_fg,
                               tau_text=tau_text, candidates=candidates)
         fg = q[:, :text.num_fg]
         seed = torch.where(fg.sum(dim=1) > 0, fg.argmax(dim=1) + 1, torch.zeros(len(q), dtype=torch.long))
         cand = c[0] if len(c) else torch.zeros(text.prototypes.shape[0], dtype=torch.bool)
         return {"features": x.half().numpy(), "targets": q.float().numpy(),
                 "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
-    q, cand = build_targets(result.features, text.prototypes, flat, labels, text.num_fg, phi=phi,
+    q, cand = build_targets(features, text.prototypes, cams, labels, text.num_fg, phi=phi,
                             tau_text=tau_text, mode=target_mode, candidates=candidates)
     seed = torch.where(rows >= 0, labels[rows.clamp_min(0)] + 1, torch.zeros_like(rows)) if len(labels) \
         else torch.zeros_like(rows)
-    return {"features": result.features.half().numpy(), "targets": q.float().numpy(),
+    return {"features": features.half().numpy(), "targets": q.float().numpy(),
             "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
+
+
+def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
+                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
+    x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
+    labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
+    result = adapter.gradcams(x, labels.tolist(), prototypes=text)
+    maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
+    if seed_source == "refined":
+        maps = adapter.refine(result, maps)
+    return learning_rows(result.features, maps.reshape(len(labels), -1).float(), labels, text, phi=phi,
+                         target_mode=target_mode, candidates=candidates, pooling=pooling,
+                         tau_text=tau_text)
 
 
 def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
@@ -184,7 +197,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                              "text_prototypes": float(text.prototypes.double().sum())})
     records: Dict[str, Any] = {}
     start = time.time()
-    for i in _bar(range(n), n, "features", progress):
+    for i in progress_bar(range(n), desc="features", enabled=progress):
         image_id = dataset.ids[i]
         path = cache / f"{image_id}.npz" if cache is not None else None
         if path is not None and path.exists():

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpl_plugin._progress import progress as progress_bar
 from ._checks import check_choice, check_ndim, check_range, check_same
 from ._io import atomic_path
 
@@ -619,16 +620,6 @@ def _bb_step(s: torch.Tensor, y: torch.Tensor, iteration: int, last: float) -> f
     return min(max(step, _BB_RANGE[0]), _BB_RANGE[1])
 
 
-def _progress_bar(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm  # optional
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="vision prototypes", leave=False)
-
-
 def _class_level_problem(prob: _Problem, init: torch.Tensor, tau_text: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec section 5 class-level anchors: ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
@@ -790,7 +781,7 @@ def learn_vision_prototypes(
     evals = 1
     history["loss"].append(loss)
     g_t0 = float(_tangent(g, w.double()).norm())
-    bar = _progress_bar(progress, iters)
+    bar = progress_bar(total=iters, desc="vision prototypes", enabled=progress, leave=False)
     eta = float(lr)
     g_prev = math.inf
     w_prev: Optional[torch.Tensor] = None

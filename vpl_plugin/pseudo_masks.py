@@ -29,6 +29,7 @@ import numpy as np
 from vpl_plugin._checks import check_choice, check_ndim
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path
+from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.metrics import _check_cams_keys, _label_lut
 
 __all__ = [
@@ -441,7 +442,7 @@ def make_pseudo_masks(
         })
 
     def _record(results) -> None:
-        for img_id, status, reason in _bar(results, len(tasks), progress):
+        for img_id, status, reason in progress_bar(results, total=len(tasks), desc="pseudo masks", enabled=progress):
             if status == "done":
                 summary["done"].append(img_id)
             else:
@@ -459,11 +460,3 @@ def make_pseudo_masks(
     return summary
 
 
-def _bar(iterable, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        tqdm = require("tqdm").tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc="pseudo masks")

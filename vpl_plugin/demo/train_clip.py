@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path, write_json
+from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
 
 __all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "images_to_tensor", "train_demo_clip"]
@@ -152,14 +153,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
                         "curve": curve, "seconds": seconds, "arch": asdict(arch), "config": asdict(config)},
                        tmp)
 
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=config.steps, initial=step, desc="train-clip", dynamic_ncols=True)
-        except ImportError:
-            bar = None
+    bar = progress_bar(total=config.steps, initial=step, desc="train-clip", enabled=progress)
     model.train()
     window: List[float] = []
     while step < config.steps:
