@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,9 @@ pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) i
 clip = pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
 
 from clip_es_standin import CLIPESStandIn  # noqa: E402
+from voc_helpers import copy_voc_layout  # noqa: E402
 from PIL import Image  # noqa: E402
-from upstream_reference import MEAN, STD, _box_mask, _scale  # noqa: E402
+from upstream_reference import per_class_loop, preprocess  # noqa: E402
 
 from vpl_plugin.dropin import (  # noqa: E402
     DropInPrototypes,
@@ -58,14 +58,7 @@ def _assert_unchanged(model, snap):
 
 @pytest.fixture(scope="module")
 def small_voc(voc_root, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("voc_dropin") / "VOC2012"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    for i in IDS:
-        shutil.copy(voc_root / "JPEGImages" / f"{i}.jpg", root / "JPEGImages")
-        shutil.copy(voc_root / "Annotations" / f"{i}.xml", root / "Annotations")
-    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(IDS) + "\n")
-    return root
+    return copy_voc_layout(voc_root, tmp_path_factory.mktemp("voc_dropin"), IDS)
 
 
 @pytest.fixture(scope="module")
@@ -96,49 +89,12 @@ def _script_style_cams(model, image, fg, bg, labels, thr=0.4):
     ``resblocks[-1].ln_1`` with a tensor hook for the gradient, numpy GradCAM normalised twice,
     CAA with the affinity of the last 8 layers."""
     p = model.visual.conv1.kernel_size[0]
-    w0, h0 = image.size
-    H, W = int(np.ceil(h0 / p) * p), int(np.ceil(w0 / p) * p)
-    arr = np.asarray(image.resize((W, H), Image.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(((arr - MEAN) / STD).transpose(2, 0, 1)).unsqueeze(0)
-    h, w = H // p, W // p
+    x, (H, W), size = preprocess(image, p)
     image_features, attn_list = model.encode_image(x, H, W)
     text = torch.cat([fg[labels], bg], dim=0)
-    target_layer = model.visual.transformer.resblocks[-1].ln_1
-    gradcams, refined = [], []
-    for j, _label in enumerate(labels):
-        store = {}
-
-        def hook(_module, _inp, out):
-            store["act"] = out
-            out.register_hook(lambda grad: store.__setitem__("grad", grad))
-
-        handle = target_layer.register_forward_hook(hook)
-        try:
-            probs, attn_last = model.forward_last_layer(image_features, text)
-            model.zero_grad()
-            probs[0, j].backward(retain_graph=True)
-        finally:
-            handle.remove()
-        act = store["act"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        grad = store["grad"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        act, grad = act.detach().numpy(), grad.detach().numpy()
-        weights = np.mean(grad, axis=(2, 3))
-        cam = np.maximum((weights[:, :, None, None] * act).sum(axis=1), 0).astype(np.float32)
-        cam = _scale(_scale(cam[0]))
-        gradcams.append(cam)
-        if j == 0:
-            maps = [m[:, 1:, 1:] for m in list(attn_list) + [attn_last.detach()]]
-            affinity = torch.stack(maps, dim=0)[-8:].mean(dim=0)[0].float()
-        mask = torch.from_numpy(_box_mask(cam, thr)).reshape(1, -1)
-        trans = affinity
-        for _ in range(3):
-            trans = trans / trans.sum(dim=0, keepdim=True)
-            trans = trans / trans.sum(dim=1, keepdim=True)
-        trans = (trans + trans.t()) / 2
-        trans = (trans @ trans) * mask
-        r = (trans @ torch.from_numpy(cam).reshape(-1, 1)).reshape(h, w)
-        refined.append(_scale(r.numpy().astype(np.float32), (w0, h0)))
-    return np.stack(gradcams), np.stack(refined).astype(np.float16)
+    return per_class_loop(model, lambda: model.forward_last_layer(image_features, text),
+                          model.visual.transformer.resblocks[-1].ln_1, labels, (H // p, W // p), size,
+                          attn_list, thr)
 
 
 # ------------------------------------------------------------------------------------------------

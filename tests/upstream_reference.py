@@ -45,6 +45,71 @@ def _box_mask(cam, thr):
     return mask
 
 
+def preprocess(image: Image.Image, patch: int):
+    """Upstream's no-crop preprocessing: ``(1, 3, H, W)``, ``(H, W)`` padded and ``(w0, h0)``."""
+    w0, h0 = image.size
+    H, W = math.ceil(h0 / patch) * patch, math.ceil(w0 / patch) * patch
+    arr = np.asarray(image.resize((W, H), Image.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(((arr - MEAN) / STD).transpose(2, 0, 1)).unsqueeze(0)
+    return x, (H, W), (w0, h0)
+
+
+def per_class_loop(model, run_last_layer, target_layer, labels, grid, size, trunk_attention,
+                   box_thr=0.4, layers=8):
+    """Upstream's loop over the classes of one image.
+
+    For every class: ``run_last_layer()`` (the last block and head, returning ``(probs (1, P),
+    attn_last)``) with a forward hook on ``target_layer`` and a tensor hook for its gradient, one
+    backward of the class probability, numpy GradCAM normalised twice; the affinity from the last
+    ``layers`` attention maps at the first class; CAA with the affinity normalisation recomputed
+    per class; min-max and ``cv2.resize`` to ``size = (w0, h0)``.
+
+    Returns:
+        ``(gradcams (k, h, w) float32, attn_highres (k, h0, w0) float16)``.
+    """
+    h, w = grid
+    gradcams, highres = [], []
+    affinity = None
+    for j, _label in enumerate(labels):
+        store = {}
+
+        def hook(_module, _inp, out):
+            store["act"] = out
+            out.register_hook(lambda grad: store.__setitem__("grad", grad))
+
+        handle = target_layer.register_forward_hook(hook)
+        try:
+            probs, attn_last = run_last_layer()
+            model.zero_grad()
+            probs[0, j].backward(retain_graph=True)
+        finally:
+            handle.remove()
+        act = store["act"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
+        grad = store["grad"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
+        act, grad = act.detach().numpy(), grad.detach().numpy()
+        weights = np.mean(grad, axis=(2, 3))
+        cam = (weights[:, :, None, None] * act).sum(axis=1)
+        cam = np.maximum(cam, 0).astype(np.float32)
+        cam = _scale(cam[0])
+        cam = _scale(cam)
+        gradcams.append(cam)
+        if j == 0:
+            maps = [m[:, 1:, 1:] for m in list(trunk_attention) + [attn_last.detach()]]
+            affinity = torch.stack(maps, dim=0)[-layers:].mean(dim=0)[0].float()
+        mask = torch.from_numpy(_box_mask(cam, box_thr)).reshape(1, -1)
+        trans = affinity / affinity.sum(dim=0, keepdim=True)
+        trans = trans / trans.sum(dim=1, keepdim=True)
+        for _ in range(2):
+            trans = trans / trans.sum(dim=0, keepdim=True)
+            trans = trans / trans.sum(dim=1, keepdim=True)
+        trans = (trans + trans.t()) / 2
+        trans = torch.matmul(trans, trans)
+        trans = trans * mask
+        refined = torch.matmul(trans, torch.from_numpy(cam).reshape(-1, 1)).reshape(h, w)
+        highres.append(_scale(refined.numpy().astype(np.float32), size))
+    return np.stack(gradcams), np.stack(highres).astype(np.float16)
+
+
 def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labels, logit_scale,
                    box_thr=0.4, layers=8, return_gradcams=False, pos_fp16=False):
     """Upstream-style CAMs of one image. ``model`` is a ``clip.model.CLIP`` (fp32, CPU).
@@ -57,10 +122,7 @@ def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labe
     for p in blocks[-1].ln_1.parameters():
         p.requires_grad_(True)
     p_size = visual.conv1.kernel_size[0]
-    w0, h0 = image.size
-    H, W = math.ceil(h0 / p_size) * p_size, math.ceil(w0 / p_size) * p_size
-    arr = np.asarray(image.resize((W, H), Image.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(((arr - MEAN) / STD).transpose(2, 0, 1)).unsqueeze(0)
+    x, (H, W), size = preprocess(image, p_size)
     h, w = H // p_size, W // p_size
 
     x = visual.conv1(x).reshape(1, visual.conv1.out_channels, -1).permute(0, 2, 1)
@@ -84,56 +146,22 @@ def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labe
             x = x + blk.mlp(blk.ln_2(x))
 
     text = torch.cat([prototypes_fg[list(labels)], prototypes_bg], dim=0).float()
-    keys, highres, gradcams = [], [], []
-    affinity = None
-    for j, label in enumerate(labels):
-        store = {}
 
-        def hook(_module, _inp, out):
-            store["act"] = out
-            out.register_hook(lambda grad: store.__setitem__("grad", grad))
+    def run_last_layer():
+        blk = blocks[-1]
+        y = blk.ln_1(x)
+        a, attn12 = blk.attn(y, y, y, need_weights=True, attn_mask=None)
+        z = x + a
+        z = z + blk.mlp(blk.ln_2(z))
+        z = visual.ln_post(z.permute(1, 0, 2))
+        f = z[:, 1:].mean(dim=1) @ visual.proj
+        f = f / f.norm(dim=-1, keepdim=True)
+        t = text / text.norm(dim=-1, keepdim=True)
+        return ((logit_scale * f) @ t.t()).softmax(dim=-1), attn12
 
-        handle = blocks[-1].ln_1.register_forward_hook(hook)
-        try:
-            blk = blocks[-1]
-            y = blk.ln_1(x)
-            a, attn12 = blk.attn(y, y, y, need_weights=True, attn_mask=None)
-            z = x + a
-            z = z + blk.mlp(blk.ln_2(z))
-            z = visual.ln_post(z.permute(1, 0, 2))
-            f = z[:, 1:].mean(dim=1) @ visual.proj
-            f = f / f.norm(dim=-1, keepdim=True)
-            t = text / text.norm(dim=-1, keepdim=True)
-            probs = ((logit_scale * f) @ t.t()).softmax(dim=-1)
-            model.zero_grad()
-            probs[0, j].backward(retain_graph=True)
-        finally:
-            handle.remove()
-        act = store["act"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        grad = store["grad"][1:].permute(1, 0, 2).reshape(1, h, w, -1).permute(0, 3, 1, 2)
-        act, grad = act.detach().numpy(), grad.detach().numpy()
-        weights = np.mean(grad, axis=(2, 3))
-        cam = (weights[:, :, None, None] * act).sum(axis=1)
-        cam = np.maximum(cam, 0).astype(np.float32)
-        cam = _scale(cam[0])
-        cam = _scale(cam)
-        gradcams.append(cam)
-        if j == 0:
-            maps = [m[:, 1:, 1:] for m in attn_list + [attn12.detach()]]
-            affinity = torch.stack(maps, dim=0)[-layers:].mean(dim=0)[0].float()
-        mask = torch.from_numpy(_box_mask(cam, box_thr)).reshape(1, -1)
-        trans = affinity / affinity.sum(dim=0, keepdim=True)
-        trans = trans / trans.sum(dim=1, keepdim=True)
-        for _ in range(2):
-            trans = trans / trans.sum(dim=0, keepdim=True)
-            trans = trans / trans.sum(dim=1, keepdim=True)
-        trans = (trans + trans.t()) / 2
-        trans = torch.matmul(trans, trans)
-        trans = trans * mask
-        refined = torch.matmul(trans, torch.from_numpy(cam).reshape(-1, 1)).reshape(h, w)
-        highres.append(_scale(refined.numpy().astype(np.float32), (w0, h0)))
-        keys.append(label)
-    out = {"keys": np.array(keys, dtype=np.int64), "attn_highres": np.stack(highres).astype(np.float16)}
+    gradcams, highres = per_class_loop(model, run_last_layer, blocks[-1].ln_1, labels, (h, w), size,
+                                       attn_list, box_thr, layers)
+    out = {"keys": np.array(list(labels), dtype=np.int64), "attn_highres": highres}
     if return_gradcams:
-        out["gradcams"] = np.stack(gradcams)
+        out["gradcams"] = gradcams
     return out
