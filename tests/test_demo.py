@@ -110,3 +110,11 @@ def test_shipped_demo_clip_recognises_held_out_scenes():
     scenes = SceneWorld(seed=7).batch(10_000_000, 100)
     # measured 0.98 on the demo's 300 evaluation scenes; the gate is 0.95
     assert label_set_accuracy(enc, scenes) >= 0.95
+
+
+def test_resume_refuses_a_state_of_another_architecture(tmp_path):
+    cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False, log=None)
+    wider = DemoCLIPConfig(**{**TINY.__dict__, "vision_width": TINY.vision_width + 64})
+    with pytest.raises(ValueError, match="different settings"):
+        train_demo_clip(tmp_path / "a.pt", arch=wider, config=TrainConfig(steps=2, **cfg), progress=False, log=None)

@@ -224,6 +224,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-width", type=int, default=128, metavar="W",
+                   help="ViT width, a multiple of 64 (default 128, the shipped model)")
+    p.add_argument("--vision-layers", type=int, default=6, metavar="L", help="ViT depth (default 6)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of continuing from OUT.train.pt")
@@ -559,10 +562,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_clip(args) -> int:
-    from vpl_plugin.demo.train_clip import TrainConfig, train_demo_clip
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, train_demo_clip
 
+    if args.vision_width <= 0 or args.vision_width % 64:
+        raise UsageError(f"--vision-width must be a positive multiple of 64 (CLIP's loader infers "
+                         f"64-wide heads), got {args.vision_width}.")
+    if args.vision_layers <= 0:
+        raise UsageError(f"--vision-layers must be positive, got {args.vision_layers}.")
+    arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    record = train_demo_clip(args.out, config=config, device=args.device, resume=args.resume,
+    record = train_demo_clip(args.out, arch=arch, config=config, device=args.device, resume=args.resume,
                              progress=args.progress)
     last = record["curve"][-1] if record["curve"] else {}
     print(f"vpl train-clip: {config.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "

@@ -135,6 +135,13 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     step, curve, seconds = 0, [], 0.0
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
+        free = ("steps", "checkpoint_every", "log_every")  # a resumed run may extend or log differently
+        now = {k: v for k, v in asdict(config).items() if k not in free}
+        then = {k: v for k, v in saved.get("config", asdict(config)).items() if k not in free}
+        if saved.get("arch", asdict(arch)) != asdict(arch) or then != now:
+            raise ValueError(f"{state_path} was written by a run with different settings "
+                             f"(arch {saved.get('arch')}, recipe {then}; this run: arch {asdict(arch)}, "
+                             f"recipe {now}); delete it or pass resume=False (--no-resume) to start over.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         step, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
@@ -177,7 +184,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         window.append(loss.item())
         if step % config.log_every == 0 or step == config.steps:
             curve.append({"step": step, "loss": float(np.mean(window)), "seconds": round(seconds, 1),
-                          "temperature": float(1 / model.logit_scale.exp())})
+                          "temperature": float(1 / model.logit_scale.detach().exp())})
             window = []
             if log and not bar:
                 log(f"step {step}/{config.steps} loss {curve[-1]['loss']:.4f} ({seconds:.0f} s)")
