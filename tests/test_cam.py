@@ -13,6 +13,7 @@ from vpl_plugin.cam import (  # noqa: E402
     affinity_transition,
     box_mask,
     gradcam,
+    batch_image_gradcams,
     image_gradcams,
     minmax_scale,
     prototype_probabilities,
@@ -54,6 +55,28 @@ def test_batched_gradcam_equals_one_backward_per_class(tiny_encoder, backward):
     assert batched.features.shape == (15, tiny_encoder.embed_dim)
     torch.testing.assert_close(batched.features.norm(dim=-1), torch.ones(15))
     torch.testing.assert_close(batched.probabilities.sum(), torch.tensor(1.0))
+
+
+def test_multi_image_batch_equals_one_call_per_image(tiny_encoder):
+    """Images of one size share the trunk and the last block; each keeps its own prototypes,
+    targets (including none) and scale, and gets exactly what a per-image call gives."""
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 48, 80)
+    protos = [_protos(5, tiny_encoder.embed_dim), _protos(7, tiny_encoder.embed_dim), _protos(4, tiny_encoder.embed_dim)]
+    targets = [[0, 1], [], [0, 1, 2]]
+    scales = [tiny_encoder.logit_scale, torch.tensor(33.3), torch.tensor(10.0)]
+    batch = batch_image_gradcams(tiny_encoder, images, protos, targets, scales)
+    for i in range(3):
+        single = image_gradcams(tiny_encoder, images[i], protos[i], targets[i], scales[i], backward="shared")
+        assert batch[i].cams.shape == single.cams.shape
+        torch.testing.assert_close(batch[i].cams, single.cams, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batch[i].probabilities, single.probabilities, rtol=0, atol=1e-6)
+        torch.testing.assert_close(batch[i].features, single.features, rtol=0, atol=1e-6)
+        assert len(batch[i].attention) == len(single.attention)
+        for a, b in zip(batch[i].attention, single.attention):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="one prototype matrix"):
+        batch_image_gradcams(tiny_encoder, images, protos[:2], targets, scales)
 
 
 def test_gradcam_matches_a_float64_reference():

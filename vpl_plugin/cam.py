@@ -34,6 +34,7 @@ __all__ = [
     "prototype_probabilities",
     "refine_cams",
     "resize_maps",
+    "batch_image_gradcams",
 ]
 
 
@@ -255,3 +256,69 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     feats = (feats / feats.norm(dim=-1, keepdim=True)).cpu()
     attention = [m[:1] for m in maps] + [out.attention[:1].detach()]
     return GradCAMResult(cams, probs[0].detach().float().cpu(), feats, attention, grid)
+
+
+def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[torch.Tensor],
+                         targets: Sequence[Sequence[int]], logit_scales: Sequence[torch.Tensor], *,
+                         affinity_layers: int = 8) -> List[GradCAMResult]:
+    """:func:`image_gradcams` for a batch of equally sized images in one trunk forward.
+
+    The trunk runs once on the ``B`` images; the last block runs once on one copy of each image's
+    tokens per target (``sum_b k_b`` copies; one copy for an image without targets), and one
+    backward of the summed copy scores gives every copy its class gradient. Each image keeps its
+    own stacked prototypes and logit scale (their column counts may differ). The results equal
+    per-image calls up to floating-point summation order (tested within 1e-5 in fp32). Meant for
+    GPUs, where the per-image and per-class launches dominate; on a CPU thread the k-wide batch
+    was measured slower (``benchmarks/NOTES.md``).
+
+    Args:
+        encoder: a :class:`~vpl_plugin.backbones.CLIPDense`.
+        images: ``(B, 3, H, W)`` preprocessed images of one size.
+        prototypes: ``B`` stacked prototype matrices ``(P_b, D)``.
+        targets: ``B`` lists of column indices (``k_b`` each).
+        logit_scales: ``B`` 0-d tensors.
+
+    Returns:
+        one :class:`GradCAMResult` per image, in order.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}.")
+    b = images.shape[0]
+    if not (len(prototypes) == len(targets) == len(logit_scales) == b):
+        raise ValueError(f"need one prototype matrix, target list and logit scale per image: {b} images, "
+                         f"{len(prototypes)} prototype matrices, {len(targets)} target lists, "
+                         f"{len(logit_scales)} scales.")
+    p = encoder.patch_size
+    grid = (images.shape[-2] // p, images.shape[-1] // p)
+    tokens, maps = encoder.trunk(images, keep_attention=affinity_layers)
+    counts = [max(len(t), 1) for t in targets]
+    starts = [sum(counts[:i]) for i in range(b)]
+    index = torch.repeat_interleave(torch.arange(b, device=tokens.device),
+                                    torch.as_tensor(counts, device=tokens.device))
+    out = encoder.last_block(tokens[:, index])
+    activation = out.activation
+    probs_per_image = []
+    with torch.enable_grad():
+        score = activation.new_zeros((), dtype=torch.float32)
+        for i in range(b):
+            rows = slice(starts[i], starts[i] + counts[i])
+            protos = prototypes[i].to(out.image_embedding.device)
+            probs = prototype_probabilities(out.image_embedding[rows], protos, logit_scales[i])
+            probs_per_image.append(probs[0].detach().float().cpu())
+            if targets[i]:
+                idx = torch.as_tensor(list(targets[i]), device=probs.device)
+                score = score + probs[torch.arange(len(idx), device=probs.device), idx].sum().float()
+        has_targets = any(len(t) for t in targets)
+        grad = torch.autograd.grad(score, activation)[0] if has_targets else None
+    results = []
+    for i in range(b):
+        rows = slice(starts[i], starts[i] + counts[i])
+        if targets[i]:
+            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half)
+        else:
+            cams = torch.zeros(0, *grid)
+        feats = out.patch_features[starts[i]].detach().float()
+        feats = (feats / feats.norm(dim=-1, keepdim=True)).cpu()
+        attention = [m[i:i + 1] for m in maps] + [out.attention[starts[i]:starts[i] + 1].detach()]
+        results.append(GradCAMResult(cams, probs_per_image[i], feats, attention, grid))
+    return results
