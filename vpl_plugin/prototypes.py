@@ -697,11 +697,6 @@ def learn_vision_prototypes(
     iterations, about 135 passes, in 4 of 6); at ``tau = 0.1``
     "halving"'s alpha collapses within about 100 iterations and stays above the optimum by up to
     2e-3, while "bb" converges to working precision in 30-50 iterations (40-70 passes).
-    * ``"halving"`` (the paper / InMaP Algorithm 1 literally, spec section 6):
-      ``R = (P - Q)^T X``; ``alpha`` is halved whenever ``||R||_F`` grew since the previous
-      iteration; ``W <- normalize(W - (alpha / (K tau)) R)``. ``alpha`` never grows back, so it can
-      collapse long before convergence (measured: at ``tau = 0.1`` it stalls within a few hundred
-      iterations), and the loss is not monotone.
 
     Both rules leave a row whose gradient is exactly zero (a prototype that is never a candidate)
     bit-identical to its init; init rows already unit to 1e-6 are taken verbatim.
