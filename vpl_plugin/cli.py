@@ -244,6 +244,46 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action="store_true",
                    help="save as a TorchScript archive like OpenAI's released files")
 
+    p = sub.add_parser(
+        "segment", help="VPL phase 2: segment images with a trained decoder",
+        description="Segment the images of a list with a `vpl train` segmenter: softmax averaged over "
+                    "scales and a horizontal flip (spec 8.9), optional dense CRF on the RGB image, "
+                    "argmax. Writes OUT/<id>.png label maps (0 = background, c + 1 = class c; the "
+                    "format of `vpl masks`, scored by `vpl eval --masks`), OUT/vpl_segment.yaml and "
+                    "OUT/vpl_segment_summary.json.",
+        formatter_class=fmt, epilog="""examples:
+  # VOC val with the paper's inference (scales 0.75/1/1.25, flip, CRF), then its mIoU
+  vpl segment --checkpoint runs/decoder/segmenter.pt --root VOC2012 --split-file val.txt \\
+      --out seg_val --crf --device cuda
+  vpl eval --masks seg_val --gt-root VOC2012/SegmentationClass --split-file val.txt
+  # the CLIP checkpoint moved since training: name it again
+  vpl segment --checkpoint segmenter.pt --clip /data/ViT-B-16.pt --root VOC2012 --out seg_val
+A rerun skips images whose PNG exists; PNGs are written atomically. No image-level labels are used
+unless --use-image-labels is given.""")
+    p.add_argument("--checkpoint", metavar="SEG.pt", help="segmenter written by `vpl train` (OUT/segmenter.pt)")
+    p.add_argument("--backbone", "--clip", dest="backbone", metavar="SPEC",
+                   help="frozen encoder instead of the one recorded in the checkpoint (same weights "
+                        "required): OpenAI CLIP name or file, 'clip:NAME_OR_PATH' or 'timm:MODEL'")
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
+                   help="label space and list format (default: voc)")
+    p.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (VOC: the VOC2012 folder)")
+    p.add_argument("--split-file", metavar="LIST.txt",
+                   help="image list (default ImageSets/Segmentation/train.txt under --root)")
+    p.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
+                   help="VOC image-level labels, read only with --use-image-labels (default auto)")
+    p.add_argument("--out", metavar="DIR", help="output folder of <id>.png")
+    p.add_argument("--scales", default="0.75,1,1.25", metavar="S1,S2,...",
+                   help="comma-separated resize factors (default 0.75,1,1.25)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal-flip pass")
+    p.add_argument("--crf", action="store_true",
+                   help="dense CRF (CLIP-ES parameters, 10 iterations, RGB image) before the argmax")
+    p.add_argument("--use-image-labels", action="store_true",
+                   help="restrict each image to its image-level classes (an oracle; not inference)")
+    p.add_argument("--greyscale", dest="palette", action="store_false",
+                   help="L-mode PNGs instead of VOC-palette P-mode PNGs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    _add_common(p)
+
     from vpl_plugin import reproduce
 
     p = sub.add_parser("reproduce", help="reproduce the paper's Table 1 (seed and mask mIoU) in one command",
@@ -579,8 +619,47 @@ def cmd_train_clip(args) -> int:
     return EXIT_OK
 
 
+def cmd_segment(args) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.phase2.backbones import create_backbone
+    from vpl_plugin.phase2.decoder import load_segmenter
+    from vpl_plugin.phase2.segment import segment_dataset
+
+    missing = [f for f in ("checkpoint", "root", "out") if not getattr(args, f)]
+    if missing:
+        raise UsageError("vpl segment: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                         + " (see `vpl segment --help`).")
+    try:
+        scales = tuple(float(v) for v in str(args.scales).split(",") if v.strip())
+    except ValueError:
+        scales = ()
+    if not scales or any(not (v > 0) for v in scales):
+        raise UsageError(f"--scales must be comma-separated positive numbers (e.g. 0.75,1,1.25); "
+                         f"got {args.scales!r}.")
+    dataset, spec = _dataset(args)
+    backbone = create_backbone(args.backbone, args.device) if args.backbone else None
+    model = load_segmenter(args.checkpoint, backbone=backbone, map_location=args.device)
+    if model.num_fg != len(spec.names):
+        raise UsageError(f"the segmenter in {args.checkpoint} has {model.num_fg} foreground classes but "
+                         f"--dataset {args.dataset} has {len(spec.names)}; pass the dataset it was "
+                         "trained for.")
+    if tuple(model.class_names) != tuple(spec.names):
+        log.warning("the segmenter's class names differ from --dataset %s's; labels follow the "
+                    "segmenter's order: %s", args.dataset, ", ".join(model.class_names))
+    out = Path(args.out)
+    _write_config(out / "vpl_segment.yaml", args, {
+        "scales_resolved": list(scales), "decoder_config": model.config.to_dict(),
+        "tau_seg": model.tau_seg, "class_names": list(model.class_names)})
+    summary = segment_dataset(model, dataset, out, scales=scales, flip=args.flip, crf=args.crf,
+                              limit=args.limit, progress=args.progress,
+                              use_image_labels=args.use_image_labels, palette=args.palette)
+    write_json(out / "vpl_segment_summary.json", summary.as_dict())
+    return _report(summary, "segment", out)
+
+
 _COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
-             "random-clip": cmd_random_clip, "reproduce": cmd_reproduce}
+             "random-clip": cmd_random_clip, "reproduce": cmd_reproduce,
+             "segment": cmd_segment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -37,9 +37,16 @@ from vpl_plugin.phase2.losses import (
     rsc_loss,
     segmentation_logits,
 )
+from vpl_plugin.phase2.segment import (
+    DEFAULT_SCALES,
+    predict_probabilities,
+    segment_dataset,
+    segment_image,
+)
 
 __all__ = [
     "BACKBONE_FAMILIES",
+    "DEFAULT_SCALES",
     "DecoderConfig",
     "IGNORE_INDEX",
     "OpenAICLIPBackbone",
@@ -53,9 +60,12 @@ __all__ = [
     "create_backbone",
     "load_segmenter",
     "masked_average_pool",
+    "predict_probabilities",
     "read_segmenter_checkpoint",
     "rsc_from_similarity",
     "rsc_loss",
     "save_segmenter",
+    "segment_dataset",
+    "segment_image",
     "segmentation_logits",
 ]
