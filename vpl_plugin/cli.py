@@ -40,7 +40,11 @@ _EPILOG_CAMS = """examples:
   vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --out cams_text
   # the same with learned vision prototypes (VPL)
   vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --prototypes vpl.pt --out cams_vpl
-A rerun skips images whose CAM file exists; outputs are written atomically."""
+A rerun skips images whose CAM file exists; outputs are written atomically.
+Several processes (GPUs, or CPU processes with gloo) share the list under torchrun; rank 0 writes
+the configuration and the merged summary:
+  torchrun --nproc_per_node 4 -m vpl_plugin cams --device cuda --clip ViT-B/16 --root VOC2012 \\
+      --split-file train_aug.txt --out cams_text"""
 
 _EPILOG_LEARN = """examples:
   vpl learn --clip ViT-B/16 --root VOC2012 --split-file train_aug.txt --out vpl.pt
@@ -152,6 +156,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=int, default=65536, help="pixels per gradient chunk")
+    p.add_argument("--max-tokens", metavar="N",
+                   help="learn from at most N rows (e.g. 1e7 for COCO, spec vpl.md 6): each image keeps "
+                        "N // images rows drawn uniformly with --token-seed (default: every row)")
+    p.add_argument("--token-seed", type=int, default=0, help="seed of the --max-tokens draw (default 0)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="per-image features and targets (<id>.npz; a rerun reuses them, so an "
                         "interrupted run resumes). Default: OUT without suffix + '.features/'")
@@ -418,19 +426,46 @@ def _report(summary, what: str, out: Path) -> int:
 
 
 def cmd_cams(args) -> int:
+    from vpl_plugin import distributed
     from vpl_plugin._io import write_json
-    from vpl_plugin.pipeline import generate_cams
+    from vpl_plugin.pipeline import generate_cams, merge_summaries
     from vpl_plugin.prototypes import PrototypeSet
 
     dataset, spec = _dataset(args)
     prototypes = PrototypeSet.load(args.prototypes) if args.prototypes else None
+    # under torchrun each rank takes every WORLD_SIZE-th image; rank 0 writes config and summary
+    owns_group = not distributed.is_initialized()
+    env = distributed.init_distributed(args.device)
     adapter = _adapter(args, spec, prototypes)
     out = Path(args.out)
-    _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
-                                                **_describe_labels(dataset)})
-    summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress)
-    write_json(out / "vpl_cams_summary.json", summary.as_dict())
-    return _report(summary, "cams", out)
+    if env.is_main:
+        _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
+                                                    **_describe_labels(dataset)})
+    summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress and env.is_main,
+                            rank=env.rank, world_size=env.world_size)
+    distributed.barrier()
+    parts = distributed.all_gather_object(summary)
+    code = _cams_status(summary)
+    if env.distributed:
+        summary = merge_summaries(parts, dataset.ids)
+        code = _cams_status(summary)
+    if env.is_main:
+        record = summary.as_dict()
+        if env.distributed:
+            record["world_size"] = env.world_size
+        write_json(out / "vpl_cams_summary.json", record)
+        code = _report(summary, "cams", out)
+    distributed.barrier()
+    if env.distributed and owns_group:
+        distributed.destroy()
+    return code
+
+
+def _cams_status(summary) -> int:
+    """The exit status :func:`_report` gives ``summary``, without printing (ranks other than 0)."""
+    if summary.total and len(summary.failed) == summary.total:
+        return EXIT_USAGE
+    return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
 def cmd_learn(args) -> int:
@@ -447,6 +482,7 @@ def cmd_learn(args) -> int:
             raise UsageError(f"--tau must be positive; got {tau}.")
     if args.iters < 0:
         raise UsageError(f"--iters must be >= 0; got {args.iters}.")
+    max_tokens = _max_tokens(args.max_tokens)
     dataset, spec = _dataset(args)
     adapter = _adapter(args, spec)
     out = Path(args.out)
@@ -457,14 +493,16 @@ def cmd_learn(args) -> int:
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
                                 limit=args.limit, progress=args.progress, summary=summary,
-                                cache_dir=cache, memmap=args.memmap, pooling=args.pooling)
-    print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels); "
+                                cache_dir=cache, memmap=args.memmap, pooling=args.pooling,
+                                max_tokens=max_tokens, token_seed=args.token_seed)
+    budget = f", at most {max_tokens} by --max-tokens" if max_tokens is not None else ""
+    print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels{budget}); "
           f"{len(summary.failed)} skipped")
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
         level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
         provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
-                    "pooling": args.pooling,
+                    "pooling": args.pooling, "max_tokens": max_tokens, "token_seed": args.token_seed,
                     "candidates": args.candidates, "seed_source": args.seed_source,
                     "dataset": args.dataset, "split_file": str(args.split_file)})
     ps.save(out)
@@ -476,6 +514,20 @@ def cmd_learn(args) -> int:
     print(f"vpl learn: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses) - 1} steps "
           f"(tau_I {ps.tau:.4g}); saved {out}")
     return _report(summary, "learn", out)
+
+
+def _max_tokens(value: Optional[str]) -> Optional[int]:
+    """``--max-tokens``: a positive whole number, also written as ``1e7``; None = no budget."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 1 or number != int(number):
+        raise UsageError(f"--max-tokens must be a positive whole number such as 10000000 or 1e7; got "
+                         f"{value!r}.")
+    return int(number)
 
 
 def _ids(args, root: Optional[Path]) -> List[str]:

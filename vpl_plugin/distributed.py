@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "dist_env", "init_distributed", "is_main", "barrier", "destroy", "all_reduce_sum"]
+__all__ = ["DistEnv", "dist_env", "init_distributed", "is_main", "barrier", "destroy", "all_reduce_sum",
+           "all_gather_object", "is_initialized"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
     return env
 
 
+def is_initialized() -> bool:
+    """True once a process group exists (started here or by the caller)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a single-process run)."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -89,6 +95,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group.
+
+    Example:
+        >>> all_gather_object({"done": 3})
+        [{'done': 3}]
+    """
+    if not dist.is_initialized():
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def destroy() -> None:

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from vpl_plugin.data.voc import DatasetError, load_image
 from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes, region_pool, seeds_from_cams
 
 __all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
-           "LearningSet"]
+           "LearningSet", "merge_summaries", "subsample_rows"]
 
 
 @dataclass
@@ -42,6 +42,25 @@ class RunSummary:
     def line(self) -> str:
         return (f"{self.done} done, {self.skipped_existing} already there, {len(self.failed)} failed "
                 f"of {self.total} in {self.seconds:.1f} s")
+
+
+def merge_summaries(parts: Sequence[RunSummary], ids: Sequence[str]) -> RunSummary:
+    """One summary from the per-rank summaries of a sharded run (counts summed, the wall time of
+    the slowest rank, failures in list order, so the merged summary lists them as a one-process
+    run over ``ids`` would).
+
+    Example:
+        >>> a = RunSummary(total=2, done=1, failed=[("y", "bad")], seconds=2.0)
+        >>> b = RunSummary(total=1, done=1, seconds=3.0)
+        >>> merge_summaries([a, b], ["x", "y", "z"]).line()
+        '2 done, 0 already there, 1 failed of 3 in 3.0 s'
+    """
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    failed = [f for part in parts for f in part.failed]
+    failed.sort(key=lambda f: position.get(f[0], len(position)))
+    return RunSummary(total=sum(p.total for p in parts), done=sum(p.done for p in parts),
+                      skipped_existing=sum(p.skipped_existing for p in parts), failed=failed,
+                      seconds=max((p.seconds for p in parts), default=0.0))
 
 
 def _shard(n: int, rank: int, world: int) -> range:
@@ -145,6 +164,40 @@ def learning_rows(features: torch.Tensor, cams: torch.Tensor, labels: torch.Tens
             "candidates": cand.bool().numpy(), "seeds": seed.numpy().astype(np.int16)}
 
 
+def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed: int = 0,
+                   key: str = "") -> Dict[str, np.ndarray]:
+    """Keep ``count`` rows of one image's learning record, chosen uniformly without replacement.
+
+    The choice depends only on ``(seed, key, number of rows)``, never on the order or the process
+    the images are handled in, so a rerun, a resumed run and a sharded run pick the same rows. Rows
+    keep their original order. Spec ``vpl.md`` section 6: COCO learns from at most 1e7 tokens,
+    an equal count per image, with a fixed seed.
+
+    Args:
+        record: ``features`` ``(n, D)``, ``targets`` ``(n, N)``, ``seeds`` ``(n,)`` (row-wise) and
+            ``candidates`` ``(N,)`` (per image, kept as is).
+        count: rows to keep; ``None`` or ``>= n`` keeps every row.
+        key: the image id (mixed into the seed).
+
+    Example:
+        >>> rec = {"features": np.arange(10.0)[:, None], "targets": np.ones((10, 2)),
+        ...        "seeds": np.zeros(10), "candidates": np.ones(2, bool)}
+        >>> out = subsample_rows(rec, 3, seed=0, key="img")
+        >>> out["features"].shape, bool(np.all(np.diff(out["features"][:, 0]) > 0))
+        ((3, 1), True)
+    """
+    n = int(record["seeds"].shape[0])
+    if count is None or count >= n:
+        return record
+    if count < 1:
+        raise ValueError(f"count must be >= 1 row per image; got {count}.")
+    import zlib
+
+    rng = np.random.default_rng([int(seed), zlib.crc32(key.encode("utf-8"))])
+    keep = np.sort(rng.choice(n, size=count, replace=False))
+    return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
+
+
 def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
                            tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
@@ -163,7 +216,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
-                         memmap: Optional[bool] = None, pooling: str = "token") -> LearningSet:
+                         memmap: Optional[bool] = None, pooling: str = "token",
+                         max_tokens: Optional[int] = None, token_seed: int = 0) -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
@@ -180,18 +234,30 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
         pooling: ``token`` (each patch token is a row: the paper's instance level) or ``region``
             (one row per seed region and one for the background, see
             :func:`~vpl_plugin.prototypes.region_pool`).
+        max_tokens: learn from at most this many rows in all: every image keeps
+            ``max_tokens // images`` of its rows (all of them when it has fewer), drawn by
+            :func:`subsample_rows` with ``token_seed`` (spec ``vpl.md`` section 6: at most 1e7
+            tokens for COCO). ``None``: every row.
+        token_seed: seed of that draw.
     """
     if seed_source not in ("gradcam", "refined"):
         raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
     text = adapter.text_prototypes
     tau_text = 1.0 / float(text.logit_scale)
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    per_image = None
+    if max_tokens is not None:
+        if max_tokens < max(n, 1):
+            raise ValueError(f"max_tokens must be at least one row per image ({n} images); got "
+                             f"{max_tokens}. Raise it or learn on fewer images (limit).")
+        per_image = int(max_tokens) // max(n, 1)
     summary = summary if summary is not None else RunSummary()
     summary.total = n
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         _check_cache(cache, {"phi": phi, "target_mode": target_mode, "candidates": candidates,
                              "seed_source": seed_source, "pooling": pooling,
+                             "rows_per_image": per_image, "token_seed": token_seed if per_image else None,
                              "model": adapter.encoder.fingerprint(),
                              "templates": list(text.provenance.get("templates", [])),
                              "text_prototypes": float(text.prototypes.double().sum())})
@@ -211,6 +277,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
         except (DatasetError, OSError, ValueError) as err:
             summary.failed.append((image_id, str(err)))
             continue
+        rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
             with atomic_path(path) as tmp:
                 np.savez(tmp, **rec)

@@ -12,6 +12,11 @@ own folder under ``--out``::
     eval_<name>/      vpl eval of each CAM and mask folder -> result.json
     table1.json, table1.md
 
+With ``--coco-root`` the same stages run on COCO 2014 (``--dataset coco``: CLIP-ES's list format
+``<id> l1 l2 ...``, box threshold 0.7, 81-class evaluation against ``SegmentationClass/``, at most
+1e7 learning tokens drawn per image with a fixed seed). The paper reports no COCO seed or pseudo-mask
+numbers, so the COCO table shows "paper: n/a" beside the measured ones.
+
 A stage that finished writes ``reproduce_stage.json`` (its exact argument list and exit status);
 a rerun with the same arguments skips it. Stages are also resumable per image, so an interrupted
 stage continues where it stopped.
@@ -20,6 +25,7 @@ stage continues where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -36,6 +42,16 @@ PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
 }
 ROW_ADAPTER = {"CLIP-ES": "clip-es", "CLIP-ES + VPL": "clip-es",
                "CLIP-CPAL": "clip-cpal", "CLIP-CPAL + VPL": "clip-cpal"}
+# adapters whose stages this command chains (a registered adapter not listed is shown, not run)
+CHAINED_ADAPTERS = ("clip-es",)
+# COCO val segmentation mIoU after phase 2 / DeepLab (vpl.md section 12, cpal.md section 3): the only
+# COCO numbers the papers give; they are not seed or pseudo-mask mIoU, so they are shown as context.
+PAPER_COCO_VAL_SEGMENTATION: Dict[str, float] = {
+    "CLIP-ES": 45.4, "CLIP-ES + VPL": 49.2, "CLIP-CPAL": 46.8, "CLIP-CPAL + VPL": 49.8}
+COCO_MAX_TOKENS = 10_000_000  # spec vpl.md section 6: at most 1e7 learning tokens on COCO
+# passes over the learning set per step of the default "bb" rule (prototypes.py: at most 400
+# passes for 300 iterations in its measurements); the paper's "halving" rule makes exactly one
+BB_PASSES_PER_STEP = 1.33
 STAGE_MARKER = "reproduce_stage.json"
 SAMPLE_IMAGES = 3
 
@@ -52,6 +68,20 @@ _WHERE = {
     "train_aug.txt": "SBD (the 10582-image augmented training set); the CLIP-ES repository ships it "
                      "as voc12/train_aug.txt - copy it to ImageSets/Segmentation/train_aug.txt",
 }
+_WHERE_COCO = {
+    "train2014": "the COCO 2014 train images (train2014.zip, 82,783 JPEGs, cocodataset.org); unpack it "
+                 "so that --coco-root/train2014/<id>.jpg exists",
+    "val2014": "the COCO 2014 val images (val2014.zip, 40,504 JPEGs, cocodataset.org); unpack it so "
+               "that --coco-root/val2014/<id>.jpg exists",
+    "SegmentationClass": "COCO ground truth as one class-index PNG per image (<id>.png: 0 background, "
+                         "k+1 for the k-th of the 80 categories in COCO category-id order, which is "
+                         "CLIP-ES's order, 255 ignored); make them from the 2014 instance annotations "
+                         "(annotations_trainval2014.zip, cocodataset.org) with pycocotools' annToMask, "
+                         "or take the PNGs that WSSS code bases for COCO distribute",
+    "train.txt": "the CLIP-ES repository's coco14/train.txt (82,081 lines '<id> l1 l2 ...' with 0-based "
+                 "class indices); copy it to --coco-root/coco14/train.txt",
+    "val.txt": "the CLIP-ES repository's coco14/val.txt (same format); copy it to --coco-root/coco14/val.txt",
+}
 _WHERE_SYNTHETIC = ("the synthetic world's export: python -c \"from vpl_plugin.data.synthetic import "
                     "SceneWorld, export_voc; export_voc(SceneWorld(seed=7), 'syn', "
                     "{'train': (0, 64), 'val': (10_000_000, 32)})\"")
@@ -64,6 +94,9 @@ def add_arguments(p) -> None:
     p.add_argument("--voc-root", metavar="DIR",
                    help="the VOC2012 folder (JPEGImages/, Annotations/, SegmentationClass[Aug]/, "
                         "ImageSets/Segmentation/); with --dataset synthetic the export folder")
+    p.add_argument("--coco-root", metavar="DIR",
+                   help="run the COCO 2014 variant instead: the folder holding train2014/, val2014/, "
+                        "SegmentationClass/ and the CLIP-ES lists (coco14/train.txt, coco14/val.txt)")
     p.add_argument("--clip", metavar="NAME_OR_PATH",
                    help="OpenAI CLIP model name (ViT-B/16, downloaded on first use) or checkpoint file")
     p.add_argument("--dataset", default="voc", choices=["voc", "synthetic"],
@@ -72,8 +105,12 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default="train",
                    help="list the seeds and masks are made and evaluated on (default: train, "
                         "as Table 1); a name under ImageSets/Segmentation/ or a file")
-    p.add_argument("--learn-split", default="train_aug",
-                   help="list the vision prototypes are learned on (default: train_aug, as the paper)")
+    p.add_argument("--learn-split", default=None,
+                   help="list the vision prototypes are learned on (default: train_aug on VOC, as the "
+                        "paper; train on COCO)")
+    p.add_argument("--max-tokens", metavar="N",
+                   help="learn from at most N patch tokens, an equal count per image drawn with a fixed "
+                        "seed (default: every token on VOC, 1e7 on COCO as the spec says)")
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -111,42 +148,126 @@ EPILOG = """examples:
   # meaningful numbers on CPU in minutes: the synthetic world and the shipped demo CLIP
   vpl reproduce table1 --dataset synthetic --voc-root syn --clip vpl_plugin/demo/assets/demo_clip.pt \\
       --split val --learn-split train --template "a photo of a {}."
+  # COCO 2014 (train2014/, val2014/, SegmentationClass/, coco14/train.txt from CLIP-ES): seeds and
+  # masks on train, prototypes from at most 1e7 train tokens; check first, as always
+  vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --dry-run
+  vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --device cuda --out t1_coco
 
-Rows whose adapter does not exist yet (CLIP-CPAL) are listed with the paper's values only.
+Rows whose adapter does not exist yet (CLIP-CPAL) are listed with the paper's values only. The
+paper has no COCO seed or mask numbers: the COCO table prints "n/a" in the paper columns.
 Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
 
 
 # -- checks -----------------------------------------------------------------------------------------
-def _list_path(root: Path, split: str) -> Path:
+def resolve(args) -> None:
+    """Fill in what depends on the dataset: ``args.root``, ``args.dataset`` (``coco`` with
+    ``--coco-root``), ``args.learn_split`` and ``args.max_tokens`` (validated)."""
+    from vpl_plugin.cli import UsageError
+
+    if getattr(args, "_resolved", False):
+        return
+    coco_root = getattr(args, "coco_root", None)
+    if coco_root and args.voc_root:
+        raise UsageError(f"give --voc-root or --coco-root, not both (got --voc-root {args.voc_root} and "
+                         f"--coco-root {coco_root}); run the two variants as two commands with different --out.")
+    if coco_root:
+        if args.dataset == "synthetic":
+            raise UsageError("--dataset synthetic reads a VOC-layout export: use --voc-root with it, "
+                             f"not --coco-root ({coco_root}).")
+        args.dataset = "coco"
+    args.root = coco_root or args.voc_root
+    coco = args.dataset == "coco"
+    if args.learn_split is None:
+        args.learn_split = "train" if coco else "train_aug"
+    budget = getattr(args, "max_tokens", None)
+    if budget is None or budget == "":
+        args.max_tokens = COCO_MAX_TOKENS if coco else None
+    else:
+        try:
+            number = float(budget)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number >= 1 or number != int(number):
+            raise UsageError(f"--max-tokens must be a positive whole number such as 1e7; got {budget!r}.")
+        args.max_tokens = int(number)
+    args._resolved = True
+
+
+def _list_path(root: Path, split: str, dataset: str = "voc") -> Path:
     given = Path(split)
     if given.suffix == ".txt" and given.is_file():
         return given
     name = split if split.endswith(".txt") else f"{split}.txt"
+    if dataset == "coco":  # CLIP-ES keeps its COCO lists in coco14/; a list beside the folders works too
+        for candidate in (root / "coco14" / name, root / name):
+            if candidate.is_file():
+                return candidate
+        return root / "coco14" / name
     return root / "ImageSets" / "Segmentation" / name
 
 
-def _gt_dir(root: Path) -> Path:
+def _gt_dir(root: Path, dataset: str = "voc") -> Path:
     aug = root / "SegmentationClassAug"
-    return aug if aug.is_dir() else root / "SegmentationClass"
+    return aug if aug.is_dir() and dataset != "coco" else root / "SegmentationClass"
+
+
+def _image_dir(root: Path, list_path: Path, dataset: str) -> Path:
+    """Folder of the list's images: JPEGImages/ (VOC) or train2014/ / val2014/ (COCO)."""
+    if dataset != "coco":
+        return root / "JPEGImages"
+    from vpl_plugin.data.coco import coco_image_dir
+    from vpl_plugin.data.voc import read_split
+
+    ids = read_split(list_path) if list_path.is_file() else []
+    return root / coco_image_dir(list_path, ids[0] if ids else "")
 
 
 def _where(key: str, dataset: str) -> str:
     if dataset == "synthetic":
         return _WHERE_SYNTHETIC
+    if dataset == "coco":
+        return _WHERE_COCO.get(key, "a CLIP-ES COCO list ('<id> l1 l2 ...' per line, 0-based class "
+                                    "indices), e.g. a subset of the CLIP-ES repository's coco14/train.txt")
     return _WHERE.get(key, _WHERE["train_aug.txt"] if "aug" in key else
                       "ImageSets/Segmentation/ of the VOC 2012 archive, or write the list yourself "
                       "(one image id per line)")
 
 
+def _check_list(ds, flag: str, path: Path, limit: Optional[int], missing: List[str], notes: List[str]) -> None:
+    """Validate the images of a dataset list (the first ``limit`` only) into ``missing`` / ``notes``."""
+    ids = ds.ids[:limit] if limit else ds.ids
+    if limit:
+        ds._ids = list(ids)  # noqa: SLF001 - validate only what will run
+    problems = ds.validate()
+    notes.append(f"{flag} {path.name}: {len(ids)} images" + (f", {len(problems)} unusable" if problems else ""))
+    for image_id, msg in problems[:10]:
+        missing.append(f"{flag} image {image_id}: {msg}")
+    if len(problems) > 10:
+        missing.append(f"{flag}: ... and {len(problems) - 10} more unusable images")
+
+
+def _check_ground_truth(root: Path, path: Path, args, missing: List[str]) -> None:
+    from vpl_plugin.data.voc import read_split
+
+    gt = _gt_dir(root, args.dataset)
+    no_gt = [i for i in read_split(path)[: args.limit or None] if not (gt / f"{i}.png").is_file()]
+    if gt.is_dir() and no_gt:
+        missing.append(f"{len(no_gt)} image(s) of {path.name} have no ground truth in {gt}/ "
+                       f"(first: {no_gt[0]}); get it from {_where('SegmentationClass', args.dataset)}")
+
+
 def check_layout(args) -> Tuple[List[str], List[str]]:
     """``(missing, notes)``: each missing item with where users usually get it; notes are informative."""
+    resolve(args)
+    if args.dataset == "coco":
+        return check_coco_layout(args)
     from vpl_plugin.data.classes import get_class_spec
-    from vpl_plugin.data.voc import DatasetError, VOCDataset, read_split
+    from vpl_plugin.data.voc import DatasetError, VOCDataset
 
     missing: List[str] = []
     notes: List[str] = []
     if not args.voc_root:
-        return ["--voc-root not given (the VOC2012 folder)"], notes
+        return ["--voc-root not given (the VOC2012 folder), or --coco-root for COCO"], notes
     root = Path(args.voc_root).expanduser()
     if not root.is_dir():
         return [f"{root}: no such folder; get it from {_where('JPEGImages', args.dataset)}"], notes
@@ -171,26 +292,66 @@ def check_layout(args) -> Tuple[List[str], List[str]]:
         except (DatasetError, FileNotFoundError, ValueError) as err:
             missing.append(f"{flag} list {path}: {err}")
             continue
-        ids = ds.ids[: args.limit] if args.limit else ds.ids
-        if args.limit:
-            ds._ids = list(ids)  # noqa: SLF001 - validate only what will run
-        problems = ds.validate()
-        notes.append(f"{flag} {path.name}: {len(ids)} images" + (f", {len(problems)} unusable" if problems else ""))
-        for image_id, msg in problems[:10]:
-            missing.append(f"{flag} image {image_id}: {msg}")
-        if len(problems) > 10:
-            missing.append(f"{flag}: ... and {len(problems) - 10} more unusable images")
+        _check_list(ds, flag, path, args.limit, missing, notes)
         if flag == "--split":
-            gt = _gt_dir(root)
-            no_gt = [i for i in read_split(path)[: args.limit or None] if not (gt / f"{i}.png").is_file()]
-            if gt.is_dir() and no_gt:
-                missing.append(f"{len(no_gt)} image(s) of {path.name} have no ground truth in {gt}/ "
-                               f"(first: {no_gt[0]}); get it from {_where('SegmentationClass', args.dataset)}")
+            _check_ground_truth(root, path, args, missing)
     return missing, notes
 
 
-def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[int]]:
-    """``(missing, notes, embed_dim)`` for ``--clip``."""
+def check_coco_layout(args) -> Tuple[List[str], List[str]]:
+    """The COCO 2014 layout upstream CLIP-ES reads: ``train2014/`` and ``val2014/`` images, the
+    CLIP-ES lists (``coco14/<split>.txt``, ``<id> l1 l2 ...``) and ``SegmentationClass/<id>.png``
+    ground truth. Returns ``(missing, notes)`` like :func:`check_layout`."""
+    from vpl_plugin.data.coco import COCODataset
+    from vpl_plugin.data.voc import DatasetError
+
+    missing: List[str] = []
+    notes: List[str] = []
+    root = Path(args.root).expanduser()
+    if not root.is_dir():
+        return [f"--coco-root {root}: no such folder; it holds train2014/ ({_where('train2014', 'coco')}), "
+                f"SegmentationClass/ and coco14/train.txt"], notes
+    if not (root / "SegmentationClass").is_dir():
+        missing.append(f"{root}/SegmentationClass/ is missing: no ground truth to evaluate against; "
+                       f"get it from {_where('SegmentationClass', 'coco')}")
+    checked_dirs = set()
+    for flag, split in {"--split": args.split, "--learn-split": args.learn_split}.items():
+        path = _list_path(root, split, "coco")
+        if not path.is_file():
+            missing.append(f"{flag} list {path} is missing (also looked for {root / Path(path).name}); "
+                           f"get it from {_where(Path(path).name, 'coco')}")
+            continue
+        images = _image_dir(root, path, "coco")
+        if not images.is_dir():
+            if images not in checked_dirs:
+                missing.append(f"{images}/ is missing (the images of {flag} {path.name}); get it from "
+                               f"{_where(images.name, 'coco')}")
+            checked_dirs.add(images)
+            continue
+        try:
+            ds = COCODataset(root, path, image_dir=images.name)
+        except (DatasetError, FileNotFoundError, ValueError) as err:
+            missing.append(f"{flag} list {path}: {err}")
+            continue
+        notes.append(f"{flag} {path.name}: images from {images.name}/")
+        _check_list(ds, flag, path, args.limit, missing, notes)
+        if flag == "--split":
+            _check_ground_truth(root, path, args, missing)
+    if args.max_tokens is not None:
+        notes.append(f"prototype learning: at most {args.max_tokens:.3g} tokens (--max-tokens), an equal "
+                     "count per image, fixed seed")
+    return missing, notes
+
+
+def _named_geometry(name: str) -> Dict[str, int]:
+    """Embedding width and patch size of an OpenAI model name (``ViT-B/16`` -> 512, 16)."""
+    patch = int(name.rsplit("/", 1)[1]) if "/" in name and name.rsplit("/", 1)[1].isdigit() else 16
+    return {"dim": 768 if name.startswith("ViT-L") else 512, "patch": patch}
+
+
+def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[Dict[str, int]]]:
+    """``(missing, notes, geometry)`` for ``--clip``; geometry: ``{"dim": embedding width, "patch":
+    patch size}`` (None when the checkpoint is unusable)."""
     import os
 
     if not args.clip:
@@ -202,9 +363,9 @@ def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[int]]:
             enc = load_clip(str(args.clip), "cpu")
         except Exception as err:  # noqa: BLE001 - any load failure is reported
             return [f"--clip {args.clip}: exists but cannot be loaded ({err})"], [], None
-        dim = getattr(getattr(enc, "model", None), "visual", None)
-        dim = getattr(getattr(dim, "proj", None), "shape", [None, None])[1]
-        return [], [f"checkpoint {args.clip}: loadable"], dim
+        geometry = {"dim": int(enc.embed_dim), "patch": int(enc.patch_size)}
+        return [], [f"checkpoint {args.clip}: loadable (embedding {geometry['dim']}, patch "
+                    f"{geometry['patch']})"], geometry
     try:
         import clip
     except ImportError:
@@ -215,10 +376,10 @@ def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[int]]:
         url = clip.clip._MODELS[args.clip]  # noqa: SLF001
         cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if cached.is_file():
-            return [], [f"checkpoint {args.clip}: cached at {cached}"], None
+            return [], [f"checkpoint {args.clip}: cached at {cached}"], _named_geometry(args.clip)
         return [], [f"checkpoint {args.clip}: not cached; would download it (~335 MB for ViT-B/16) "
                     f"into {cached.parent} on first use (needs internet; offline, copy OpenAI's "
-                    f"{os.path.basename(url)} here or pass its path)"], None
+                    f"{os.path.basename(url)} here or pass its path)"], _named_geometry(args.clip)
     return [f"--clip {args.clip}: neither a file nor an OpenAI CLIP model name "
             f"({', '.join(clip.available_models())}); OpenAI's ViT-B/16 is what the paper uses"], [], None
 
@@ -237,46 +398,94 @@ def _checkpoint_local(clip_arg: str) -> bool:
     return bool(url) and (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)).is_file()
 
 
-def estimate_disk(args, embed_dim: Optional[int]) -> Tuple[int, str]:
-    """Bytes the run will write (rough), and a one-line breakdown.
+def _image_stats(args, list_path: Path, sample: int = 20) -> Tuple[float, float, List[Tuple[int, int]]]:
+    """Mean pixels, mean classes per image and the ``(width, height)`` of the first ``sample``
+    readable images of a list."""
+    import re
 
-    CAM files ~ H*W*2 bytes (float16) per class per image, twice (text and VPL); the feature cache of
-    the learning pass ~ tokens*dim*2 bytes per image (tokens = H/16 * W/16); masks ~ H*W/8.
-    """
     from PIL import Image
 
     from vpl_plugin.data.voc import read_split
 
-    root = Path(args.voc_root)
-    n = {}
-    for key, split in (("split", args.split), ("learn", args.learn_split)):
-        path = _list_path(root, split)
-        ids = read_split(path) if path.is_file() else []
-        n[key] = min(len(ids), args.limit) if args.limit else len(ids)
-        if key == "split":
-            sample_ids = ids[:20]
-    hw, classes = [], []
-    for i in sample_ids:
+    root = Path(args.root)
+    sample = min(sample, args.limit) if args.limit else sample
+    ids = read_split(list_path)[:sample] if list_path.is_file() else []
+    image_dir = _image_dir(root, list_path, args.dataset)
+    labels: Dict[str, int] = {}
+    if args.dataset == "coco" and list_path.is_file():
+        from vpl_plugin.data.coco import read_coco_split
+
         try:
-            with Image.open(root / "JPEGImages" / f"{i}.jpg") as im:
+            labels = {i: len(lab) for i, lab in read_coco_split(list_path, allow_empty=True)[:sample]}
+        except ValueError:
+            labels = {}
+    hw, classes, sizes = [], [], []
+    for i in ids:
+        try:
+            with Image.open(image_dir / f"{i}.jpg") as im:
                 hw.append(im.size[0] * im.size[1])
+                sizes.append((int(im.size[0]), int(im.size[1])))
         except OSError:
+            continue
+        if args.dataset == "coco":
+            classes.append(labels.get(i) or 1)
             continue
         xml = root / "Annotations" / f"{i}.xml"
         if xml.is_file():
-            import re
-
             classes.append(len(set(re.findall(r"<name>([^<]+)</name>", xml.read_text(errors="ignore")))) or 1)
     pixels = sum(hw) / len(hw) if hw else 500 * 375
     per_img_classes = sum(classes) / len(classes) if classes else 1.5
-    dim = embed_dim or 512
+    return pixels, per_img_classes, sizes
+
+
+def _list_sizes(args) -> Dict[str, int]:
+    from vpl_plugin.data.voc import read_split
+
+    root = Path(args.root)
+    n = {}
+    for key, split in (("split", args.split), ("learn", args.learn_split)):
+        path = _list_path(root, split, args.dataset)
+        ids = read_split(path) if path.is_file() else []
+        n[key] = min(len(ids), args.limit) if args.limit else len(ids)
+    return n
+
+
+def _learning_tokens(args, n_learn: int, sizes: Sequence[Tuple[int, int]], patch: int) -> int:
+    """Tokens the learning set will hold: the mean token grid ``ceil(H/patch) * ceil(W/patch)`` of
+    the sampled image ``sizes`` (each capped at ``--max-tokens // images``) times the images."""
+    cap = args.max_tokens // n_learn if args.max_tokens is not None and n_learn else None
+    grids = [math.ceil(h / patch) * math.ceil(w / patch) for w, h in sizes] or [(500 // patch) * (375 // patch)]
+    if cap is not None:
+        grids = [min(g, cap) for g in grids]
+    return int(round(n_learn * sum(grids) / len(grids)))
+
+
+def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
+    """Bytes the run will write (rough), and a one-line breakdown.
+
+    CAM files ~ H*W*2 bytes (float16) per class per image, twice (text and VPL); the feature cache of
+    the learning pass ~ tokens * (2 dim + 5 N) bytes (float16 features, float32 targets, candidate
+    flags; tokens = H/patch * W/patch per image, capped by --max-tokens); masks ~ H*W/8.
+    """
+    from vpl_plugin.data.classes import get_class_spec
+
+    resolve(args)
+    root = Path(args.root)
+    n = _list_sizes(args)
+    pixels, per_img_classes, _ = _image_stats(args, _list_path(root, args.split, args.dataset))
+    geometry = geometry or _named_geometry("ViT-B/16")
+    dim, patch = geometry["dim"], geometry["patch"]
+    spec = get_class_spec(args.dataset)
+    protos = len(spec.names) + len(spec.background)
+    _, _, sizes = _image_stats(args, _list_path(root, args.learn_split, args.dataset))
+    tokens = _learning_tokens(args, n["learn"], sizes, patch)
     cams = int(2 * n["split"] * pixels * 2 * per_img_classes)
-    cache = int(n["learn"] * (pixels / 256) * dim * 2)
+    cache = int(tokens * (2 * dim + 5 * protos))
     masks = int(2 * n["split"] * pixels / 8)
     total = cams + cache + masks
     line = (f"CAMs {_size(cams)} (2 x {n['split']} images x {pixels:.0f} px x 2 B x "
-            f"{per_img_classes:.1f} classes) + feature cache {_size(cache)} ({n['learn']} images x "
-            f"{pixels / 256:.0f} tokens x {dim} x 2 B) + masks {_size(masks)}")
+            f"{per_img_classes:.1f} classes) + feature cache {_size(cache)} ({tokens} tokens x "
+            f"({dim} x 2 B + {protos} x 5 B)) + masks {_size(masks)}")
     return total, line
 
 
@@ -297,10 +506,11 @@ def _free_bytes(path: Path) -> int:
 
 # -- stages -----------------------------------------------------------------------------------------
 def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
-    root = Path(args.voc_root)
-    split = _list_path(root, args.split)
-    learn = _list_path(root, args.learn_split)
-    gt = _gt_dir(root)
+    resolve(args)
+    root = Path(args.root)
+    split = _list_path(root, args.split, args.dataset)
+    learn = _list_path(root, args.learn_split, args.dataset)
+    gt = _gt_dir(root, args.dataset)
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device]
     for t in args.templates or ():
         data += ["--template", t]
@@ -312,12 +522,15 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
         ("text_cams", ["cams", *data, "--split-file", split, "--out", out / "text_cams", *common]),
         ("prototypes", ["learn", *data, "--split-file", learn, "--out", protos, "--iters", args.iters,
                         "--tau", args.tau, "--lr", args.lr, "--phi", args.phi, "--pooling", args.pooling,
+                        *(["--max-tokens", args.max_tokens] if args.max_tokens is not None else []),
                         *common]),
         ("vpl_cams", ["cams", *data, "--split-file", split, "--prototypes", protos,
                       "--map-mode", args.map_mode, "--out", out / "vpl_cams", *common]),
     ]
     for kind in ("text", "vpl"):
         stages.append((f"{kind}_masks", ["masks", "--cams", out / f"{kind}_cams", "--root", root,
+                                         *(["--image-dir", _image_dir(root, split, args.dataset)]
+                                           if args.dataset == "coco" else []),
                                          "--split-file", split, "--out", out / f"{kind}_masks",
                                          "--workers", args.workers, *common]))
     for name, flag in (("text_cams", "--cams"), ("vpl_cams", "--cams"), ("text_masks", "--masks"),
@@ -393,19 +606,51 @@ def _run_stage(out: Path, name: str, argv: List[str], key: str) -> Tuple[int, fl
     return code, seconds
 
 
-def project_time(args, work: Path) -> Optional[Dict[str, Any]]:
+def time_learning_pass(rows: int, dim: int, num_prototypes: int, *, device: str = "cpu",
+                       chunk_size: int = 65536, repeats: int = 3) -> float:
+    """Seconds of one pass of :func:`~vpl_plugin.prototypes.learn_vision_prototypes` over ``rows``
+    in-memory rows of width ``dim`` against ``num_prototypes`` prototypes.
+
+    Times the paper's "halving" rule (exactly one pass per iteration) at ``1`` and ``1 + repeats``
+    iterations on random unit rows and returns the difference per iteration, so set-up costs
+    drop out. The time of a pass grows linearly with the rows beyond one chunk.
+    """
+    import torch
+
+    from vpl_plugin.prototypes import learn_vision_prototypes
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1)
+    z = torch.nn.functional.normalize(torch.randn(num_prototypes, dim, generator=gen), dim=1)
+    cand = torch.rand(rows, num_prototypes, generator=gen) < 0.3
+    cand[:, 0] = True
+    q = torch.softmax(torch.randn(rows, num_prototypes, generator=gen).masked_fill(~cand, float("-inf")), dim=1)
+    seconds = []
+    for iters in (1, 1 + repeats):
+        start = time.perf_counter()
+        learn_vision_prototypes(x, q, z, cand, iters=iters, step_rule="halving", chunk_size=chunk_size,
+                                device=device)
+        seconds.append(time.perf_counter() - start)
+    return max(seconds[1] - seconds[0], 1e-9) / repeats
+
+
+def project_time(args, work: Path, geometry: Optional[Dict[str, int]] = None) -> Optional[Dict[str, Any]]:
     """Time ``SAMPLE_IMAGES`` images of the CAM and CRF stages (outputs in ``work``, reusable) and
-    multiply by the list sizes. Returns None when the sample could not run."""
+    multiply by the list sizes; project the prototype steps from the time of one pass over a
+    random in-memory chunk of the learning set's width (:func:`time_learning_pass`) times the
+    number of chunks, steps and passes per step. Returns None when the sample could not run."""
     import contextlib
     import io
 
     from vpl_plugin.cli import main
+    from vpl_plugin.data.classes import get_class_spec
     from vpl_plugin.data.voc import read_split
 
-    root = Path(args.voc_root)
+    resolve(args)
+    root = Path(args.root)
     k = min(SAMPLE_IMAGES, args.limit) if args.limit else SAMPLE_IMAGES
-    n_split = len(read_split(_list_path(root, args.split)))
-    n_learn = len(read_split(_list_path(root, args.learn_split)))
+    n_split = len(read_split(_list_path(root, args.split, args.dataset)))
+    n_learn = len(read_split(_list_path(root, args.learn_split, args.dataset)))
     if args.limit:
         n_split, n_learn = min(n_split, args.limit), min(n_learn, args.limit)
     stages = dict(_stages(args, work))
@@ -434,10 +679,25 @@ def project_time(args, work: Path) -> Optional[Dict[str, Any]]:
     mask_rate = sample(stages["text_masks"]) if cam_rate is not None else None
     if cam_rate is None or mask_rate is None:
         return None
+    geometry = geometry or _named_geometry("ViT-B/16")
+    spec = get_class_spec(args.dataset)
+    protos = len(spec.names) + len(spec.background)
+    _, _, sizes = _image_stats(args, _list_path(root, args.learn_split, args.dataset))
+    tokens = _learning_tokens(args, n_learn, sizes, geometry["patch"])
+    chunk = 65536
+    probe_rows = max(1, min(tokens, chunk))
+    pass_seconds = time_learning_pass(probe_rows, geometry["dim"], protos, device=args.device, chunk_size=chunk)
+    passes = args.iters * BB_PASSES_PER_STEP
+    learn_seconds = pass_seconds * (max(tokens, 1) / probe_rows) * passes
     per_stage = {"text_cams": cam_rate * n_split, "prototypes (features)": cam_rate * n_learn,
+                 "prototypes (steps)": learn_seconds,
                  "vpl_cams": cam_rate * n_split, "masks (CRF)": 2 * mask_rate * n_split}
     return {"sample_images": k, "cam_seconds_per_image": round(cam_rate, 3),
             "crf_seconds_per_image": round(mask_rate, 3), "images": {"split": n_split, "learn": n_learn},
+            "learning": {"tokens": tokens, "max_tokens": args.max_tokens, "steps": args.iters,
+                         "passes_per_step": BB_PASSES_PER_STEP, "probe_rows": probe_rows,
+                         "seconds_per_pass_of_probe": round(pass_seconds, 5),
+                         "dim": geometry["dim"], "prototypes": protos},
             "stages": {k2: round(v, 1) for k2, v in per_stage.items()},
             "total_seconds": round(sum(per_stage.values()), 1)}
 
@@ -454,8 +714,13 @@ def _print_projection(proj: Optional[Dict[str, Any]], args) -> None:
     print(f"projected run time: {_hms(proj['total_seconds'])} on {args.device} "
           f"(measured on {proj['sample_images']} images: CAMs {proj['cam_seconds_per_image']:.2f} s/image, "
           f"CRF {proj['crf_seconds_per_image']:.2f} s/image; {proj['images']['split']} images in "
-          f"--split, {proj['images']['learn']} in --learn-split; plus {args.iters} prototype steps "
-          "and evaluation, not projected)")
+          f"--split, {proj['images']['learn']} in --learn-split; evaluation not projected)")
+    lr = proj.get("learning")
+    if lr:
+        budget = f", capped by --max-tokens {lr['max_tokens']:.3g}" if lr["max_tokens"] is not None else ""
+        print(f"  prototype steps: {lr['steps']} steps x {lr['passes_per_step']} passes x "
+              f"{lr['tokens']} tokens{budget}, from {lr['seconds_per_pass_of_probe'] * 1000:.1f} ms per pass "
+              f"over {lr['probe_rows']} in-memory rows (a memory-mapped set streams from disk: slower)")
     for name, sec in proj["stages"].items():
         print(f"  {name:<22s} {_hms(sec)}")
 
@@ -469,42 +734,56 @@ def _miou(path: Path) -> Optional[float]:
     return None if value is None else round(100 * float(value), 2)
 
 
-def build_table(out: Path, available: Sequence[str]) -> List[Dict[str, Any]]:
+def build_table(out: Path, available: Sequence[str], dataset: str = "voc") -> List[Dict[str, Any]]:
+    """One record per Table 1 row: the paper's values (None on COCO: the paper gives none), the
+    measured mIoU from the eval stages and the differences."""
     rows = []
     for row, (p_seed, p_mask) in PAPER_TABLE1.items():
+        if dataset == "coco":
+            p_seed = p_mask = None
         rec: Dict[str, Any] = {"row": row, "adapter": ROW_ADAPTER[row], "paper_seed": p_seed,
                                "paper_mask": p_mask}
-        if ROW_ADAPTER[row] not in available:
-            rec.update(available=False, note="adapter not available yet",
-                       seed=None, mask=None, diff_seed=None, diff_mask=None)
+        if dataset == "coco":
+            rec["paper_coco_val_segmentation"] = PAPER_COCO_VAL_SEGMENTATION[row]
+        if ROW_ADAPTER[row] not in available or ROW_ADAPTER[row] not in CHAINED_ADAPTERS:
+            note = ("adapter not available yet" if ROW_ADAPTER[row] not in available
+                    else "adapter registered; not chained by `vpl reproduce` yet")
+            rec.update(available=False, note=note, seed=None, mask=None, diff_seed=None, diff_mask=None)
         else:
             kind = "vpl" if row.endswith("+ VPL") else "text"
             seed = _miou(out / f"eval_{kind}_cams" / "result.json")
             mask = _miou(out / f"eval_{kind}_masks" / "result.json")
             rec.update(available=True, seed=seed, mask=mask,
-                       diff_seed=None if seed is None else round(seed - p_seed, 2),
-                       diff_mask=None if mask is None else round(mask - p_mask, 2))
+                       diff_seed=None if seed is None or p_seed is None else round(seed - p_seed, 2),
+                       diff_mask=None if mask is None or p_mask is None else round(mask - p_mask, 2))
         rows.append(rec)
     return rows
 
 
-def _fmt(v: Optional[float], sign: bool = False) -> str:
+def _fmt(v: Optional[float], sign: bool = False, none: str = "-") -> str:
     if v is None:
-        return "-"
+        return none
     return f"{v:+.1f}" if sign else f"{v:.1f}"
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`build_table`'s rows ("n/a" where the paper gives no value)."""
     head = "| row | paper seed | paper mask | measured seed | measured mask | diff seed | diff mask |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        paper = f"{_fmt(r['paper_seed'], none='n/a')} | {_fmt(r['paper_mask'], none='n/a')}"
         if not r["available"]:
-            lines.append(f"| {r['row']} | {r['paper_seed']:.1f} | {r['paper_mask']:.1f} | "
-                         f"{r['note']} | | | |")
+            lines.append(f"| {r['row']} | {paper} | {r['note']} | | | |")
         else:
-            lines.append(f"| {r['row']} | {r['paper_seed']:.1f} | {r['paper_mask']:.1f} | {_fmt(r['seed'])} | "
-                         f"{_fmt(r['mask'])} | {_fmt(r['diff_seed'], True)} | {_fmt(r['diff_mask'], True)} |")
+            lines.append(f"| {r['row']} | {paper} | {_fmt(r['seed'])} | {_fmt(r['mask'])} | "
+                         f"{_fmt(r['diff_seed'], True)} | {_fmt(r['diff_mask'], True)} |")
     return "\n".join(lines)
+
+
+COCO_NOTE = ("The papers give no COCO seed or pseudo-mask mIoU (Table 1 is VOC train), hence \"n/a\". "
+             "Their only COCO numbers are val segmentation mIoU after training a segmenter on the masks, "
+             "not comparable with these columns: CLIP-ES 45.4 -> +VPL 49.2, CLIP-CPAL 46.8 -> +VPL 49.8 "
+             "(spec vpl.md section 12, cpal.md section 3).")
 
 
 # -- command ----------------------------------------------------------------------------------------
@@ -514,21 +793,25 @@ def run(args) -> int:
     from vpl_plugin.adapters import list_adapters
     from vpl_plugin.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
+    resolve(args)
     out = Path(args.out)
     available = list_adapters()
-    print(f"vpl reproduce table1: {args.dataset} at {args.voc_root}, CLIP {args.clip}, seeds/masks on "
-          f"--split {args.split}, prototypes learned on --learn-split {args.learn_split}, out {out}")
+    coco = args.dataset == "coco"
+    print(f"vpl reproduce table1: {args.dataset} at {args.root}, CLIP {args.clip}, seeds/masks on "
+          f"--split {args.split}, prototypes learned on --learn-split {args.learn_split}"
+          + (f" (at most {args.max_tokens:.3g} tokens)" if args.max_tokens is not None else "") + f", out {out}")
     for row, adapter in ROW_ADAPTER.items():
         if adapter not in available:
             seed, mask = PAPER_TABLE1[row]
-            print(f"  {row}: adapter not available yet (paper: seed {seed}, mask {mask})")
+            paper = "paper: n/a on COCO" if coco else f"paper: seed {seed}, mask {mask}"
+            print(f"  {row}: adapter not available yet ({paper})")
 
     missing, notes = check_layout(args)
-    ck_missing, ck_notes, dim = check_checkpoint(args)
+    ck_missing, ck_notes, geometry = check_checkpoint(args)
     missing += ck_missing
     notes += ck_notes
-    if args.voc_root and Path(args.voc_root).is_dir():
-        need, line = estimate_disk(args, dim)
+    if args.root and Path(args.root).is_dir():
+        need, line = estimate_disk(args, geometry)
         free = _free_bytes(out)
         notes.append(f"disk: about {_size(need)} needed ({line}); {_size(free)} free under {out}")
         if need > free:
@@ -552,11 +835,11 @@ def run(args) -> int:
                   "nothing); rerun the dry run afterwards")
         elif args.dry_run:
             with tempfile.TemporaryDirectory(prefix="vpl_reproduce_") as tmp:
-                proj = project_time(args, Path(tmp))
+                proj = project_time(args, Path(tmp), geometry)
         elif "text_cams" in pending and "text_masks" in pending:
             for name in ("text_cams", "text_masks"):
                 _set_aside_if_stale(out, name, keys[name])
-            proj = project_time(args, out)  # the sampled images are reused by the run
+            proj = project_time(args, out, geometry)  # the sampled images are reused by the run
         if proj is not None or (args.dry_run and _checkpoint_local(args.clip)):
             _print_projection(proj, args)
     if args.dry_run:
@@ -582,22 +865,30 @@ def run(args) -> int:
                   "are kept", file=sys.stderr)
             return EXIT_USAGE
 
-    rows = build_table(out, available)
+    rows = build_table(out, available, args.dataset)
     table = format_table(rows)
     print(table)
-    record = {"table": "table1", "rows": rows, "dataset": args.dataset, "voc_root": str(args.voc_root),
+    if coco:
+        print(COCO_NOTE)
+    record = {"table": "table1", "rows": rows, "dataset": args.dataset, "root": str(args.root),
+              "voc_root": None if coco else str(args.voc_root),
+              "coco_root": str(args.root) if coco else None, "max_tokens": args.max_tokens,
               "clip": str(args.clip), "split": args.split, "learn_split": args.learn_split,
               "limit": args.limit, "learning": {"iters": args.iters, "tau": args.tau, "lr": args.lr,
                                                 "phi": args.phi, "pooling": args.pooling,
                                                 "map_mode": args.map_mode},
               "templates": args.templates, "stage_seconds": timings, "projection": proj,
-              "paper": {k: {"seed": v[0], "mask": v[1]} for k, v in PAPER_TABLE1.items()},
+              "paper": ({k: {"seed": None, "mask": None, "coco_val_segmentation": PAPER_COCO_VAL_SEGMENTATION[k]}
+                         for k in PAPER_TABLE1} if coco else
+                        {k: {"seed": v[0], "mask": v[1]} for k, v in PAPER_TABLE1.items()}),
               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(out / "table1.json", record)
     md = (f"# Table 1 reproduction\n\nseed and pseudo-mask mIoU (%) on `{args.split}` of {args.dataset} "
-          f"(`{args.voc_root}`), CLIP `{args.clip}`, prototypes learned on `{args.learn_split}` "
-          f"(tau {args.tau}, lr {args.lr}, {args.iters} steps, phi {args.phi})"
-          + (f", first {args.limit} images of each list" if args.limit else "") + ".\n\n" + table + "\n")
+          f"(`{args.root}`), CLIP `{args.clip}`, prototypes learned on `{args.learn_split}` "
+          f"(tau {args.tau}, lr {args.lr}, {args.iters} steps, phi {args.phi}"
+          + (f", at most {args.max_tokens:.3g} tokens" if args.max_tokens is not None else "") + ")"
+          + (f", first {args.limit} images of each list" if args.limit else "") + ".\n\n" + table + "\n"
+          + (f"\n{COCO_NOTE}\n" if coco else ""))
     write_text(out / "table1.md", md)
     print(f"wrote {out / 'table1.json'} and {out / 'table1.md'}")
     return status

@@ -27,7 +27,9 @@ from vpl_plugin.data.voc import (
     _resolve_split_file,
 )
 
-__all__ = ["COCODataset", "read_coco_split"]
+__all__ = ["COCODataset", "coco_image_dir", "read_coco_split"]
+
+IMAGE_DIRS = ("train2014", "val2014")
 
 
 def read_coco_split(
@@ -86,6 +88,23 @@ def read_coco_split(
     return entries
 
 
+def coco_image_dir(split_file: str | os.PathLike[str], first_id: str = "") -> str:
+    """The image folder (``train2014`` or ``val2014``) a CLIP-ES COCO list refers to.
+
+    COCO 2014 ids name their folder (``COCO_val2014_000000000042``); otherwise a list whose file
+    name contains ``val`` (``val.txt``, ``minival.txt``) is read from ``val2014/``, any other from
+    ``train2014/`` (CLIP-ES's ``coco14/train.txt`` and ``coco14/val.txt``).
+
+    Example:
+        >>> coco_image_dir("coco14/val.txt"), coco_image_dir("x.txt", "COCO_val2014_000000000042")
+        ('val2014', 'val2014')
+    """
+    for name in IMAGE_DIRS:
+        if first_id.startswith(f"COCO_{name}_"):
+            return name
+    return "val2014" if "val" in Path(split_file).name.lower() else "train2014"
+
+
 class COCODataset(_ListDataset):
     """COCO images of one CLIP-ES split list with their image-level labels (map-style).
 
@@ -94,7 +113,8 @@ class COCODataset(_ListDataset):
             ``root/SegmentationClass/<id>.png`` (optional).
         split_file: a CLIP-ES list (see :func:`read_coco_split`); a relative path that does not
             exist from the current directory is also looked up under ``root``.
-        image_dir: image folder under ``root`` (``train2014`` or ``val2014``).
+        image_dir: image folder under ``root`` (``train2014`` or ``val2014``, or an absolute
+            path); ``"auto"`` (default) picks it from the list with :func:`coco_image_dir`.
         class_spec: the label space (default COCO, 80 classes).
 
     Raises:
@@ -108,22 +128,25 @@ class COCODataset(_ListDataset):
         self,
         root: str | os.PathLike[str],
         split_file: str | os.PathLike[str],
-        image_dir: str = "train2014",
+        image_dir: str = "auto",
         *,
         class_spec: ClassSpec = COCO,
     ) -> None:
         self.root = Path(root).expanduser()
         self.class_spec = class_spec
+        self.split_file = _resolve_split_file(split_file, [self.root, self.root / "coco14"])
+        entries = read_coco_split(self.split_file, class_spec, allow_empty=True)
+        if image_dir == "auto":
+            image_dir = coco_image_dir(self.split_file, entries[0][0] if entries else "")
         self.image_dir = self.root / image_dir
         if not self.image_dir.is_dir():
             raise DatasetError(
                 self.image_dir, "COCO image folder does not exist",
-                "a COCO root holds train2014/ and val2014/ with <id>.jpg and, optionally, "
+                "a COCO root holds train2014/ and val2014/ with <id>.jpg (the COCO 2014 image archives "
+                "train2014.zip / val2014.zip from cocodataset.org) and, optionally, "
                 "SegmentationClass/<id>.png; pass image_dir= to name the image folder",
             )
         self.gt_dir = self.root / "SegmentationClass"
-        self.split_file = _resolve_split_file(split_file, [self.root])
-        entries = read_coco_split(self.split_file, class_spec, allow_empty=True)
         if not entries:
             raise DatasetError(self.split_file, "split file lists no image ids")
         self._ids = [image_id for image_id, _ in entries]
