@@ -401,3 +401,18 @@ def test_phase2_loss_validates_labels_and_needs_prototypes():
         Phase2Loss()(no_protos, target, torch.ones(3, 4))
     loss, _ = Phase2Loss(prototypes=out["prototypes"])(no_protos, target, torch.ones(3, 4))
     assert math.isfinite(float(loss))
+
+
+def test_phase2_loss_runs_in_float32_inside_autocast():
+    out = {k: (v.float().detach() if v.is_floating_point() else v) for k, v in _outputs(seed=7, tau=0.1).items()}
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 1]])
+    target = torch.randint(0, 5, (3, 10, 12), generator=torch.Generator().manual_seed(0))
+    crit = Phase2Loss(tau_rsc=0.1)
+    plain, parts = crit(out, target, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_parts = crit(out, target, labels)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain) and mixed_parts == parts
+    # half-precision inputs are promoted
+    half = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in out.items()}
+    assert crit(half, target, labels)[0].dtype == torch.float32

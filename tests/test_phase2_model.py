@@ -259,3 +259,12 @@ def test_full_size_timm_clip_vit_b16_random_weights():
     x = torch.randn(1, 3, 224, 288)
     out = model.eval()(x)
     assert out["logits"].shape == (1, 21, 14, 18) and out["features"].shape == (1, 512, 14, 18)
+
+
+def test_prototype_logits_are_float32_under_autocast(timm_tiny):
+    model = small_segmenter(timm_tiny).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out["prototype_logits"].dtype == torch.float32 and out["features"].dtype == torch.float32
+    expected = torch.einsum("nd,bdhw->bnhw", model.prototypes, out["features"]) * model.logit_scale
+    assert torch.equal(out["prototype_logits"], expected)

@@ -280,7 +280,9 @@ class PrototypeSegmenter(nn.Module):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         v_hat = self.features(images)
         w = self.prototypes.to(v_hat)
-        proto_logits = torch.einsum("nd,bdhw->bnhw", w, v_hat) * self.logit_scale
+        # float32 even under autocast: at 1/tau_seg ~ 33 a bf16 logit would be off by ~0.1
+        with torch.autocast(device_type=v_hat.device.type, enabled=False):
+            proto_logits = torch.einsum("nd,bdhw->bnhw", w, v_hat) * self.logit_scale
         return {"logits": segmentation_logits(proto_logits, self.num_fg),
                 "prototype_logits": proto_logits, "features": v_hat, "prototypes": w}
 

@@ -374,9 +374,15 @@ class Phase2Loss(nn.Module):
         if tuple(labels.shape) != (logits.shape[0], num_fg):
             raise ValueError(f"labels must have shape (B, N_fg) = {(logits.shape[0], num_fg)} "
                              f"(0/1 image-level labels); got {tuple(labels.shape)}.")
+        # the loss arithmetic runs in float32 (or float64) even inside an autocast region
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._forward(_f32(logits), _f32(features), outputs.get("prototypes"), target,
+                                 labels, num_fg)
+
+    def _forward(self, logits, features, prototypes, target, labels, num_fg):
         ce = self.ce(logits, target) if self.lambda_ce > 0 else _zero(logits)
         if self.lambda_rsc > 0:
-            prototypes = outputs.get("prototypes", self.prototypes)
+            prototypes = prototypes if prototypes is not None else self.prototypes
             if prototypes is None:
                 raise ValueError("RSC needs the prototypes: use the segmenter's outputs (they hold "
                                  "'prototypes') or pass Phase2Loss(prototypes=...).")
