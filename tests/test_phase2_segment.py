@@ -208,3 +208,40 @@ def test_cli_segment_errors(checkpoint, world, tmp_path, capsys):
     voc = ["segment", "--root", str(world), "--split-file", "val.txt", "--out", str(tmp_path / "o"),
            "--checkpoint", str(checkpoint), "--dataset", "voc", "--label-source", "mask", "--no-progress"]
     assert main(voc) == 2 and "foreground classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_segment_two_gloo_ranks_write_the_files_of_one_process(checkpoint, world, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    common = ["segment", "--checkpoint", str(checkpoint), "--dataset", "synthetic", "--root", str(world),
+              "--split-file", "val.txt", "--scales", "0.75,1", "--no-progress"]
+
+    def run(prefix, out):
+        return subprocess.run([sys.executable, *prefix, "-m", "vpl_plugin", *common, "--out", str(out)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run([], one)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)], two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == 4 and sorted(p.name for p in two.glob("*.png")) == names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    merged = json.loads((two / "vpl_segment_summary.json").read_text())
+    assert merged["world_size"] == 2 and merged["done"] == 4 and merged["total"] == 4
+    assert proc.stdout.count("vpl segment:") == 1

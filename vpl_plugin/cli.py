@@ -266,6 +266,9 @@ def _build_parser() -> argparse.ArgumentParser:
   vpl eval --masks seg_val --gt-root VOC2012/SegmentationClass --split-file val.txt
   # the CLIP checkpoint moved since training: name it again
   vpl segment --checkpoint segmenter.pt --clip /data/ViT-B-16.pt --root VOC2012 --out seg_val
+  # 4 GPUs share the list (rank 0 writes the configuration and the merged summary)
+  torchrun --nproc_per_node 4 -m vpl_plugin segment --checkpoint segmenter.pt --root VOC2012 \\
+      --split-file val.txt --out seg_val --crf --device cuda
 A rerun skips images whose PNG exists; PNGs are written atomically. No image-level labels are used
 unless --use-image-labels is given.""")
     p.add_argument("--checkpoint", metavar="SEG.pt", help="segmenter written by `vpl train` (OUT/segmenter.pt)")
@@ -672,10 +675,12 @@ def cmd_train_clip(args) -> int:
 
 
 def cmd_segment(args) -> int:
+    from vpl_plugin import distributed
     from vpl_plugin._io import write_json
     from vpl_plugin.phase2.backbones import create_backbone
     from vpl_plugin.phase2.decoder import load_segmenter
     from vpl_plugin.phase2.segment import segment_dataset
+    from vpl_plugin.pipeline import merge_summaries
 
     missing = [f for f in ("checkpoint", "root", "out") if not getattr(args, f)]
     if missing:
@@ -689,24 +694,48 @@ def cmd_segment(args) -> int:
         raise UsageError(f"--scales must be comma-separated positive numbers (e.g. 0.75,1,1.25); "
                          f"got {args.scales!r}.")
     dataset, spec = _dataset(args)
-    backbone = create_backbone(args.backbone, args.device) if args.backbone else None
-    model = load_segmenter(args.checkpoint, backbone=backbone, map_location=args.device)
-    if model.num_fg != len(spec.names):
-        raise UsageError(f"the segmenter in {args.checkpoint} has {model.num_fg} foreground classes but "
-                         f"--dataset {args.dataset} has {len(spec.names)}; pass the dataset it was "
-                         "trained for.")
-    if tuple(model.class_names) != tuple(spec.names):
-        log.warning("the segmenter's class names differ from --dataset %s's; labels follow the "
-                    "segmenter's order: %s", args.dataset, ", ".join(model.class_names))
-    out = Path(args.out)
-    _write_config(out / "vpl_segment.yaml", args, {
-        "scales_resolved": list(scales), "decoder_config": model.config.to_dict(),
-        "tau_seg": model.tau_seg, "class_names": list(model.class_names)})
-    summary = segment_dataset(model, dataset, out, scales=scales, flip=args.flip, crf=args.crf,
-                              limit=args.limit, progress=args.progress,
-                              use_image_labels=args.use_image_labels, palette=args.palette)
-    write_json(out / "vpl_segment_summary.json", summary.as_dict())
-    return _report(summary, "segment", out)
+    # under torchrun each rank takes every WORLD_SIZE-th image; rank 0 writes config and summary
+    owns_group = not distributed.is_initialized()
+    env = distributed.init_distributed(args.device)
+    device = args.device
+    if str(device).startswith("cuda") and env.distributed:
+        device = f"cuda:{env.local_rank}"
+    try:
+        backbone = create_backbone(args.backbone, device) if args.backbone else None
+        model = load_segmenter(args.checkpoint, backbone=backbone, map_location=device)
+        if model.num_fg != len(spec.names):
+            raise UsageError(f"the segmenter in {args.checkpoint} has {model.num_fg} foreground classes "
+                             f"but --dataset {args.dataset} has {len(spec.names)}; pass the dataset it "
+                             "was trained for.")
+        if tuple(model.class_names) != tuple(spec.names) and env.is_main:
+            log.warning("the segmenter's class names differ from --dataset %s's; labels follow the "
+                        "segmenter's order: %s", args.dataset, ", ".join(model.class_names))
+        out = Path(args.out)
+        if env.is_main:
+            _write_config(out / "vpl_segment.yaml", args, {
+                "scales_resolved": list(scales), "decoder_config": model.config.to_dict(),
+                "tau_seg": model.tau_seg, "class_names": list(model.class_names),
+                "world_size": env.world_size})
+        summary = segment_dataset(model, dataset, out, scales=scales, flip=args.flip, crf=args.crf,
+                                  limit=args.limit, progress=args.progress and env.is_main,
+                                  use_image_labels=args.use_image_labels, palette=args.palette,
+                                  rank=env.rank, world_size=env.world_size)
+        distributed.barrier()
+        parts = distributed.all_gather_object(summary)
+        if env.distributed:
+            summary = merge_summaries(parts, dataset.ids)
+        code = _cams_status(summary)
+        if env.is_main:
+            record = summary.as_dict()
+            if env.distributed:
+                record["world_size"] = env.world_size
+            write_json(out / "vpl_segment_summary.json", record)
+            code = _report(summary, "segment", out)
+        distributed.barrier()
+    finally:
+        if env.distributed and owns_group:
+            distributed.destroy()
+    return code
 
 
 _COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
