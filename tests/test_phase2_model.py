@@ -268,3 +268,13 @@ def test_prototype_logits_are_float32_under_autocast(timm_tiny):
     assert out["prototype_logits"].dtype == torch.float32 and out["features"].dtype == torch.float32
     expected = torch.einsum("nd,bdhw->bnhw", model.prototypes, out["features"]) * model.logit_scale
     assert torch.equal(out["prototype_logits"], expected)
+
+
+def test_timm_backbone_wraps_a_built_model_only_with_dynamic_size():
+    import timm
+
+    built = timm.create_model(TIMM_NAME, pretrained=False, dynamic_img_size=True, **TIMM_TINY)
+    bb = TimmCLIPBackbone(TIMM_NAME, model=built)
+    assert bb.model is built and len(bb(torch.zeros(1, 3, 32, 64))) == 2
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        TimmCLIPBackbone(TIMM_NAME, model=timm.create_model(TIMM_NAME, pretrained=False, **TIMM_TINY))

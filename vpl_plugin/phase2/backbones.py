@@ -171,9 +171,10 @@ class TimmCLIPBackbone(_FrozenBackbone):
                     raise ValueError(f"timm has no model {self.name!r}; CLIP ViTs are listed by "
                                      f"timm.list_models('*clip*').") from err
                 raise
-        else:
-            if hasattr(model, "set_input_size") and not getattr(model, "dynamic_img_size", True):
-                model.dynamic_img_size = True
+        elif not getattr(model, "dynamic_img_size", False):
+            raise ValueError("the timm model must be built with dynamic_img_size=True (any image "
+                             "size that is a multiple of the patch); e.g. timm.create_model(name, "
+                             "dynamic_img_size=True), or pass the name instead of the model.")
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "blocks"):
             raise TypeError(f"TimmCLIPBackbone needs a timm VisionTransformer (with "
                             f"forward_intermediates and blocks); got {type(model).__name__}.")
