@@ -175,6 +175,7 @@ def test_coco_dry_run_says_what_is_missing_and_where_to_get_it(coco_root, tiny_c
     assert f"{root}/SegmentationClass/ is missing" in missing and "pycocotools" in missing
     assert f"--split list {root / 'coco14' / 'val.txt'} is missing (also looked for {root / 'val.txt'})" in missing
     assert "CLIP-ES repository's coco14/val.txt" in missing
+    assert f"{root / 'val2014'}/ is missing (the images of --split val.txt)" in missing  # and its images
     assert "label 200 outside 0..79" in missing
     assert "nothing was run." in text
 

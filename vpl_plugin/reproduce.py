@@ -317,11 +317,15 @@ def check_coco_layout(args) -> Tuple[List[str], List[str]]:
     checked_dirs = set()
     for flag, split in {"--split": args.split, "--learn-split": args.learn_split}.items():
         path = _list_path(root, split, "coco")
+        images = _image_dir(root, path, "coco")
         if not path.is_file():
             missing.append(f"{flag} list {path} is missing (also looked for {root / Path(path).name}); "
                            f"get it from {_where(Path(path).name, 'coco')}")
+            if not images.is_dir() and images not in checked_dirs:
+                missing.append(f"{images}/ is missing (the images of {flag} {path.name}); get it from "
+                               f"{_where(images.name, 'coco')}")
+            checked_dirs.add(images)
             continue
-        images = _image_dir(root, path, "coco")
         if not images.is_dir():
             if images not in checked_dirs:
                 missing.append(f"{images}/ is missing (the images of {flag} {path.name}); get it from "
