@@ -84,6 +84,33 @@ def test_the_fixture_is_a_coco_layout(coco_root, voc_root):
     assert np.array_equal(gt == 5, voc == 1) and np.array_equal(gt == 255, voc == 255)
 
 
+def test_coco_eval_counts_81_classes_like_a_pixel_loop(coco_root, tmp_path):
+    """`vpl eval --dataset coco` (the eval stages of the COCO chain) against a pixel-by-pixel count,
+    on predictions that are right, wrong (another COCO class, index 79) and unsure (255)."""
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in FOUR_IDS:
+        gt = np.asarray(Image.open(coco_root / "SegmentationClass" / f"{i}.png"))
+        pred = np.where(gt == 255, 0, gt).astype(np.uint8)
+        noise = rng.random(gt.shape)
+        pred[noise < 0.2] = 80  # toothbrush, in no image
+        pred[(noise >= 0.2) & (noise < 0.3)] = 255
+        Image.fromarray(pred, mode="L").save(pred_dir / f"{i}.png")
+    result_path = tmp_path / "r.json"
+    assert _run(["eval", "--masks", pred_dir, "--dataset", "coco", "--gt-root", coco_root / "SegmentationClass",
+                 "--split-file", coco_root / "coco14" / "train.txt", "--json", result_path,
+                 "--no-progress"]) == EXIT_OK
+    result = json.loads(result_path.read_text())
+    naive = _naive_confusion(pred_dir, coco_root / "SegmentationClass", FOUR_IDS)
+    assert np.array_equal(np.asarray(result["confusion"]), naive) and naive[:, 80].sum() > 0
+    rowsum, colsum, diag = naive.sum(1), naive.sum(0), np.diag(naive)
+    present = rowsum > 0
+    assert result["miou"] == pytest.approx(np.mean(diag[present] / (rowsum + colsum - diag)[present]), abs=1e-12)
+    assert len(result["iou"]) == 81
+
+
+@pytest.mark.slow  # 14 s on an idle-ish 2-core machine, 30 s under load
 def test_coco_table1_end_to_end_with_a_token_budget(coco_root, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "t1"
     ids = FOUR_IDS[:2]
