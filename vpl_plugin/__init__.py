@@ -13,9 +13,19 @@ Example:
 """
 
 from vpl_plugin._version import __version__
-from vpl_plugin.adapters import CAMAdapter, CAMOutput, CLIPESAdapter, CLIPESConfig, create_adapter, list_adapters
+from vpl_plugin.adapters import (
+    CAMAdapter,
+    CAMOutput,
+    CLIPCPALAdapter,
+    CLIPCPALConfig,
+    CLIPESAdapter,
+    CLIPESConfig,
+    create_adapter,
+    list_adapters,
+)
 from vpl_plugin.backbones import CLIPDense, build_random_clip, load_clip
 from vpl_plugin.data.classes import COCO, VOC, ClassSpec
+from vpl_plugin.cpal import ContextBank, build_context_bank
 from vpl_plugin.dropin import (
     DropInPrototypes,
     check_imports,
@@ -37,16 +47,20 @@ from vpl_plugin.prototypes import (
 __all__ = [
     "CAMAdapter",
     "CAMOutput",
+    "CLIPCPALAdapter",
+    "CLIPCPALConfig",
     "CLIPDense",
     "CLIPESAdapter",
     "CLIPESConfig",
     "COCO",
     "ClassSpec",
+    "ContextBank",
     "DropInPrototypes",
     "MeanIoU",
     "PrototypeSet",
     "VOC",
     "__version__",
+    "build_context_bank",
     "build_random_clip",
     "build_targets",
     "check_imports",

@@ -40,6 +40,10 @@ _EPILOG_CAMS = """examples:
   vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --out cams_text
   # the same with learned vision prototypes (VPL)
   vpl cams --clip ViT-B/16 --root VOC2012 --split-file train.txt --prototypes vpl.pt --out cams_vpl
+  # CLIP-CPAL (reconstruction): pass 1 over the same list builds CAM_DIR/cpal_bank.pt, then the CAMs
+  vpl cams --adapter clip-cpal --clip ViT-B/16 --root VOC2012 --split-file train.txt --out cams_cpal
+  # CLIP-CPAL + VPL, reusing (or saving) a context bank made with the same prototypes
+  vpl cams --adapter clip-cpal --prototypes vpl.pt --cpal-bank bank_vpl.pt ... --out cams_cpal_vpl
 A rerun skips images whose CAM file exists; outputs are written atomically.
 Several processes (GPUs, or CPU processes with gloo) share the list under torchrun; rank 0 writes
 the configuration and the merged summary:
@@ -108,6 +112,34 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
 
 
+def _add_cpal(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CLIP-CPAL (--adapter clip-cpal; a reconstruction, spec cpal.md; "
+                             "defaults = the spec's interpretations)")
+    g.add_argument("--cpal-bank", metavar="FILE",
+                   help="context bank of pass 1: loaded when it exists (its settings must match), "
+                        "else built over the same list and saved there (default: OUT/cpal_bank.pt)")
+    g.add_argument("--cpal-features", choices=["ln1", "proj"],
+                   help="dense features: last block's ln_1 tokens (default) or projected patch tokens")
+    g.add_argument("--cpal-candidates", choices=["same", "all"],
+                   help="neighbour candidates: the class's own context prototypes (default) or all "
+                        "classes' (other classes' weights zeroed)")
+    g.add_argument("--cpal-fusion", choices=["mean", "max"],
+                   help="fused map: maxnorm((G + S) / 2) (default) or maxnorm(max(G, S))")
+    g.add_argument("--cpal-m", type=int, metavar="M", help="context prototypes per class (8; COCO 4)")
+    g.add_argument("--cpal-k", type=int, metavar="K", help="soft positive neighbours kept (3)")
+    g.add_argument("--cpal-tau-s", type=float, metavar="T", help="positive-score temperature (0.1)")
+    g.add_argument("--cpal-gamma", type=float, metavar="G", help="shift strength (0.5; 0 = no shift)")
+    g.add_argument("--cpal-delta-p", type=float, metavar="D", help="instance-prototype map threshold (0.4)")
+    g.add_argument("--cpal-kmeans-iters", type=int, metavar="N", help="spherical k-means iterations (10)")
+    g.add_argument("--cpal-kmeans-seed", type=int, metavar="S", help="k-means++ seed (0)")
+
+
+_CPAL_FLAGS = {"cpal_features": "features", "cpal_candidates": "candidates", "cpal_fusion": "fusion",
+               "cpal_m": "num_context", "cpal_k": "neighbours", "cpal_tau_s": "tau_s",
+               "cpal_gamma": "gamma", "cpal_delta_p": "delta_p", "cpal_kmeans_iters": "kmeans_iters",
+               "cpal_kmeans_seed": "kmeans_seed"}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,9 +147,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("cams", help="CLIP-ES CAMs with text or vision prototypes",
+    p = sub.add_parser("cams", help="CLIP-ES / CLIP-CPAL CAMs with text or vision prototypes",
                        description="Generate CLIP-ES CAMs (GradCAM + attention-affinity refinement) "
-                                   "in upstream's .npy format.", epilog=_EPILOG_CAMS, formatter_class=fmt)
+                                   "in upstream's .npy format; --adapter clip-cpal adds the CLIP-CPAL "
+                                   "reconstruction's context-prototype fusion before refinement.", epilog=_EPILOG_CAMS, formatter_class=fmt)
     _add_data(p)
     p.add_argument("--out", required=False, metavar="CAM_DIR", help="output folder of <id>.npy files")
     p.add_argument("--prototypes", metavar="PROTOTYPES.pt",
@@ -126,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also save the unrefined upsampled GradCAM under the key 'highres'")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip CAA refinement (attn_highres = upsampled GradCAM)")
+    _add_cpal(p)
     _add_common(p)
 
     p = sub.add_parser("learn", help="VPL phase 1: learn vision prototypes",
@@ -412,7 +446,51 @@ def _adapter(args, spec, prototypes=None):
     for key in ("refine", "save_gradcam"):
         if hasattr(args, key):
             overrides[key] = getattr(args, key)
+    overrides.update(_cpal_overrides(args))
     return create_adapter(args.adapter, encoder, spec, prototypes, **overrides)
+
+
+def _cpal_overrides(args) -> Dict[str, Any]:
+    """CLIP-CPAL settings given as --cpal-* flags; refused with another adapter."""
+    given = {flag: getattr(args, flag) for flag in (*_CPAL_FLAGS, "cpal_bank")
+             if getattr(args, flag, None) is not None}
+    if given and args.adapter != "clip-cpal":
+        raise UsageError(f"{', '.join('--' + f.replace('_', '-') for f in given)} only appl"
+                         f"{'ies' if len(given) == 1 else 'y'} to --adapter clip-cpal (got --adapter "
+                         f"{args.adapter}).")
+    return {_CPAL_FLAGS[f]: v for f, v in given.items() if f in _CPAL_FLAGS}
+
+
+def _cpal_bank(args, adapter, dataset, out: Path) -> None:
+    """CLIP-CPAL pass 1: load --cpal-bank when it exists, else build it over the same list (resumable
+    through FILE.partial) and save it. Under torch.distributed rank 0 builds it, the others load it."""
+    if args.adapter != "clip-cpal":
+        return
+    import torch.distributed as dist
+
+    from vpl_plugin.cpal import ContextBank, build_context_bank
+    from vpl_plugin.pipeline import RunSummary
+
+    path = Path(args.cpal_bank) if args.cpal_bank else out / "cpal_bank.pt"
+    group = dist.is_available() and dist.is_initialized()
+    existed = path.is_file()
+    if not existed and (not group or dist.get_rank() == 0):
+        summary = RunSummary()
+        bank = build_context_bank(adapter, dataset, limit=args.limit, progress=args.progress,
+                                  partial=Path(f"{path}.partial"), summary=summary)
+        if not bank.ids:
+            raise UsageError(f"CLIP-CPAL pass 1 found no instance prototype in {summary.total} images "
+                             f"({len(summary.failed)} unreadable); check the list and the labels.")
+        bank.save(path)
+        print(f"vpl cams: CLIP-CPAL context bank from {summary.line()}: "
+              f"{bank.centres.shape[0]} context prototypes -> {path}")
+    if group:
+        dist.barrier()
+    bank = ContextBank.load(path)
+    adapter.set_bank(bank)
+    if existed and (not group or dist.get_rank() == 0):
+        print(f"vpl cams: CLIP-CPAL reuses the context bank {path} ({len(bank.ids)} images; delete it "
+              f"to rebuild)")
 
 
 def _report(summary, what: str, out: Path) -> int:
@@ -441,6 +519,7 @@ def cmd_cams(args) -> int:
     env = distributed.init_distributed(args.device)
     adapter = _adapter(args, spec, prototypes)
     out = Path(args.out)
+    _cpal_bank(args, adapter, dataset, out)
     if env.is_main:
         _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
                                                     **_describe_labels(dataset)})

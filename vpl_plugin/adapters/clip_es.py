@@ -101,11 +101,15 @@ class CLIPESAdapter(CAMAdapter):
         (2, 281, 500)
     """
 
+    #: the configuration dataclass (a subclass adapter may extend it)
+    config_class = CLIPESConfig
+
     def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPESConfig] = None, **overrides) -> None:
         self.encoder = encoder
         self.class_spec = class_spec
-        self.config = CLIPESConfig(**{**asdict(config or CLIPESConfig()), **overrides})
+        cls = self.config_class
+        self.config = cls(**{**asdict(config or cls()), **overrides})
         if self.config.map_mode not in ("gradcam", "dense", "fused"):
             raise ValueError(f"map_mode must be 'gradcam', 'dense' or 'fused'; got {self.config.map_mode!r}.")
         if self.config.dense_kind not in ("softmax", "cosine"):
@@ -190,7 +194,12 @@ class CLIPESAdapter(CAMAdapter):
         return refine_cams(transition, maps, masks)
 
     # -- the whole stage --------------------------------------------------------------------------
-    def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
+    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], list]:
+        """Validate ``labels``, preprocess ``image`` and run the GradCAM forward.
+
+        Returns:
+            the :class:`GradCAMResult`, the original size ``(H0, W0)`` and the labels as ints.
+        """
         labels = [int(c) for c in labels]
         bad = [c for c in labels if not 0 <= c < len(self.class_spec.names)]
         if bad:
@@ -199,7 +208,10 @@ class CLIPESAdapter(CAMAdapter):
         x, size = self.encoder.preprocess(image)
         # "fused" explains the image with the text prototypes and localises with the current ones
         gradcam_set = self.text_prototypes if self.config.map_mode == "fused" else None
-        result = self.gradcams(x, labels, prototypes=gradcam_set)
+        return self.gradcams(x, labels, prototypes=gradcam_set), size, labels
+
+    def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
+        result, size, labels = self.analyse(image, labels)
         maps = self.fuse(result, labels)
         final = self.refine(result, maps) if self.config.refine else maps
         extra = {}

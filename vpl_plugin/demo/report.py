@@ -1,8 +1,9 @@
 """`vpl demo`: CLIP-ES vs CLIP-ES + VPL on the synthetic world, with controls and sweeps.
 
 Generates a learning split (image-level labels only) and an evaluation split (masks) of held-out
-scenes, runs CLIP-ES with text prototypes and with vision prototypes, turns CAMs into CRF pseudo
-masks, and reports Table-1-style rows (seed and pseudo-mask mIoU), a Table-5-style tau_I sweep, a
+scenes, runs CLIP-ES with text prototypes and with vision prototypes, and CLIP-CPAL (context bank
+from the learning split) with both, turns CAMs into CRF pseudo masks, and reports Table-1-style
+rows (seed and pseudo-mask mIoU), a seed sweep of CLIP-CPAL's interpretations, a Table-5-style tau_I sweep, a
 Table-6-style Phi sweep, the modality gap of every prototype set, controls (prototypes learned
 from ground-truth masks, ground-truth class centroids, text prototypes shifted by the mean gap,
 the softmax scale alone), and the rate at which co-occurring context is mistaken for the object.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from vpl_plugin._io import write_json, write_text
+from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
+from vpl_plugin.cpal import build_context_bank
 from vpl_plugin.data.synthetic import SYNTHETIC, THINGS, SceneWorld, context_false_activation
 from vpl_plugin.metrics import MeanIoU, cams_to_label
 from vpl_plugin.prototypes import (
@@ -53,6 +57,14 @@ class DemoConfig:
     taus: Tuple[float, ...] = (0.01, 0.02, 0.03, 0.04, 0.05)
     phis: Tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     grid_scenes: int = 8
+    cpal_sweep: Tuple[Tuple[str, Any], ...] = (
+        ("features", "proj"), ("fusion", "max"), ("candidates", "all"), ("gamma", 0.0), ("gamma", 1.0),
+        ("delta_p", 0.6), ("num_context", 4), ("tau_s", 1.0))
+    # CLIP-CPAL interpretations chosen on separate validation scenes (masks used for this choice
+    # only; never the evaluation scenes): features x delta_p x gamma, mean fusion
+    cpal_val_scenes: Optional[int] = None  # None: as many as eval_scenes
+    cpal_grid: Tuple[Tuple[str, float, float], ...] = tuple(
+        (f, d, g) for f in ("ln1", "proj") for d in (0.4, 0.6) for g in (0.5, 1.0))
 
     @classmethod
     def quick_config(cls) -> "DemoConfig":
@@ -282,8 +294,24 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     rows: List[_Row] = []
     grids: Dict[str, List[np.ndarray]] = {}
 
-    def evaluate(name: str, ps: PrototypeSet, map_mode: str = "gradcam", note: str = "") -> _Row:
-        ad = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=map_mode)
+    learn_samples = [SimpleNamespace(image=_pil(sc.image), labels=list(sc.labels)) for sc in train]
+    banks: Dict[tuple, Any] = {}
+
+    def cpal_adapter(ps: PrototypeSet, map_mode: str = "gradcam", **cpal) -> CLIPCPALAdapter:
+        """CLIP-CPAL with its context bank from the learning scenes (pass 1, cached per setting)."""
+        ad = CLIPCPALAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=map_mode,
+                             **cpal)
+        key = tuple(sorted(ad.bank_settings().items(), key=lambda kv: kv[0]))
+        key = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in key)
+        if key not in banks:
+            banks[key] = build_context_bank(ad, learn_samples, progress=False)
+        ad.set_bank(banks[key])
+        return ad
+
+    def evaluate(name: str, ps: PrototypeSet, map_mode: str = "gradcam", note: str = "",
+                 adapter: Optional[CLIPESAdapter] = None) -> _Row:
+        ad = adapter or CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES,
+                                      map_mode=map_mode)
         seed, mask, thr, fa, kept = _evaluate(ad, test, keep=cfg.grid_scenes)
         grids[name] = kept
         gap = modality_gap(eval_feats, eval_seed, ps.prototypes)
@@ -308,6 +336,36 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     evaluate("VPL region-pooled (tau_I 0.1), dense map", region, "dense", note="research candidate")
     evaluate("VPL region-pooled (tau_I 0.1), text GradCAM x dense", region, "fused",
              note="research candidate")
+    log("CLIP-CPAL (training-free reconstruction, spec cpal.md 2.1; bank from the learning scenes):")
+    evaluate("CLIP-CPAL (text prototypes, GradCAM)", text, adapter=cpal_adapter(text),
+             note="spec defaults: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean")
+    evaluate("CLIP-CPAL + VPL, paper-literal (GradCAM)", literal, adapter=cpal_adapter(literal),
+             note="spec 2.3: CPAL on the paper-literal VPL GradCAMs")
+    evaluate("CLIP-CPAL + VPL recommended (region-pooled, dense map)", region,
+             adapter=cpal_adapter(region, "dense"), note="CPAL on the recommended VPL dense maps")
+    cpal_rows = []
+    for key, value in cfg.cpal_sweep:
+        seed = _evaluate(cpal_adapter(text, **{key: value}), test, crf=False)[0]
+        cpal_rows.append({"setting": f"{key}={value}", "seed": 100 * seed})
+        log(f"  CLIP-CPAL {key}={value}: seed {100 * seed:5.1f}")
+    val = world.batch(20_000_000, cfg.cpal_val_scenes or cfg.eval_scenes)
+    cpal_selection, cpal_val_base = [], {}
+    for label, ps, mode in (("text", text, "gradcam"), ("VPL recommended", region, "dense")):
+        no_cpal = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=mode)
+        cpal_val_base[label] = 100 * _evaluate(no_cpal, val, crf=False)[0]
+        scores = []
+        for feats, delta, gamma in cfg.cpal_grid:
+            kw = {"features": feats, "delta_p": delta, "gamma": gamma}
+            seed = _evaluate(cpal_adapter(ps, mode, **kw), val, crf=False)[0]
+            scores.append((100 * seed, kw))
+            cpal_selection.append({"prototypes": label, **kw, "validation_seed": 100 * seed})
+        best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the spec default first)
+        log(f"  chosen on {len(val)} validation scenes ({label}): {best} (validation seed {best_seed:.1f}; "
+            f"without CPAL {cpal_val_base[label]:.1f})")
+        name = ("CLIP-CPAL, interpretation chosen on validation scenes" if label == "text" else
+                "CLIP-CPAL + VPL recommended, interpretation chosen on validation scenes")
+        evaluate(name, ps, adapter=cpal_adapter(ps, mode, **best),
+                 note=", ".join(f"{k} {v}" for k, v in best.items()))
     log("Controls:")
     gt_ps, _ = learn(cfg.phi, cfg.tau, "bb", targets=_gt_targets(probes, text))
     evaluate("prototypes learned from GT masks, GradCAM", gt_ps, note="upper bound: uses masks")
@@ -354,6 +412,8 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
         "gates_passed": {"label_set_accuracy>=0.95": gates["label_set_accuracy"] >= 0.95,
                          "text_seed_miou>=35": gates["text_gradcam_seed_miou"] >= 35},
         "rows": [asdict(r) for r in rows], "tau_sweep": tau_rows, "phi_sweep": phi_rows,
+        "cpal_sweep": cpal_rows, "cpal_selection": cpal_selection,
+        "cpal_validation_without_cpal": cpal_val_base,
         "learning": {"paper_literal_loss": [lit_hist["loss"][0], lit_hist["loss"][-1]],
                      "bb_loss": [vpl_hist["loss"][0], vpl_hist["loss"][-1]],
                      "bb_iterations": len(vpl_hist["loss"]) - 1},
@@ -388,6 +448,25 @@ def _markdown(r: Dict[str, Any]) -> str:
     for row in r["rows"]:
         lines.append(f"| {row['name']} | {row['seed_miou']:.1f} | {row['mask_miou']:.1f} | "
                      f"{row['gap']:.3f} | {100 * row['context_false_activation']:.1f}% | {row['note']} |")
+    if r.get("cpal_sweep"):
+        base = next((row["seed_miou"] for row in r["rows"] if row["name"].startswith("CLIP-CPAL (")), None)
+        base = "n/a" if base is None else f"{base:.1f}"
+        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the spec "
+                  f"defaults, whose seed is {base}; measured on the evaluation scenes, so not "
+                  "a selection):", "", "| setting | seed mIoU |", "|---|---:|"]
+        for t in r["cpal_sweep"]:
+            lines.append(f"| {t['setting']} | {t['seed']:.1f} |")
+    if r.get("cpal_selection"):
+        n_val = r["config"].get("cpal_val_scenes") or r["config"]["eval_scenes"]
+        lines += ["", f"CLIP-CPAL interpretations on {n_val} separate validation "
+                  "scenes (seeds; the best of each block gives the 'chosen on validation scenes' rows):",
+                  "", "| GradCAM prototypes | features | delta_p | gamma | validation seed mIoU |",
+                  "|---|---|---:|---:|---:|"]
+        for label, seed in (r.get("cpal_validation_without_cpal") or {}).items():
+            lines.append(f"| {label} | (no CPAL) | | | {seed:.1f} |")
+        for t in r["cpal_selection"]:
+            lines.append(f"| {t['prototypes']} | {t['features']} | {t['delta_p']} | {t['gamma']} | "
+                         f"{t['validation_seed']:.1f} |")
     lines += ["", "tau_I sweep (Table 5 style):", "", "| tau_I | seed (GradCAM) | seed (dense) | gap |",
               "|---:|---:|---:|---:|"]
     for t in r["tau_sweep"]:

@@ -1,0 +1,252 @@
+"""CLIP-CPAL as an adapter: CLIP-ES with CPAL's context-prototype fusion before CAA refinement.
+
+A reconstruction: CPAL's code is unreleased and its method section was not readable. This follows
+the training-free default of spec ``cpal.md`` section 2.1 (every [I] choice is a config field):
+
+* pass 1 (:func:`vpl_plugin.cpal.build_context_bank`): per image and labelled class, an instance
+  prototype from the dense features weighted by the CLIP-ES map ``G`` above ``delta_p``; per class,
+  spherical k-means of the split's instance prototypes gives ``M`` context prototypes;
+* pass 2 (this adapter's ``__call__``): per image and class, the instance prototype, its soft
+  positive neighbours among the context prototypes, the aligned prototype ``q``, the prototype map
+  ``S = maxnorm(ReLU(cos(F, q)))`` and the fused map ``P = maxnorm((G + S) / 2)``, which replaces
+  ``G`` for the box mask and the CAA refinement (the :meth:`fuse` hook of CLIP-ES).
+
+With vision prototypes (``prototypes=`` a VPL set), ``G`` is the VPL GradCAM (or the dense map with
+``map_mode="dense"``), i.e. CLIP-CPAL + VPL (spec 2.3). The bank must come from the same ``G``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin.adapters.base import register_adapter
+from vpl_plugin.adapters.clip_es import CLIPESAdapter, CLIPESConfig
+from vpl_plugin.cam import GradCAMResult
+from vpl_plugin.cpal import (
+    ContextBank,
+    align_prototypes,
+    fuse_maps,
+    instance_prototypes,
+    prototype_maps,
+    soft_neighbours,
+    tensor_fingerprint,
+)
+from vpl_plugin.data.classes import ClassSpec, VOC
+from vpl_plugin.prototypes import PrototypeSet
+
+__all__ = ["CPAL_FIELDS", "CLIPCPALAdapter", "CLIPCPALConfig", "CPALResult"]
+
+
+@dataclass
+class CLIPCPALConfig(CLIPESConfig):
+    """CLIP-ES settings plus CPAL's (all interpretations of spec ``cpal.md``, defaults = the spec).
+
+    Attributes:
+        features: dense features ``F``: ``"ln1"`` (the GradCAM activation, last block's ``ln_1``
+            tokens, CLS dropped; default) or ``"proj"`` (projected patch tokens, VPL's features).
+        candidates: neighbour candidates: ``"same"`` (the class's own context prototypes, default)
+            or ``"all"`` (every class's; weights of other classes' prototypes zeroed).
+        fusion: ``"mean"`` (``maxnorm((G + S) / 2)``, default) or ``"max"``.
+        num_context: context prototypes per class ``M``; ``None`` = 8, or 4 for COCO.
+        neighbours: ``k`` of the top-k neighbour set (3).
+        tau_s: positive-score temperature (0.1).
+        gamma: shift strength toward the soft positive context (0.5; 0 = no alignment).
+        delta_p: instance-prototype map threshold (0.4).
+        kmeans_iters, kmeans_seed: spherical k-means iterations (10) and initialisation seed (0).
+    """
+
+    features: str = "ln1"
+    candidates: str = "same"
+    fusion: str = "mean"
+    num_context: Optional[int] = None
+    neighbours: int = 3
+    tau_s: float = 0.1
+    gamma: float = 0.5
+    delta_p: float = 0.4
+    kmeans_iters: int = 10
+    kmeans_seed: int = 0
+
+
+#: CPAL fields of :class:`CLIPCPALConfig` (the CLI exposes each as ``--cpal-<name>``)
+CPAL_FIELDS = tuple(f.name for f in fields(CLIPCPALConfig) if f.name not in {g.name for g in fields(CLIPESConfig)})
+
+
+@dataclass
+class CPALResult(GradCAMResult):
+    """A :class:`GradCAMResult` with CPAL's dense features.
+
+    Attributes:
+        tokens: ``(n, D')`` unit dense features (``ln_1`` tokens or projected patch tokens).
+    """
+
+    tokens: Optional[torch.Tensor] = None
+
+
+@register_adapter("clip-cpal")
+class CLIPCPALAdapter(CLIPESAdapter):
+    """CLIP-CPAL CAMs (training-free reconstruction, spec ``cpal.md`` 2.1; with VPL: 2.3).
+
+    Args:
+        encoder: the CLIP encoder.
+        class_spec: label space.
+        prototypes: GradCAM prototypes: ``None`` = CLIP-ES text prototypes (CLIP-CPAL), a VPL
+            :class:`PrototypeSet` = CLIP-CPAL + VPL.
+        config: :class:`CLIPCPALConfig`; keyword arguments override its fields.
+        bank: the :class:`~vpl_plugin.cpal.ContextBank` of pass 1 (or :meth:`set_bank` later).
+
+    Example:
+        >>> adapter = CLIPCPALAdapter(load_clip("ViT-B-16.pt"))  # doctest: +SKIP
+        >>> adapter.set_bank(build_context_bank(adapter, VOCDataset("VOC2012", "train.txt")))  # doctest: +SKIP
+        >>> out = adapter(PIL.Image.open("2007_000032.jpg"), [0, 14])  # doctest: +SKIP
+    """
+
+    config_class = CLIPCPALConfig
+
+    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+                 config: Optional[CLIPCPALConfig] = None, bank: Optional[ContextBank] = None,
+                 **overrides) -> None:
+        super().__init__(encoder, class_spec, prototypes, config, **overrides)
+        cfg = self.config
+        check_choice("features", cfg.features, ("ln1", "proj"))
+        check_choice("candidates", cfg.candidates, ("same", "all"))
+        check_choice("fusion", cfg.fusion, ("mean", "max"))
+        if cfg.num_context is not None and int(cfg.num_context) < 1:
+            raise ValueError(f"num_context (M) must be >= 1 or None (8 VOC / 4 COCO); got {cfg.num_context}.")
+        if int(cfg.neighbours) < 1:
+            raise ValueError(f"neighbours (k) must be >= 1; got {cfg.neighbours}.")
+        check_range("tau_s", float(cfg.tau_s), 0.0, low_open=True)
+        check_range("gamma", float(cfg.gamma), 0.0)
+        check_range("delta_p", float(cfg.delta_p), 0.0, 1.0)
+        if int(cfg.kmeans_iters) < 0:
+            raise ValueError(f"kmeans_iters must be >= 0; got {cfg.kmeans_iters}.")
+        self.bank: Optional[ContextBank] = None
+        if bank is not None:
+            self.set_bank(bank)
+
+    # -- settings -----------------------------------------------------------------------------------
+    @property
+    def num_context(self) -> int:
+        """``M``: the configured value, else 4 for COCO and 8 otherwise (spec 2.1)."""
+        if self.config.num_context is not None:
+            return int(self.config.num_context)
+        return 4 if self.class_spec.name.lower().startswith("coco") else 8
+
+    @property
+    def dense_dim(self) -> int:
+        """Dimension of the dense features (``ln_1`` width or the embedding)."""
+        return int(self.encoder.width if self.config.features == "ln1" else self.encoder.embed_dim)
+
+    def bank_settings(self) -> Dict[str, Any]:
+        """What pass 1 depends on: a bank made under other values cannot serve this adapter."""
+        cfg = self.config
+        return {
+            "features": cfg.features, "delta_p": float(cfg.delta_p), "map_mode": cfg.map_mode,
+            "dense_kind": cfg.dense_kind, "dataset": self.class_spec.name,
+            "model": self.encoder.fingerprint(), "gradcam_prototypes": self.prototypes.kind,
+            "prototypes_fingerprint": tensor_fingerprint(self.prototypes.prototypes),
+            "logit_scale": float(self.prototypes.logit_scale),
+            "templates": list(cfg.templates),
+        }
+
+    def set_prototypes(self, prototypes: PrototypeSet) -> None:
+        super().set_prototypes(prototypes)
+        if getattr(self, "bank", None) is not None:  # the bank was built from the old maps
+            self.set_bank(self.bank)
+
+    def set_bank(self, bank: ContextBank) -> None:
+        """Use ``bank`` in pass 2. It must match the class count, the dense-feature dimension and
+        :meth:`bank_settings`; other clustering settings (``num_context``, k-means) re-cluster its
+        instance prototypes."""
+        bank.check(num_classes=len(self.class_spec.names), dim=self.dense_dim, settings=self.bank_settings())
+        cfg = self.config
+        want = {"num_context": self.num_context, "kmeans_iters": int(cfg.kmeans_iters),
+                "kmeans_seed": int(cfg.kmeans_seed)}
+        if any(bank.settings.get(k) != v for k, v in want.items()):
+            bank = bank.recluster(**want)
+        self.bank = bank
+
+    # -- plug points --------------------------------------------------------------------------------
+    def gradcams(self, image: torch.Tensor, labels: Sequence[int],
+                 prototypes: Optional[PrototypeSet] = None) -> CPALResult:
+        """CLIP-ES GradCAMs plus the dense features CPAL pools (``ln_1`` tokens are read with a
+        forward hook on the last block's ``ln_1``, removed before returning)."""
+        captured = []
+        handle = None
+        if self.config.features == "ln1":
+            ln_1 = self.encoder.visual.transformer.resblocks[-1].ln_1
+            handle = ln_1.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        try:
+            res = super().gradcams(image, labels, prototypes)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.config.features == "ln1":
+            if not captured:
+                raise RuntimeError("the last block's ln_1 did not run during the GradCAM forward; "
+                                   "use features='proj' with this encoder.")
+            tokens = captured[-1][1:, 0].float().cpu()  # (n, width), CLS dropped, first copy
+            tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            tokens = res.features
+        return CPALResult(res.cams, res.probabilities, res.features, res.attention, res.grid, tokens)
+
+    def base_maps(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
+        """``G``: the map CLIP-ES would refine (GradCAM, or the ``map_mode`` map)."""
+        return super().fuse(result, labels)
+
+    def image_instance_prototypes(self, image, labels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 for one image: ``(protos (k', D'), classes (k',))`` of the labelled classes whose
+        map reaches ``delta_p`` (classes without such a token are left out)."""
+        result, _, labels = self.analyse(image, labels)
+        protos = instance_prototypes(result.tokens, self.base_maps(result, labels), self.config.delta_p)
+        keep = protos.norm(dim=1) > 0
+        return protos[keep], torch.as_tensor(labels, dtype=torch.long)[keep]
+
+    def cpal_maps(self, result: CPALResult, labels: Sequence[int], base: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Pass 2 intermediates: instance prototypes ``p``, neighbour weights, aligned ``q``,
+        prototype maps ``S`` and fused maps ``P`` (a class with no token at ``delta_p`` keeps
+        ``G``; a class without context prototypes is not shifted)."""
+        if self.bank is None:
+            raise ValueError("CLIP-CPAL needs its context bank (pass 1) before computing CAMs: "
+                             "adapter.set_bank(build_context_bank(adapter, dataset)) or "
+                             "adapter.set_bank(ContextBank.load(path)); on the command line "
+                             "`vpl cams --adapter clip-cpal` builds it (or loads --cpal-bank FILE).")
+        cfg = self.config
+        p = instance_prototypes(result.tokens, base, cfg.delta_p)
+        q = torch.zeros_like(p)
+        weights = []
+        for j, c in enumerate(labels):
+            if cfg.candidates == "same":
+                ctx = self.bank.context(c)
+                w = soft_neighbours(p[j:j + 1], ctx, k=cfg.neighbours, tau=cfg.tau_s)
+            else:
+                ctx = self.bank.centres
+                w = soft_neighbours(p[j:j + 1], ctx, k=cfg.neighbours, tau=cfg.tau_s,
+                                    classes=torch.tensor([c]), context_classes=self.bank.centre_classes)
+            q[j] = align_prototypes(p[j:j + 1], ctx, w, cfg.gamma)[0]
+            weights.append(w[0])
+        valid = p.norm(dim=1) > 0
+        s = prototype_maps(result.tokens, q, result.grid) if len(labels) else base.clone()
+        fused = fuse_maps(base, s, cfg.fusion) if len(labels) else base
+        fused = torch.where(valid[:, None, None], fused, base)
+        return {"instance": p, "weights": weights, "aligned": q, "prototype_maps": s, "fused": fused}
+
+    def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
+        """Hook: ``P = maxnorm((G + S) / 2)`` replaces ``G`` before the box mask and CAA."""
+        base = self.base_maps(result, labels)
+        if not len(labels):
+            return base
+        return self.cpal_maps(result, labels, base)["fused"]
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["num_context"] = self.num_context
+        if self.bank is not None:
+            out["bank"] = {"images": len(self.bank.ids), "instances_per_class": self.bank.counts(),
+                           "context_prototypes": int(self.bank.centres.shape[0]),
+                           "settings": dict(self.bank.settings)}
+        return out

@@ -1,0 +1,552 @@
+"""CLIP-CPAL's training-free core (spec ``cpal.md`` section 2.1), as pure tensor functions.
+
+CPAL (Tang et al., CVPR 2024) has no released code; every formula here is the spec's labelled
+interpretation ([I]). The pieces, in the order a CAM goes through them:
+
+* :func:`instance_prototypes` - per class, the unit mean of the image's unit dense features
+  weighted by ``G * 1[G >= delta_p]`` (spec 1.2).
+* :func:`spherical_kmeans` - per-class context prototypes from a bank of instance prototypes
+  (cosine, k-means++ init, seeded; spec 1.3).
+* :func:`soft_neighbours` - top-``k`` context prototypes by cosine, softmax weights at ``tau_s``
+  (spec 1.4); with ``candidates="all"`` the weights of other classes' prototypes are zeroed.
+* :func:`align_prototypes` - ``q = normalise(p + gamma * sum_m pi_m (c_m - p))`` (spec 1.5).
+* :func:`prototype_maps` - ``ReLU(cos(F_k, q))``, max-normalised over tokens (spec 1.6).
+* :func:`fuse_maps` - ``maxnorm((G + S) / 2)`` (default) or ``maxnorm(max(G, S))``.
+
+:class:`ContextBank` holds the instance prototypes of a split and their per-class k-means centres,
+with the settings they were made under; it saves atomically and refuses, on load or use, a bank
+made under other settings. :func:`build_context_bank` is pass 1 over a dataset (resumable).
+
+Example:
+    >>> import torch
+    >>> from vpl_plugin.cpal import spherical_kmeans
+    >>> x = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    >>> centres, assign = spherical_kmeans(x, 4, seed=0)
+    >>> centres.shape, assign.shape
+    (torch.Size([4, 8]), torch.Size([50]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
+from vpl_plugin._io import atomic_path
+
+__all__ = [
+    "ContextBank",
+    "align_prototypes",
+    "build_context_bank",
+    "fuse_maps",
+    "instance_prototypes",
+    "max_normalise",
+    "prototype_maps",
+    "soft_neighbours",
+    "spherical_kmeans",
+    "tensor_fingerprint",
+]
+
+log = logging.getLogger("vpl_plugin")
+
+_BANK_FORMAT = "vpl_plugin.cpal.ContextBank"
+_BANK_VERSION = 1
+_EPS = 1e-12
+
+
+# -- functional core -------------------------------------------------------------------------------
+def max_normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each map by its maximum over the last two dims (an all-zero map stays zero).
+
+    Args:
+        maps: ``(..., h, w)`` non-negative maps.
+    """
+    peak = maps.flatten(-2).max(dim=-1).values[..., None, None]
+    return torch.where(peak > 0, maps / peak.clamp_min(_EPS), torch.zeros_like(maps))
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int = 10, seed: int = 0
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means (cosine similarity) with k-means++ initialisation.
+
+    Rows are L2-normalised first. Initialisation draws the first centre uniformly and each next
+    one with probability proportional to ``1 - cos`` to the nearest chosen centre (a seeded
+    generator, so the result depends on ``seed`` only). Each iteration assigns every row to its
+    most similar centre and sets each centre to the normalised sum of its rows; a centre left
+    without rows is moved to the row least similar to its own centre. Stops early when the
+    assignment no longer changes.
+
+    Args:
+        x: ``(N, D)`` rows (need not be unit norm; zero rows are not allowed).
+        k: number of centres; ``min(k, N)`` are returned.
+        iters: Lloyd iterations (spec: 10).
+        seed: seed of the initialisation.
+
+    Returns:
+        ``centres (min(k, N), D)`` unit rows and ``assign (N,)`` int64 centre index per row.
+    """
+    check_ndim("x", x, 2, "(N, D)")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1; got {k}.")
+    if int(iters) < 0:
+        raise ValueError(f"iters must be >= 0; got {iters}.")
+    n = x.shape[0]
+    if n == 0:
+        return x.new_zeros(0, x.shape[1]), torch.zeros(0, dtype=torch.long)
+    norms = x.norm(dim=1)
+    if bool((norms <= 0).any()):
+        raise ValueError(f"x has {int((norms <= 0).sum())} zero rows; spherical k-means needs "
+                         "directions (drop the zero rows).")
+    x = x / norms[:, None]
+    k = min(int(k), n)
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = [int(torch.randint(n, (1,), generator=gen))]
+    dist = (1 - x @ x[chosen[0]]).clamp_min(0)
+    for _ in range(1, k):
+        total = float(dist.sum())
+        if total > 0:
+            idx = int(torch.multinomial((dist / total).double().cpu(), 1, generator=gen))
+        else:  # every row coincides with a chosen centre: take the first unused row
+            idx = next(i for i in range(n) if i not in chosen)
+        chosen.append(idx)
+        dist = torch.minimum(dist, (1 - x @ x[idx]).clamp_min(0))
+    centres = x[chosen].clone()
+    assign = (x @ centres.t()).argmax(dim=1)
+    for _ in range(int(iters)):
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:  # move the rows least similar to their centres (from clusters of > 1 row)
+            order = iter((x * centres[assign]).sum(dim=1).argsort().tolist())
+            for j in empty:
+                far = next(r for r in order if counts[assign[r]] > 1)
+                old = int(assign[far])
+                sums[old] -= x[far]
+                counts[old] -= 1
+                sums[j] = x[far]
+                counts[j] = 1
+                assign[far] = j
+        centres = F.normalize(sums, dim=1)
+        new = (x @ centres.t()).argmax(dim=1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centres, assign
+
+
+def instance_prototypes(features: torch.Tensor, cams: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
+    """CPAL instance prototypes (anchors) of one image.
+
+    ``p_c = normalise(sum_k w_c(k) F_k / sum_k w_c(k))`` with ``w_c = G_c * 1[G_c >= threshold]``
+    and unit features ``F_k``.
+
+    Args:
+        features: ``(n, D)`` dense features of the ``n`` tokens (normalised here).
+        cams: ``(k, n)`` or ``(k, h, w)`` maps in ``[0, 1]`` (``h * w = n``).
+        threshold: ``delta_p`` (spec: 0.4, CLIP-ES's box threshold).
+
+    Returns:
+        ``(k, D)`` unit rows; a class whose map has no token at or above ``threshold`` gets a zero
+        row (callers skip it).
+    """
+    check_ndim("features", features, 2, "(n, D)")
+    flat = cams.reshape(cams.shape[0], -1) if cams.ndim == 3 else cams
+    check_ndim("cams", flat, 2, "(k, n) or (k, h, w)")
+    check_same("cams tokens", flat.shape[1], "features rows", features.shape[0],
+               "The maps and the features must come from the same token grid.")
+    feats = F.normalize(features.to(flat.dtype), dim=1)
+    weights = flat * (flat >= threshold).to(flat.dtype)
+    mass = weights.sum(dim=1, keepdim=True)
+    pooled = (weights @ feats) / mass.clamp_min(_EPS)
+    return torch.where(mass > 0, F.normalize(pooled, dim=1), torch.zeros_like(pooled))
+
+
+def soft_neighbours(prototypes: torch.Tensor, context: torch.Tensor, *, k: int = 3, tau: float = 0.1,
+                    classes: Optional[torch.Tensor] = None,
+                    context_classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft positive neighbour weights of each instance prototype over the context prototypes.
+
+    ``sigma_m = cos(p, c_m)``; the ``k`` most similar context prototypes form the neighbour set
+    ``N``; ``pi_m = softmax_{m in N}(sigma_m / tau)``, zero outside ``N``. Given ``classes`` and
+    ``context_classes`` (candidates from all classes), ``pi_m`` is then multiplied by
+    ``1[class(m) = class(p)]`` without renormalising, so the weights sum to the positive share of
+    the neighbour set (one when all neighbours are of the prototype's class).
+
+    Args:
+        prototypes: ``(B, D)`` instance prototypes.
+        context: ``(M, D)`` context prototypes (candidates).
+        k: neighbours kept (``min(k, M)``).
+        tau: positive-score temperature ``tau_s``.
+        classes: ``(B,)`` class of each prototype (only with ``context_classes``).
+        context_classes: ``(M,)`` class of each context prototype.
+
+    Returns:
+        ``(B, M)`` weights, each row summing to one (same-class candidates) or less.
+    """
+    check_ndim("prototypes", prototypes, 2, "(B, D)")
+    check_ndim("context", context, 2, "(M, D)")
+    check_same("context dim", context.shape[1], "prototypes dim", prototypes.shape[1])
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1; got {k}.")
+    check_range("tau", float(tau), 0.0, low_open=True)
+    if (classes is None) != (context_classes is None):
+        raise ValueError("give both classes and context_classes (candidates from all classes) or neither.")
+    b, m = prototypes.shape[0], context.shape[0]
+    weights = prototypes.new_zeros(b, m)
+    if m == 0 or b == 0:
+        return weights
+    sims = F.normalize(prototypes, dim=1) @ F.normalize(context.to(prototypes.dtype), dim=1).t()
+    top = sims.topk(min(int(k), m), dim=1)
+    weights.scatter_(1, top.indices, (top.values / tau).softmax(dim=1))
+    if classes is not None:
+        same = classes.reshape(-1, 1).to(torch.long) == context_classes.reshape(1, -1).to(torch.long)
+        weights = weights * same.to(weights.dtype)
+    return weights
+
+
+def align_prototypes(prototypes: torch.Tensor, context: torch.Tensor, weights: torch.Tensor,
+                     gamma: float = 0.5) -> torch.Tensor:
+    """Shift each instance prototype toward its soft positive context (feature alignment).
+
+    ``delta = sum_m pi_m (c_m - p)`` (``= c_hat - p`` when the weights sum to one) and
+    ``q = normalise(p + gamma * delta)``. ``gamma = 0`` returns the (normalised) instance
+    prototype, ``gamma = 1`` the normalised weighted context when the weights sum to one.
+
+    Args:
+        prototypes: ``(B, D)`` instance prototypes ``p``.
+        context: ``(M, D)`` context prototypes ``c``.
+        weights: ``(B, M)`` from :func:`soft_neighbours`.
+        gamma: shift strength.
+
+    Returns:
+        ``(B, D)`` aligned prototypes ``q`` (a zero ``p`` with no neighbour stays zero).
+    """
+    check_ndim("prototypes", prototypes, 2, "(B, D)")
+    check_ndim("context", context, 2, "(M, D)")
+    check_ndim("weights", weights, 2, "(B, M)")
+    check_same("weights rows", weights.shape[0], "prototypes rows", prototypes.shape[0])
+    check_same("weights columns", weights.shape[1], "context rows", context.shape[0])
+    check_range("gamma", float(gamma), 0.0)
+    ctx = context.to(prototypes.dtype)
+    delta = weights.to(prototypes.dtype) @ ctx - weights.sum(dim=1, keepdim=True).to(prototypes.dtype) * prototypes
+    return F.normalize(prototypes + float(gamma) * delta, dim=1, eps=_EPS)
+
+
+def prototype_maps(features: torch.Tensor, prototypes: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """``S_c(k) = ReLU(cos(F_k, q_c))``, max-normalised over the tokens of each class.
+
+    Args:
+        features: ``(n, D)`` dense features (normalised here).
+        prototypes: ``(k, D)`` aligned prototypes.
+        grid: ``(h, w)`` with ``h * w = n``.
+
+    Returns:
+        ``(k, h, w)`` maps in ``[0, 1]``.
+    """
+    check_ndim("features", features, 2, "(n, D)")
+    check_ndim("prototypes", prototypes, 2, "(k, D)")
+    check_same("prototypes dim", prototypes.shape[1], "features dim", features.shape[1])
+    h, w = int(grid[0]), int(grid[1])
+    check_same("grid h * w", h * w, "features rows", features.shape[0])
+    sims = F.normalize(features, dim=1) @ F.normalize(prototypes.to(features.dtype), dim=1, eps=_EPS).t()
+    return max_normalise(sims.clamp_min(0).t().reshape(-1, h, w))
+
+
+def fuse_maps(cams: torch.Tensor, maps: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """PA-CAM fusion of the GradCAMs with the prototype maps, max-normalised per class.
+
+    Args:
+        cams: ``(k, h, w)`` GradCAMs ``G`` in ``[0, 1]``.
+        maps: ``(k, h, w)`` prototype maps ``S``.
+        mode: ``"mean"`` (``maxnorm((G + S) / 2)``, the spec's default) or ``"max"``.
+
+    Returns:
+        ``(k, h, w)`` maps whose maximum is 1 (or all zero).
+    """
+    check_choice("mode", mode, ("mean", "max"))
+    if cams.shape != maps.shape:
+        raise ValueError(f"cams {tuple(cams.shape)} and maps {tuple(maps.shape)} must have the same "
+                         "(k, h, w) shape.")
+    fused = (cams + maps) / 2 if mode == "mean" else torch.maximum(cams, maps)
+    return max_normalise(fused)
+
+
+# -- the context bank -------------------------------------------------------------------------------
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(settings: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        if not (isinstance(value, _PLAIN) or (isinstance(value, list) and all(isinstance(v, _PLAIN) for v in value))):
+            raise TypeError(f"bank setting {key!r} holds a {type(value).__name__}; use plain values.")
+        out[str(key)] = value
+    return out
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    """Short SHA-1 of a tensor's float32 bytes (identifies a prototype set in bank settings)."""
+    data = x.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+@dataclass
+class ContextBank:
+    """Instance prototypes of a split and their per-class spherical k-means centres.
+
+    Attributes:
+        instances: ``(N, D)`` unit instance prototypes (pass 1).
+        instance_classes: ``(N,)`` int64 class of each instance prototype.
+        num_classes: number of foreground classes of the label space.
+        centres: ``(R, D)`` unit context prototypes, all classes, grouped by class.
+        centre_classes: ``(R,)`` int64 class of each context prototype.
+        settings: plain values the bank was made under (pass-1 settings such as the feature kind,
+            ``delta_p``, the model and the GradCAM prototypes; clustering settings ``num_context``,
+            ``kmeans_iters``, ``kmeans_seed``).
+        ids: image ids whose prototypes are in the bank.
+
+    Example:
+        >>> x = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+        >>> bank = ContextBank.from_instances(x, torch.arange(30) % 3, 3, num_context=4)
+        >>> bank.context(0).shape
+        torch.Size([4, 8])
+    """
+
+    instances: torch.Tensor
+    instance_classes: torch.Tensor
+    num_classes: int
+    centres: torch.Tensor
+    centre_classes: torch.Tensor
+    settings: Dict[str, Any] = field(default_factory=dict)
+    ids: List[str] = field(default_factory=list)
+
+    CLUSTER_KEYS = ("num_context", "kmeans_iters", "kmeans_seed")
+
+    def __post_init__(self) -> None:
+        check_ndim("instances", self.instances, 2, "(N, D)")
+        check_ndim("centres", self.centres, 2, "(R, D)")
+        check_same("instance_classes length", self.instance_classes.numel(), "instances rows",
+                   self.instances.shape[0])
+        check_same("centre_classes length", self.centre_classes.numel(), "centres rows", self.centres.shape[0])
+        check_same("centres dim", self.centres.shape[1], "instances dim", self.instances.shape[1])
+        self.num_classes = int(self.num_classes)
+        for name, cls in (("instance_classes", self.instance_classes), ("centre_classes", self.centre_classes)):
+            if cls.numel() and not (0 <= int(cls.min()) and int(cls.max()) < self.num_classes):
+                raise ValueError(f"{name} must lie in 0..{self.num_classes - 1}; got "
+                                 f"{int(cls.min())}..{int(cls.max())}.")
+        self.settings = _plain(dict(self.settings))
+        self.ids = [str(i) for i in self.ids]
+
+    @classmethod
+    def from_instances(cls, instances: torch.Tensor, classes: torch.Tensor, num_classes: int, *,
+                       num_context: int = 8, kmeans_iters: int = 10, kmeans_seed: int = 0,
+                       settings: Optional[Dict[str, Any]] = None,
+                       ids: Sequence[str] = ()) -> "ContextBank":
+        """Cluster each class's instance prototypes into ``min(num_context, N_c)`` centres."""
+        check_ndim("instances", instances, 2, "(N, D)")
+        if int(num_context) < 1:
+            raise ValueError(f"num_context (M) must be >= 1; got {num_context}.")
+        classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+        instances = instances.detach().float().cpu()
+        centres, owners = [], []
+        for c in range(int(num_classes)):
+            rows = instances[classes == c]
+            if rows.shape[0] == 0:
+                continue
+            cen, _ = spherical_kmeans(rows, num_context, iters=kmeans_iters, seed=kmeans_seed)
+            centres.append(cen)
+            owners.append(torch.full((cen.shape[0],), c, dtype=torch.long))
+        dim = instances.shape[1]
+        settings = {**(settings or {}), "num_context": int(num_context), "kmeans_iters": int(kmeans_iters),
+                    "kmeans_seed": int(kmeans_seed)}
+        return cls(instances, classes, int(num_classes),
+                   torch.cat(centres) if centres else instances.new_zeros(0, dim),
+                   torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
+                   settings, list(ids))
+
+    def recluster(self, *, num_context: int, kmeans_iters: int, kmeans_seed: int) -> "ContextBank":
+        """The same instance prototypes clustered with other settings."""
+        keep = {k: v for k, v in self.settings.items() if k not in self.CLUSTER_KEYS}
+        return ContextBank.from_instances(self.instances, self.instance_classes, self.num_classes,
+                                          num_context=num_context, kmeans_iters=kmeans_iters,
+                                          kmeans_seed=kmeans_seed, settings=keep, ids=self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.instances.shape[1])
+
+    def context(self, c: int) -> torch.Tensor:
+        """``(M_c, D)`` context prototypes of class ``c`` (``M_c = 0`` if the split had none)."""
+        return self.centres[self.centre_classes == int(c)]
+
+    def counts(self) -> List[int]:
+        """Instance prototypes per class."""
+        return torch.bincount(self.instance_classes, minlength=self.num_classes).tolist()
+
+    def check(self, *, num_classes: Optional[int] = None, dim: Optional[int] = None,
+              settings: Optional[Dict[str, Any]] = None, source: str = "the context bank") -> None:
+        """Raise ValueError naming every mismatch of the class count, the dimension or a setting."""
+        problems = []
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            problems.append(f"class count: {self.num_classes} in the bank, {num_classes} expected")
+        if dim is not None and int(dim) != self.dim:
+            problems.append(f"feature dimension: {self.dim} in the bank, {dim} expected")
+        for key, want in _plain(settings or {}).items():
+            have = self.settings.get(key)
+            if have != want:
+                problems.append(f"{key}: {have!r} in the bank, {want!r} now")
+        if problems:
+            raise ValueError(
+                f"{source} was made under other settings ({'; '.join(problems)}). Rebuild it for "
+                f"these settings (delete the file or pass another --cpal-bank / build_context_bank) "
+                f"or use the settings it was made with.")
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the bank atomically as plain tensors and values (``weights_only`` loadable)."""
+        payload = {
+            "format": _BANK_FORMAT, "format_version": _BANK_VERSION,
+            "instances": self.instances.detach().cpu().contiguous().clone(),
+            "instance_classes": self.instance_classes.detach().cpu().clone(),
+            "num_classes": self.num_classes,
+            "centres": self.centres.detach().cpu().contiguous().clone(),
+            "centre_classes": self.centre_classes.detach().cpu().clone(),
+            "settings": dict(self.settings), "ids": list(self.ids),
+        }
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], *, num_classes: Optional[int] = None,
+             dim: Optional[int] = None, settings: Optional[Dict[str, Any]] = None) -> "ContextBank":
+        """Load a bank written by :meth:`save` and check it against the expected class count,
+        feature dimension and settings (each mismatch is named in the error)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"context bank {path!r} does not exist; build it with "
+                                    "build_context_bank (or `vpl cams --adapter clip-cpal` without "
+                                    "--cpal-bank, which saves OUT/cpal_bank.pt).")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a foreign or corrupt file
+            raise ValueError(f"{path!r} is not a readable context bank ({type(err).__name__}: {err}).") from err
+        if not isinstance(payload, dict) or payload.get("format") != _BANK_FORMAT:
+            raise ValueError(f"{path!r} is not a CLIP-CPAL context bank (no format tag "
+                             f"{_BANK_FORMAT!r}); write it with ContextBank.save.")
+        if payload.get("format_version") != _BANK_VERSION:
+            raise ValueError(f"context bank {path!r} has format version {payload.get('format_version')}; "
+                             f"this vpl-plugin reads version {_BANK_VERSION}. Rebuild it.")
+        keys = ("instances", "instance_classes", "num_classes", "centres", "centre_classes", "settings")
+        missing = [k for k in keys if k not in payload]
+        if missing:
+            raise ValueError(f"context bank {path!r} is missing {missing}.")
+        try:
+            bank = cls(payload["instances"], payload["instance_classes"], payload["num_classes"],
+                       payload["centres"], payload["centre_classes"], payload["settings"],
+                       payload.get("ids", []))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"context bank {path!r} is invalid: {err}") from err
+        bank.check(num_classes=num_classes, dim=dim, settings=settings, source=f"context bank {path!r}")
+        return bank
+
+
+# -- pass 1 over a dataset --------------------------------------------------------------------------
+def _sample_image(sample):
+    image = getattr(sample, "image", None)
+    if image is not None:
+        return image
+    from vpl_plugin.data.voc import load_image
+
+    return load_image(sample.image_path)
+
+
+def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progress: bool = True,
+                       partial: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
+                       summary=None) -> ContextBank:
+    """Pass 1 of CLIP-CPAL: instance prototypes of every image of ``dataset``, then k-means.
+
+    Args:
+        adapter: a :class:`~vpl_plugin.adapters.clip_cpal.CLIPCPALAdapter` (its GradCAM prototypes,
+            map mode and CPAL settings define the bank).
+        dataset: indexable of samples with ``labels`` and either ``image`` (a PIL image) or
+            ``image_path``; ``dataset.ids`` names them (else their indices).
+        limit: only the first ``limit`` samples.
+        partial: resume file: the instance prototypes gathered so far are written there every
+            ``checkpoint_every`` images (atomically) and a rerun continues from it; it is removed
+            when the bank is complete. A resume file of other settings is refused.
+        summary: a :class:`~vpl_plugin.pipeline.RunSummary` to fill (counts, skipped images).
+
+    Returns:
+        The :class:`ContextBank` (``adapter.set_bank`` it, or save it).
+    """
+    from vpl_plugin._progress import progress as progress_bar
+    from vpl_plugin.data.voc import DatasetError
+    from vpl_plugin.pipeline import RunSummary
+
+    summary = summary if summary is not None else RunSummary()
+    cfg = adapter.config
+    settings = adapter.bank_settings()
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    ids = list(getattr(dataset, "ids", [str(i) for i in range(len(dataset))]))[:n]
+    done: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    partial_path = Path(partial) if partial is not None else None
+    if partial_path is not None and partial_path.is_file():
+        state = torch.load(partial_path, map_location="cpu", weights_only=True)
+        saved = state.get("settings", {})
+        diff = {k: (saved.get(k), v) for k, v in _plain(settings).items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"resume file {partial_path} was written under other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                             "delete it to start over.")
+        for image_id, protos, classes in zip(state["ids"], state["protos"], state["classes"]):
+            done[image_id] = (protos, classes)
+        log.info("cpal bank: resuming from %s (%d images done)", partial_path, len(done))
+
+    def save_partial() -> None:
+        if partial_path is None:
+            return
+        keys = list(done)
+        with atomic_path(partial_path) as tmp:
+            torch.save({"settings": _plain(settings), "ids": keys, "protos": [done[k][0] for k in keys],
+                        "classes": [done[k][1] for k in keys]}, tmp)
+
+    summary.total = n
+    start = time.time()
+    since = 0
+    for i in progress_bar(range(n), desc="cpal bank", enabled=progress):
+        image_id = ids[i]
+        if image_id in done:
+            summary.skipped_existing += 1
+            continue
+        try:
+            sample = dataset[i]
+            protos, classes = adapter.image_instance_prototypes(_sample_image(sample), sample.labels)
+        except (DatasetError, OSError, ValueError) as err:
+            summary.failed.append((image_id, str(err)))
+            continue
+        done[image_id] = (protos.float().cpu(), classes.cpu())
+        summary.done += 1
+        since += 1
+        if since >= checkpoint_every:
+            save_partial()
+            since = 0
+    summary.seconds = time.time() - start
+    order = [i for i in ids if i in done]
+    dim = adapter.dense_dim
+    protos = torch.cat([done[i][0] for i in order]) if order else torch.zeros(0, dim)
+    classes = torch.cat([done[i][1] for i in order]) if order else torch.zeros(0, dtype=torch.long)
+    bank = ContextBank.from_instances(protos, classes, len(adapter.class_spec.names),
+                                      num_context=adapter.num_context, kmeans_iters=cfg.kmeans_iters,
+                                      kmeans_seed=cfg.kmeans_seed, settings=settings, ids=order)
+    if partial_path is not None and partial_path.exists():
+        partial_path.unlink()
+    return bank
