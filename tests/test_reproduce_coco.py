@@ -230,9 +230,10 @@ def test_coco_root_and_voc_root_together_or_a_bad_budget_are_refused(coco_root, 
     code = _run(["reproduce", "table1", "--coco-root", coco_root, "--voc-root", coco_root, "--clip",
                  tiny_checkpoint, "--dry-run"])
     assert code == EXIT_USAGE and "not both" in capsys.readouterr().err
-    code = _run(["reproduce", "table1", "--coco-root", coco_root, "--clip", tiny_checkpoint, "--dry-run",
-                 "--max-tokens", "lots"])
-    assert code == EXIT_USAGE and "--max-tokens must be a positive whole number" in capsys.readouterr().err
+    for bad in ("lots", "inf", "0", "2.5"):
+        code = _run(["reproduce", "table1", "--coco-root", coco_root, "--clip", tiny_checkpoint, "--dry-run",
+                     "--max-tokens", bad])
+        assert code == EXIT_USAGE and "--max-tokens must be a positive whole number" in capsys.readouterr().err
 
 
 def test_token_budget_keeps_an_equal_share_of_each_images_own_rows(coco_root, tiny_encoder, tmp_path):

@@ -606,7 +606,7 @@ def _max_tokens(value: Optional[str]) -> Optional[int]:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    if not number >= 1 or number != int(number):
+    if not 1 <= number < float("inf") or number != int(number):
         raise UsageError(f"--max-tokens must be a positive whole number such as 10000000 or 1e7; got "
                          f"{value!r}.")
     return int(number)

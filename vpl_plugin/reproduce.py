@@ -162,7 +162,7 @@ Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 
 def resolve(args) -> None:
     """Fill in what depends on the dataset: ``args.root``, ``args.dataset`` (``coco`` with
     ``--coco-root``), ``args.learn_split`` and ``args.max_tokens`` (validated)."""
-    from vpl_plugin.cli import UsageError
+    from vpl_plugin.cli import UsageError, _max_tokens
 
     if getattr(args, "_resolved", False):
         return
@@ -179,17 +179,8 @@ def resolve(args) -> None:
     coco = args.dataset == "coco"
     if args.learn_split is None:
         args.learn_split = "train" if coco else "train_aug"
-    budget = getattr(args, "max_tokens", None)
-    if budget is None or budget == "":
-        args.max_tokens = COCO_MAX_TOKENS if coco else None
-    else:
-        try:
-            number = float(budget)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not number >= 1 or number != int(number):
-            raise UsageError(f"--max-tokens must be a positive whole number such as 1e7; got {budget!r}.")
-        args.max_tokens = int(number)
+    budget = _max_tokens(getattr(args, "max_tokens", None))
+    args.max_tokens = budget if budget is not None else (COCO_MAX_TOKENS if coco else None)
     args._resolved = True
 
 
