@@ -15,12 +15,15 @@ from vpl_plugin.cpal import (
     ContextBank,
     align_prototypes,
     build_context_bank,
+    context_aware_maps,
     fuse_maps,
+    head_cams,
     instance_prototypes,
     max_normalise,
     prototype_maps,
     soft_neighbours,
     spherical_kmeans,
+    train_cam_head,
 )
 
 
@@ -214,6 +217,72 @@ def test_bank_load_names_every_mismatch(tmp_path):
         ContextBank.from_instances(torch.eye(3), torch.tensor([0, 1, 2]), 2)
 
 
+# -- trained CAM head (spec 2.2) ------------------------------------------------------------------
+def _planted_tokens(n_images=24, seed=0):
+    """Images of 16 tokens (4x4): background along e_7, objects of class c (0..2) along e_c."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, labels, masks = [], [], []
+    for i in range(n_images):
+        present = sorted({i % 3, (i * 7 + 1) % 3}) if i % 2 else [i % 3]
+        owner = torch.full((16,), -1)
+        for j, c in enumerate(present):
+            owner[torch.randperm(16, generator=g)[:4]] = c
+        base = torch.where(owner[:, None] >= 0, F.one_hot(owner.clamp_min(0), 8).float(),
+                           F.one_hot(torch.full((16,), 7), 8).float())
+        tokens.append(F.normalize(base + 0.05 * torch.randn(16, 8, generator=g), dim=1))
+        labels.append(present)
+        masks.append(owner)
+    return tokens, labels, masks
+
+
+def test_head_cams_follow_their_definition():
+    x, w = torch.randn(2, 5, 4), torch.randn(3, 4)
+    got = head_cams(x, w)
+    raw = torch.relu(torch.einsum("bnd,kd->bkn", x.double(), w.double()))
+    torch.testing.assert_close(got.double(), raw / (raw.amax(-1, keepdim=True) + 1e-5))
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_trained_head_localises_planted_classes(lam):
+    tokens, labels, masks = _planted_tokens()
+    w, hist = train_cam_head(tokens, labels, 3, iters=120, lr=0.05, lambda_self=lam, recluster_every=20,
+                             pacam={"num_context": 2})
+    assert len(hist["loss"]) == 120 and hist["loss"][-1] < hist["loss"][0]
+    for x, lab, owner in zip(tokens, labels, masks):
+        cams = head_cams(x, w)
+        for c in lab:
+            inside, outside = cams[c][owner == c], cams[c][owner != c]
+            assert inside.min() > outside.max(), (c, lab)
+    looped, _ = train_cam_head(tokens, labels, 3, iters=120, lr=0.05, lambda_self=lam, recluster_every=20,
+                               pacam={"num_context": 2}, batched=False)
+    torch.testing.assert_close(looped, w, atol=1e-4, rtol=1e-4)  # batched L_self = per-image loop
+    with pytest.raises(ValueError, match="one entry per image"):
+        train_cam_head(tokens, labels[:-1], 3)
+
+
+def test_context_aware_maps_equal_the_composed_core():
+    tokens, labels, _ = _planted_tokens(6)
+    bank = ContextBank.from_instances(torch.cat(tokens), torch.arange(96) % 3, 3, num_context=2)
+    cams = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = context_aware_maps(tokens[1], cams, [0, 2], bank, gamma=0.5)
+    p = instance_prototypes(tokens[1], cams, 0.4)
+    for j, c in enumerate([0, 2]):
+        w = soft_neighbours(p[j:j + 1], bank.context(c), k=3, tau=0.1)
+        q = align_prototypes(p[j:j + 1], bank.context(c), w, 0.5)
+        torch.testing.assert_close(got["aligned"][j:j + 1], q)
+        s = prototype_maps(tokens[1], q, (4, 4))
+        torch.testing.assert_close(got["fused"][j], fuse_maps(cams[j:j + 1], s)[0])
+
+
+def test_bank_keeps_the_head(tmp_path):
+    bank = ContextBank.from_instances(torch.eye(3, 4), torch.tensor([0, 1, 2]), 3, head=torch.ones(3, 4))
+    bank.save(tmp_path / "b.pt")
+    assert torch.equal(ContextBank.load(tmp_path / "b.pt").head, torch.ones(3, 4))
+    assert ContextBank.from_instances(torch.eye(3, 4), torch.tensor([0, 1, 2]), 3).head is None
+    with pytest.raises(ValueError, match=r"head must have shape \(3, 4\)"):
+        ContextBank.from_instances(torch.eye(3, 4), torch.tensor([0, 1, 2]), 3, head=torch.ones(2, 4))
+
+
 # -- the adapter -------------------------------------------------------------------------------------
 pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
 pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
@@ -303,6 +372,23 @@ def test_the_bank_must_exist_and_match_the_adapter(tiny_encoder, samples, cpal):
     assert CLIPCPALAdapter(tiny_encoder, COCO).num_context == 4
 
 
+def test_trained_head_mode_fuses_clip_es_with_the_head_pacam(tiny_encoder, samples, cpal):
+    head = CLIPCPALAdapter(tiny_encoder, SYNTHETIC, num_context=2, head=True, head_iters=30)
+    with pytest.raises(ValueError, match="head: False in the bank, True now"):
+        head.set_bank(cpal.bank)
+    bank = build_context_bank(head, samples, progress=False)
+    assert bank.head is not None and bank.head.shape == (10, tiny_encoder.width)
+    head.set_bank(bank)
+    sample = next(s for s in samples if len(s.labels) >= 2)
+    result, _, labels = head.analyse(sample.image, sample.labels)
+    base = head.base_maps(result, labels)
+    cam = head_cams(result.tokens, bank.head)[labels].reshape(len(labels), *result.grid)
+    pa = context_aware_maps(result.tokens, cam, labels, bank, k=3, tau=0.1, gamma=0.5, delta_p=0.4)["fused"]
+    torch.testing.assert_close(head.fuse(result, labels), fuse_maps(base, pa, "mean"))
+    out = head(sample.image, sample.labels)
+    assert out.attn_highres.shape == (len(labels), 64, 64) and out.attn_highres.dtype == np.float16
+
+
 class _Interrupting:
     """A dataset that stops the run at one index (like Ctrl-C) and counts what was read."""
 
@@ -363,6 +449,9 @@ def test_vpl_cams_clip_cpal_builds_saves_and_reuses_the_bank(tiny_checkpoint, tm
     assert run("cams", "--adapter", "clip-cpal", "--out", tmp_path / "c", "--cpal-features", "proj",
                "--cpal-bank", bank) == EXIT_USAGE
     assert "features: 'ln1' in the bank, 'proj' now" in capsys.readouterr().err
+    assert run("cams", "--adapter", "clip-cpal", "--out", tmp_path / "h", "--cpal-m", "2", "--cpal-head",
+               "--cpal-head-iters", "20") == EXIT_OK
+    assert ContextBank.load(tmp_path / "h" / "cpal_bank.pt").head is not None
     assert run("cams", "--out", tmp_path / "d", "--cpal-gamma", "0.2") == EXIT_USAGE
     assert "--cpal-gamma only applies to --adapter clip-cpal" in capsys.readouterr().err
     assert run("cams", "--adapter", "clip-cpal", "--out", tmp_path / "e", "--cpal-gamma", "-1") == EXIT_USAGE

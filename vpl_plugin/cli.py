@@ -132,12 +132,21 @@ def _add_cpal(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpal-delta-p", type=float, metavar="D", help="instance-prototype map threshold (0.4)")
     g.add_argument("--cpal-kmeans-iters", type=int, metavar="N", help="spherical k-means iterations (10)")
     g.add_argument("--cpal-kmeans-seed", type=int, metavar="S", help="k-means++ seed (0)")
+    g.add_argument("--cpal-head", action="store_const", const=True, default=None,
+                   help="the trained-head alternative (spec 2.2): pass 1 trains a CAM head on the frozen "
+                        "dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
+                        "the head's PA-CAM")
+    g.add_argument("--cpal-head-iters", type=int, metavar="N", help="head training steps (200)")
+    g.add_argument("--cpal-head-lr", type=float, metavar="LR", help="head learning rate, Adam (0.05)")
+    g.add_argument("--cpal-head-lambda", type=float, metavar="L",
+                   help="weight of the self-supervised L_self term (spec 1; 0 = BCE only)")
 
 
 _CPAL_FLAGS = {"cpal_features": "features", "cpal_candidates": "candidates", "cpal_fusion": "fusion",
                "cpal_m": "num_context", "cpal_k": "neighbours", "cpal_tau_s": "tau_s",
                "cpal_gamma": "gamma", "cpal_delta_p": "delta_p", "cpal_kmeans_iters": "kmeans_iters",
-               "cpal_kmeans_seed": "kmeans_seed"}
+               "cpal_kmeans_seed": "kmeans_seed", "cpal_head": "head", "cpal_head_iters": "head_iters",
+               "cpal_head_lr": "head_lr", "cpal_head_lambda": "head_lambda"}
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,11 @@ interpretation ([I]). The pieces, in the order a CAM goes through them:
 * :func:`align_prototypes` - ``q = normalise(p + gamma * sum_m pi_m (c_m - p))`` (spec 1.5).
 * :func:`prototype_maps` - ``ReLU(cos(F_k, q))``, max-normalised over tokens (spec 1.6).
 * :func:`fuse_maps` - ``maxnorm((G + S) / 2)`` (default) or ``maxnorm(max(G, S))``.
+* :func:`context_aware_maps` - the above for one image's classes given a :class:`ContextBank`.
+
+The trained-head alternative (spec 2.2): :func:`head_cams` (1x1-conv head CAMs) and
+:func:`train_cam_head` (``L_BCE + lambda * L_self`` on frozen dense features, PA-CAM targets
+refreshed from an offline bank of the head's instance prototypes).
 
 :class:`ContextBank` holds the instance prototypes of a split and their per-class k-means centres,
 with the settings they were made under; it saves atomically and refuses, on load or use, a bank
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,13 +52,16 @@ __all__ = [
     "ContextBank",
     "align_prototypes",
     "build_context_bank",
+    "context_aware_maps",
     "fuse_maps",
+    "head_cams",
     "instance_prototypes",
     "max_normalise",
     "prototype_maps",
     "soft_neighbours",
     "spherical_kmeans",
     "tensor_fingerprint",
+    "train_cam_head",
 ]
 
 log = logging.getLogger("vpl_plugin")
@@ -279,6 +288,154 @@ def fuse_maps(cams: torch.Tensor, maps: torch.Tensor, mode: str = "mean") -> tor
     return max_normalise(fused)
 
 
+def context_aware_maps(features: torch.Tensor, cams: torch.Tensor, labels: Sequence[int], bank: "ContextBank", *,
+                       candidates: str = "same", k: int = 3, tau: float = 0.1, gamma: float = 0.5,
+                       delta_p: float = 0.4, fusion: str = "mean") -> Dict[str, Any]:
+    """CPAL's pass 2 for one image: instance prototypes, soft positive neighbours, aligned
+    prototypes, prototype maps and the fused maps (PA-CAM).
+
+    Args:
+        features: ``(n, D)`` dense features.
+        cams: ``(k, h, w)`` maps ``G`` of the ``labels`` (``h * w = n``).
+        labels: the ``k`` class indices.
+        bank: context prototypes (:class:`ContextBank`).
+        candidates: ``"same"`` (the class's own context prototypes) or ``"all"``.
+
+    Returns:
+        dict with ``instance`` ``(k, D)``, ``weights`` (list of ``(M,)``), ``aligned`` ``(k, D)``,
+        ``prototype_maps`` ``(k, h, w)`` and ``fused`` ``(k, h, w)``. A class whose map has no token
+        at ``delta_p`` keeps its map; a class without context prototypes is not shifted.
+    """
+    check_choice("candidates", candidates, ("same", "all"))
+    labels = [int(c) for c in labels]
+    if not labels:
+        return {"instance": features.new_zeros(0, features.shape[1]), "weights": [],
+                "aligned": features.new_zeros(0, features.shape[1]), "prototype_maps": cams.clone(),
+                "fused": cams}
+    p = instance_prototypes(features, cams, delta_p)
+    q = torch.zeros_like(p)
+    weights = []
+    for j, c in enumerate(labels):
+        if candidates == "same":
+            ctx = bank.context(c)
+            w = soft_neighbours(p[j:j + 1], ctx, k=k, tau=tau)
+        else:
+            ctx = bank.centres
+            w = soft_neighbours(p[j:j + 1], ctx, k=k, tau=tau, classes=torch.tensor([c]),
+                                context_classes=bank.centre_classes)
+        q[j] = align_prototypes(p[j:j + 1], ctx.to(p.dtype), w, gamma)[0]
+        weights.append(w[0])
+    grid = (cams.shape[-2], cams.shape[-1])
+    s = prototype_maps(features, q, grid)
+    fused = torch.where((p.norm(dim=1) > 0)[:, None, None], fuse_maps(cams, s, fusion), cams)
+    return {"instance": p, "weights": weights, "aligned": q, "prototype_maps": s, "fused": fused}
+
+
+# -- the trained CAM head (spec 2.2) -----------------------------------------------------------------
+_HEAD_SCALE = 10.0  # logits = 10 * GAP(F) @ W^T (with Adam the scale only sets the early step size)
+
+
+def head_cams(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CAM of a 1x1-conv head: ``ReLU(F W_c) / (max_k ReLU(F W_c) + 1e-5)`` (spec 1.1).
+
+    Args:
+        features: ``(..., n, D)`` dense features.
+        weight: ``(K, D)`` head weights.
+
+    Returns:
+        ``(..., K, n)`` maps in ``[0, 1)``.
+    """
+    raw = torch.relu(features @ weight.t()).transpose(-1, -2)
+    return raw / (raw.amax(dim=-1, keepdim=True) + 1e-5)
+
+
+def train_cam_head(tokens: Sequence[torch.Tensor], labels: Sequence[Sequence[int]], num_classes: int, *,
+                   iters: int = 200, lr: float = 0.05, lambda_self: float = 1.0, recluster_every: int = 25,
+                   grid: Optional[Sequence[Tuple[int, int]]] = None, pacam: Optional[Dict[str, Any]] = None,
+                   batched: Optional[bool] = None) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+    """Train CPAL's CAM head on frozen dense features: ``L = L_BCE + lambda * L_self`` (spec 2.2).
+
+    ``L_BCE``: multi-label BCE of ``10 * GAP(F) @ W^T`` against the image labels. ``L_self``: mean
+    ``|CAM_c(k) - sg(PACAM_c(k))|`` over the labelled classes and tokens, where the PA-CAM targets
+    are recomputed from the current head every ``recluster_every`` steps (instance prototypes of all
+    images, per-class spherical k-means, :func:`context_aware_maps`). Adam from ``W = 0``.
+
+    Args:
+        tokens: per image ``(n_i, D)`` unit dense features.
+        labels: per image its class indices.
+        num_classes: ``K``.
+        grid: per image ``(h, w)`` (default: square grids).
+        pacam: keyword arguments of :func:`context_aware_maps` and ``num_context`` for the targets.
+        batched: compute ``L_self`` for all images at once (default: when all have one token count).
+
+    Returns:
+        ``W (K, D)`` and a history with ``loss`` per step.
+    """
+    if len(tokens) != len(labels):
+        raise ValueError(f"tokens ({len(tokens)} images) and labels ({len(labels)}) must have one entry per image.")
+    if not tokens:
+        raise ValueError("train_cam_head needs at least one image.")
+    check_range("lambda_self", float(lambda_self), 0.0)
+    if int(recluster_every) < 1:
+        raise ValueError(f"recluster_every must be >= 1; got {recluster_every}.")
+    dim = tokens[0].shape[1]
+    pooled = torch.stack([t.float().mean(dim=0) for t in tokens])
+    target = torch.zeros(len(tokens), int(num_classes))
+    for i, lab in enumerate(labels):
+        target[i, list(lab)] = 1.0
+    grids = list(grid) if grid is not None else [(int(math.isqrt(t.shape[0])),) * 2 for t in tokens]
+    opts = dict(pacam or {})
+    num_context = int(opts.pop("num_context", 8))
+    w = torch.zeros(int(num_classes), dim, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    history: Dict[str, List[float]] = {"loss": []}
+    targets: Optional[List[torch.Tensor]] = None
+    # equal token counts (one image size): one batched L_self; otherwise a loop over images
+    same = len({tuple(t.shape) for t in tokens}) == 1
+    if batched and not same:
+        raise ValueError("batched=True needs every image to have the same number of tokens.")
+    stacked = torch.stack([t.float() for t in tokens]) if (same if batched is None else batched) else None
+    for step in range(int(iters)):
+        if lambda_self > 0 and step % int(recluster_every) == 0 and step > 0:
+            targets = _pacam_targets(tokens, labels, grids, w.detach(), int(num_classes), num_context, opts)
+            if targets is not None and stacked is not None:
+                dense = torch.zeros(len(tokens), int(num_classes), stacked.shape[1])
+                for i, (lab, t) in enumerate(zip(labels, targets)):
+                    dense[i, list(lab)] = t
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(_HEAD_SCALE * pooled @ w.t(), target)
+        if targets is not None:
+            if stacked is not None:  # mean over images of the per-image mean over (class, token)
+                per = ((head_cams(stacked, w) - dense).abs() * target[:, :, None]).sum(dim=(1, 2))
+                count = target.sum(dim=1) * stacked.shape[1]
+                has = count > 0
+                loss = loss + lambda_self * (per[has] / count[has]).mean()
+            else:
+                self_terms = [(head_cams(x.float(), w)[list(lab)] - t).abs().mean()
+                              for x, lab, t in zip(tokens, labels, targets) if len(lab)]
+                loss = loss + lambda_self * torch.stack(self_terms).mean()
+        loss.backward()
+        opt.step()
+        history["loss"].append(float(loss.detach()))
+    return w.detach(), history
+
+
+def _pacam_targets(tokens, labels, grids, w, num_classes, num_context, opts) -> Optional[List[torch.Tensor]]:
+    with torch.no_grad():
+        cams = [head_cams(x.float(), w)[list(lab)].reshape(len(lab), *g) for x, lab, g in zip(tokens, labels, grids)]
+        protos, owners = [], []
+        for x, lab, cam in zip(tokens, labels, cams):
+            p = instance_prototypes(x.float(), cam, opts.get("delta_p", 0.4))
+            keep = p.norm(dim=1) > 0
+            protos.append(p[keep])
+            owners.append(torch.as_tensor(list(lab), dtype=torch.long)[keep])
+        if not any(len(o) for o in owners):
+            return None
+        bank = ContextBank.from_instances(torch.cat(protos), torch.cat(owners), num_classes, num_context=num_context)
+        return [context_aware_maps(x.float(), cam, lab, bank, **opts)["fused"].reshape(len(lab), -1)
+                for x, lab, cam in zip(tokens, labels, cams)]
+
+
 # -- the context bank -------------------------------------------------------------------------------
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -314,6 +471,7 @@ class ContextBank:
             ``delta_p``, the model and the GradCAM prototypes; clustering settings ``num_context``,
             ``kmeans_iters``, ``kmeans_seed``).
         ids: image ids whose prototypes are in the bank.
+        head: ``(K, D)`` weights of the trained CAM head (spec 2.2), or ``None`` (training-free).
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
@@ -329,6 +487,7 @@ class ContextBank:
     centre_classes: torch.Tensor
     settings: Dict[str, Any] = field(default_factory=dict)
     ids: List[str] = field(default_factory=list)
+    head: Optional[torch.Tensor] = None
 
     CLUSTER_KEYS = ("num_context", "kmeans_iters", "kmeans_seed")
 
@@ -346,12 +505,17 @@ class ContextBank:
                                  f"{int(cls.min())}..{int(cls.max())}.")
         self.settings = _plain(dict(self.settings))
         self.ids = [str(i) for i in self.ids]
+        if self.head is not None:
+            check_ndim("head", self.head, 2, "(K, D)")
+            if tuple(self.head.shape) != (self.num_classes, self.dim):
+                raise ValueError(f"head must have shape ({self.num_classes}, {self.dim}) (classes, feature "
+                                 f"dim); got {tuple(self.head.shape)}.")
 
     @classmethod
     def from_instances(cls, instances: torch.Tensor, classes: torch.Tensor, num_classes: int, *,
                        num_context: int = 8, kmeans_iters: int = 10, kmeans_seed: int = 0,
                        settings: Optional[Dict[str, Any]] = None,
-                       ids: Sequence[str] = ()) -> "ContextBank":
+                       ids: Sequence[str] = (), head: Optional[torch.Tensor] = None) -> "ContextBank":
         """Cluster each class's instance prototypes into ``min(num_context, N_c)`` centres."""
         check_ndim("instances", instances, 2, "(N, D)")
         if int(num_context) < 1:
@@ -372,14 +536,15 @@ class ContextBank:
         return cls(instances, classes, int(num_classes),
                    torch.cat(centres) if centres else instances.new_zeros(0, dim),
                    torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long),
-                   settings, list(ids))
+                   settings, list(ids), None if head is None else head.detach().float().cpu())
 
     def recluster(self, *, num_context: int, kmeans_iters: int, kmeans_seed: int) -> "ContextBank":
         """The same instance prototypes clustered with other settings."""
         keep = {k: v for k, v in self.settings.items() if k not in self.CLUSTER_KEYS}
         return ContextBank.from_instances(self.instances, self.instance_classes, self.num_classes,
                                           num_context=num_context, kmeans_iters=kmeans_iters,
-                                          kmeans_seed=kmeans_seed, settings=keep, ids=self.ids)
+                                          kmeans_seed=kmeans_seed, settings=keep, ids=self.ids,
+                                          head=self.head)
 
     @property
     def dim(self) -> int:
@@ -421,6 +586,7 @@ class ContextBank:
             "centres": self.centres.detach().cpu().contiguous().clone(),
             "centre_classes": self.centre_classes.detach().cpu().clone(),
             "settings": dict(self.settings), "ids": list(self.ids),
+            "head": None if self.head is None else self.head.detach().cpu().contiguous().clone(),
         }
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
@@ -452,7 +618,7 @@ class ContextBank:
         try:
             bank = cls(payload["instances"], payload["instance_classes"], payload["num_classes"],
                        payload["centres"], payload["centre_classes"], payload["settings"],
-                       payload.get("ids", []))
+                       payload.get("ids", []), payload.get("head"))
         except (TypeError, ValueError) as err:
             raise ValueError(f"context bank {path!r} is invalid: {err}") from err
         bank.check(num_classes=num_classes, dim=dim, settings=settings, source=f"context bank {path!r}")
@@ -473,6 +639,10 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
                        partial: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
                        summary=None) -> ContextBank:
     """Pass 1 of CLIP-CPAL: instance prototypes of every image of ``dataset``, then k-means.
+
+    With ``adapter.config.head`` (the trained-head alternative, spec 2.2) it keeps every image's
+    dense features in memory (and in the resume file), trains the CAM head on them
+    (:func:`train_cam_head`) and builds the bank from the head's CAMs; the head is stored in the bank.
 
     Args:
         adapter: a :class:`~vpl_plugin.adapters.clip_cpal.CLIPCPALAdapter` (its GradCAM prototypes,
@@ -497,7 +667,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
     settings = adapter.bank_settings()
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     ids = list(getattr(dataset, "ids", [str(i) for i in range(len(dataset))]))[:n]
-    done: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    done: Dict[str, Dict[str, torch.Tensor]] = {}
     partial_path = Path(partial) if partial is not None else None
     if partial_path is not None and partial_path.is_file():
         state = torch.load(partial_path, map_location="cpu", weights_only=True)
@@ -507,8 +677,8 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             raise ValueError(f"resume file {partial_path} was written under other settings "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                              "delete it to start over.")
-        for image_id, protos, classes in zip(state["ids"], state["protos"], state["classes"]):
-            done[image_id] = (protos, classes)
+        for image_id, record in zip(state["ids"], state["records"]):
+            done[image_id] = record
         log.info("cpal bank: resuming from %s (%d images done)", partial_path, len(done))
 
     def save_partial() -> None:
@@ -516,8 +686,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             return
         keys = list(done)
         with atomic_path(partial_path) as tmp:
-            torch.save({"settings": _plain(settings), "ids": keys, "protos": [done[k][0] for k in keys],
-                        "classes": [done[k][1] for k in keys]}, tmp)
+            torch.save({"settings": _plain(settings), "ids": keys, "records": [done[k] for k in keys]}, tmp)
 
     summary.total = n
     start = time.time()
@@ -529,11 +698,11 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             continue
         try:
             sample = dataset[i]
-            protos, classes = adapter.image_instance_prototypes(_sample_image(sample), sample.labels)
+            record = adapter.pass_one(_sample_image(sample), sample.labels)
         except (DatasetError, OSError, ValueError) as err:
             summary.failed.append((image_id, str(err)))
             continue
-        done[image_id] = (protos.float().cpu(), classes.cpu())
+        done[image_id] = record
         summary.done += 1
         since += 1
         if since >= checkpoint_every:
@@ -541,12 +710,30 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             since = 0
     summary.seconds = time.time() - start
     order = [i for i in ids if i in done]
+    records = [done[i] for i in order]
     dim = adapter.dense_dim
-    protos = torch.cat([done[i][0] for i in order]) if order else torch.zeros(0, dim)
-    classes = torch.cat([done[i][1] for i in order]) if order else torch.zeros(0, dtype=torch.long)
-    bank = ContextBank.from_instances(protos, classes, len(adapter.class_spec.names),
+    num_classes = len(adapter.class_spec.names)
+    head = None
+    if cfg.head:
+        if not records:
+            raise ValueError("the trained CAM head needs at least one readable image with labels.")
+        tokens = [r["tokens"] for r in records]
+        labels = [r["labels"].tolist() for r in records]
+        grids = [tuple(r["grid"].tolist()) for r in records]
+        pacam = {"candidates": cfg.candidates, "k": cfg.neighbours, "tau": cfg.tau_s, "gamma": cfg.gamma,
+                 "delta_p": cfg.delta_p, "fusion": cfg.fusion, "num_context": adapter.num_context}
+        head, _ = train_cam_head(tokens, labels, num_classes, iters=cfg.head_iters, lr=cfg.head_lr,
+                                 lambda_self=cfg.head_lambda, grid=grids, pacam=pacam)
+        records = []
+        for x, lab, g in zip(tokens, labels, grids):
+            p = instance_prototypes(x, head_cams(x, head)[lab].reshape(len(lab), *g), cfg.delta_p)
+            keep = p.norm(dim=1) > 0
+            records.append({"protos": p[keep], "classes": torch.as_tensor(lab, dtype=torch.long)[keep]})
+    protos = torch.cat([r["protos"] for r in records]) if records else torch.zeros(0, dim)
+    classes = torch.cat([r["classes"] for r in records]) if records else torch.zeros(0, dtype=torch.long)
+    bank = ContextBank.from_instances(protos, classes, num_classes,
                                       num_context=adapter.num_context, kmeans_iters=cfg.kmeans_iters,
-                                      kmeans_seed=cfg.kmeans_seed, settings=settings, ids=order)
+                                      kmeans_seed=cfg.kmeans_seed, settings=settings, ids=order, head=head)
     if partial_path is not None and partial_path.exists():
         partial_path.unlink()
     return bank

@@ -11,6 +11,9 @@ the training-free default of spec ``cpal.md`` section 2.1 (every [I] choice is a
   ``S = maxnorm(ReLU(cos(F, q)))`` and the fused map ``P = maxnorm((G + S) / 2)``, which replaces
   ``G`` for the box mask and the CAA refinement (the :meth:`fuse` hook of CLIP-ES).
 
+``head=True`` is the trained-head alternative (spec 2.2): pass 1 also trains a CAM head on the
+frozen dense features, pass 2 refines ``maxnorm((G + PACAM_head) / 2)``.
+
 With vision prototypes (``prototypes=`` a VPL set), ``G`` is the VPL GradCAM (or the dense map with
 ``map_mode="dense"``), i.e. CLIP-CPAL + VPL (spec 2.3). The bank must come from the same ``G``.
 """
@@ -28,11 +31,10 @@ from vpl_plugin.adapters.clip_es import CLIPESAdapter, CLIPESConfig
 from vpl_plugin.cam import GradCAMResult
 from vpl_plugin.cpal import (
     ContextBank,
-    align_prototypes,
+    context_aware_maps,
     fuse_maps,
+    head_cams,
     instance_prototypes,
-    prototype_maps,
-    soft_neighbours,
     tensor_fingerprint,
 )
 from vpl_plugin.data.classes import ClassSpec, VOC
@@ -57,6 +59,11 @@ class CLIPCPALConfig(CLIPESConfig):
         gamma: shift strength toward the soft positive context (0.5; 0 = no alignment).
         delta_p: instance-prototype map threshold (0.4).
         kmeans_iters, kmeans_seed: spherical k-means iterations (10) and initialisation seed (0).
+        head: the trained-head alternative (spec 2.2): pass 1 trains a 1x1-conv CAM head on the
+            frozen dense features (``L_BCE + head_lambda * L_self``); pass 2 fuses CLIP-ES's map
+            with the head's PA-CAM, ``maxnorm((G + PACAM_head) / 2)``. Default off (spec 2.1).
+        head_iters, head_lr: Adam steps (200) and learning rate (0.05) of the head.
+        head_lambda: weight of ``L_self`` (spec: 1; 0 = BCE only).
     """
 
     features: str = "ln1"
@@ -69,6 +76,10 @@ class CLIPCPALConfig(CLIPESConfig):
     delta_p: float = 0.4
     kmeans_iters: int = 10
     kmeans_seed: int = 0
+    head: bool = False
+    head_iters: int = 200
+    head_lr: float = 0.05
+    head_lambda: float = 1.0
 
 
 #: CPAL fields of :class:`CLIPCPALConfig` (the CLI exposes each as ``--cpal-<name>``)
@@ -123,6 +134,10 @@ class CLIPCPALAdapter(CLIPESAdapter):
         check_range("delta_p", float(cfg.delta_p), 0.0, 1.0)
         if int(cfg.kmeans_iters) < 0:
             raise ValueError(f"kmeans_iters must be >= 0; got {cfg.kmeans_iters}.")
+        if int(cfg.head_iters) < 1:
+            raise ValueError(f"head_iters must be >= 1; got {cfg.head_iters}.")
+        check_range("head_lr", float(cfg.head_lr), 0.0, low_open=True)
+        check_range("head_lambda", float(cfg.head_lambda), 0.0)
         self.bank: Optional[ContextBank] = None
         if bank is not None:
             self.set_bank(bank)
@@ -143,7 +158,14 @@ class CLIPCPALAdapter(CLIPESAdapter):
     def bank_settings(self) -> Dict[str, Any]:
         """What pass 1 depends on: a bank made under other values cannot serve this adapter."""
         cfg = self.config
+        head = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
+                "head_lambda": float(cfg.head_lambda)} if cfg.head else {"head": False}
+        if cfg.head:  # the head's training targets depend on the PA-CAM settings too
+            head.update({"candidates": cfg.candidates, "neighbours": int(cfg.neighbours),
+                         "tau_s": float(cfg.tau_s), "gamma": float(cfg.gamma), "fusion": cfg.fusion,
+                         "head_num_context": self.num_context})
         return {
+            **head,
             "features": cfg.features, "delta_p": float(cfg.delta_p), "map_mode": cfg.map_mode,
             "dense_kind": cfg.dense_kind, "dataset": self.class_spec.name,
             "model": self.encoder.fingerprint(), "gradcam_prototypes": self.prototypes.kind,
@@ -206,41 +228,44 @@ class CLIPCPALAdapter(CLIPESAdapter):
         keep = protos.norm(dim=1) > 0
         return protos[keep], torch.as_tensor(labels, dtype=torch.long)[keep]
 
+    def pass_one(self, image, labels: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """What pass 1 keeps of one image: its instance prototypes (training-free) or, with the
+        trained head, its dense features, token grid and labels."""
+        if not self.config.head:
+            protos, classes = self.image_instance_prototypes(image, labels)
+            return {"protos": protos.float().cpu(), "classes": classes}
+        result, _, labels = self.analyse(image, labels)
+        return {"tokens": result.tokens.float().cpu(), "grid": torch.tensor(result.grid),
+                "labels": torch.as_tensor(labels, dtype=torch.long)}
+
     def cpal_maps(self, result: CPALResult, labels: Sequence[int], base: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Pass 2 intermediates: instance prototypes ``p``, neighbour weights, aligned ``q``,
         prototype maps ``S`` and fused maps ``P`` (a class with no token at ``delta_p`` keeps
-        ``G``; a class without context prototypes is not shifted)."""
+        ``G``; a class without context prototypes is not shifted). With the trained head, ``base``
+        is the head's CAM and ``fused`` its PA-CAM."""
         if self.bank is None:
             raise ValueError("CLIP-CPAL needs its context bank (pass 1) before computing CAMs: "
                              "adapter.set_bank(build_context_bank(adapter, dataset)) or "
                              "adapter.set_bank(ContextBank.load(path)); on the command line "
                              "`vpl cams --adapter clip-cpal` builds it (or loads --cpal-bank FILE).")
         cfg = self.config
-        p = instance_prototypes(result.tokens, base, cfg.delta_p)
-        q = torch.zeros_like(p)
-        weights = []
-        for j, c in enumerate(labels):
-            if cfg.candidates == "same":
-                ctx = self.bank.context(c)
-                w = soft_neighbours(p[j:j + 1], ctx, k=cfg.neighbours, tau=cfg.tau_s)
-            else:
-                ctx = self.bank.centres
-                w = soft_neighbours(p[j:j + 1], ctx, k=cfg.neighbours, tau=cfg.tau_s,
-                                    classes=torch.tensor([c]), context_classes=self.bank.centre_classes)
-            q[j] = align_prototypes(p[j:j + 1], ctx, w, cfg.gamma)[0]
-            weights.append(w[0])
-        valid = p.norm(dim=1) > 0
-        s = prototype_maps(result.tokens, q, result.grid) if len(labels) else base.clone()
-        fused = fuse_maps(base, s, cfg.fusion) if len(labels) else base
-        fused = torch.where(valid[:, None, None], fused, base)
-        return {"instance": p, "weights": weights, "aligned": q, "prototype_maps": s, "fused": fused}
+        return context_aware_maps(result.tokens, base, labels, self.bank, candidates=cfg.candidates,
+                                  k=cfg.neighbours, tau=cfg.tau_s, gamma=cfg.gamma, delta_p=cfg.delta_p,
+                                  fusion=cfg.fusion)
 
     def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
         """Hook: ``P = maxnorm((G + S) / 2)`` replaces ``G`` before the box mask and CAA."""
         base = self.base_maps(result, labels)
         if not len(labels):
             return base
-        return self.cpal_maps(result, labels, base)["fused"]
+        if not self.config.head:
+            return self.cpal_maps(result, labels, base)["fused"]
+        if self.bank is None or self.bank.head is None:
+            raise ValueError("head=True needs a context bank with a trained head: build it with "
+                             "build_context_bank(adapter, dataset) from this adapter (or `vpl cams "
+                             "--adapter clip-cpal --cpal-head`).")
+        cam = head_cams(result.tokens, self.bank.head)[list(labels)].reshape(len(labels), *result.grid)
+        return fuse_maps(base, self.cpal_maps(result, labels, cam)["fused"], "mean")
 
     def describe(self) -> dict:
         out = super().describe()

@@ -343,6 +343,10 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
              note="spec 2.3: CPAL on the paper-literal VPL GradCAMs")
     evaluate("CLIP-CPAL + VPL recommended (region-pooled, dense map)", region,
              adapter=cpal_adapter(region, "dense"), note="CPAL on the recommended VPL dense maps")
+    evaluate("CLIP-CPAL, trained head (spec 2.2, lambda 1)", text, adapter=cpal_adapter(text, head=True),
+             note="1x1-conv CAM head on frozen ln_1 tokens, L_BCE + L_self, 200 Adam steps")
+    evaluate("CLIP-CPAL, trained head, BCE only (lambda 0)", text,
+             adapter=cpal_adapter(text, head=True, head_lambda=0.0), note="the same head without L_self")
     cpal_rows = []
     for key, value in cfg.cpal_sweep:
         seed = _evaluate(cpal_adapter(text, **{key: value}), test, crf=False)[0]
