@@ -296,6 +296,83 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="save as a TorchScript archive like OpenAI's released files")
 
     p = sub.add_parser(
+        "train", help="VPL phase 2: train the segmentation decoder on pseudo masks",
+        description="Train the phase-2 decoder (frozen CLIP encoder, frozen prototypes, CE + RSC loss) "
+                    "on images and pseudo-mask PNGs (255 = ignore). SGD momentum 0.9, weight decay "
+                    "1e-4, poly lr; random rescale, crop and flip. Writes OUT/last.pt (resumable "
+                    "state, every --checkpoint-every iterations), OUT/segmenter.pt (for `vpl segment`), "
+                    "OUT/curves.json and OUT/curves.png.",
+        formatter_class=fmt, epilog="""examples:
+  # the paper's recipe (30k iterations, batch 6, crop 448) on VOC train_aug pseudo masks
+  vpl train --clip ViT-B/16 --root VOC2012 --split-file train_aug.txt --masks pseudo_vpl \\
+      --prototypes vpl.pt --out runs/decoder --device cuda
+  # the same on 6 GPUs, one image each (--batch-size is the global batch over all processes, so
+  # 1, 2, 3 or 6 GPUs keep the paper's 6; 8 GPUs need --batch-size 8 or 16)
+  torchrun --nproc_per_node 6 -m vpl_plugin train --clip ViT-B/16 --root VOC2012 \\
+      --split-file train_aug.txt --masks pseudo_vpl --prototypes vpl.pt --out runs/decoder \\
+      --device cuda
+  # ablation rows: CE only (Table 3 row IV) and with validation mIoU curves
+  vpl train ... --lambda-rsc 0 --out runs/ce_only --eval-every 2000 --val-split-file val.txt
+  # the demo world (64x64 images, the shipped demo CLIP, patch 8)
+  vpl train --dataset synthetic --clip vpl_plugin/demo/assets/demo_clip.pt --root world \\
+      --split-file train.txt --masks world_masks --prototypes vpl.pt --out runs/demo --crop 64 --iters 1000
+A rerun with the same --out resumes from OUT/last.pt and ends with the weights an uninterrupted run
+would have (same settings required; --no-resume starts over). Under torchrun every process reads its
+slice of the same global batch, BatchNorm and the loss use the whole global batch, and rank 0 writes
+the files.""")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--backbone", "--clip", dest="backbone", metavar="SPEC",
+                   help="frozen encoder: OpenAI CLIP name or checkpoint (ViT-B/16, PATH.pt), "
+                        "'clip:NAME_OR_PATH' or 'timm:MODEL'")
+    g.add_argument("--prototypes", metavar="PROTOTYPES.pt", help="prototype set from `vpl learn` (frozen)")
+    g.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
+                   help="label space and list format (default: voc)")
+    g.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (VOC: the VOC2012 folder)")
+    g.add_argument("--split-file", metavar="LIST.txt", help="training image list (e.g. train_aug.txt)")
+    g.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
+                   help="VOC image-level labels: XML, GT mask, or XML where present (default auto)")
+    g.add_argument("--masks", metavar="MASK_DIR", help="pseudo masks <id>.png from `vpl masks` (255 = ignore)")
+    g.add_argument("--skip-missing", action="store_true",
+                   help="train on the images that have a mask instead of stopping (exit status 3)")
+    g.add_argument("--val-split-file", metavar="LIST.txt",
+                   help="images with ground truth under ROOT for validation mIoU curves")
+    g.add_argument("--val-limit", type=int, metavar="N", help="validate on the first N images only")
+    g.add_argument("--tau-seg", type=float, metavar="T",
+                   help="temperature of the mask logits (default: the prototype set's tau_I)")
+    g.add_argument("--out", metavar="DIR", help="output folder")
+    g = p.add_argument_group("optimisation (defaults: the paper / spec 8.8)")
+    g.add_argument("--iters", type=int, default=30000, help="iterations (30000)")
+    g.add_argument("--batch-size", type=int, default=6,
+                   help="global batch over all processes (6); a multiple of the process count")
+    g.add_argument("--lr", type=float, default=0.01, help="base learning rate, poly 0.9 decay (0.01)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--crop", type=int, default=448, help="crop side, a multiple of the patch (448)")
+    g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
+                   help="random rescale range (0.5 2.0)")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flip")
+    g.add_argument("--lambda-ce", type=float, default=1.0, help="CE weight (1)")
+    g.add_argument("--lambda-rsc", type=float, default=1.0, help="RSC weight (1; 0 = CE only)")
+    g.add_argument("--tau-rsc", type=float, default=0.01, help="RSC temperature (0.01)")
+    g.add_argument("--rsc-form", default="pairs", choices=["pairs", "class", "literal"],
+                   help="RSC definition (spec 8.6; default pairs)")
+    g.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                   help="write OUT/last.pt every N iterations (1000) and at the end")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help="validation mIoU every N iterations (needs --val-split-file)")
+    g.add_argument("--amp", dest="amp", action="store_true", default=True,
+                   help="mixed precision on CUDA (default on; ignored on CPU)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="full fp32 on CUDA")
+    g.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
+                   help="autocast dtype (bf16 default; fp16 adds a gradient scaler)")
+    g.add_argument("--seed", type=int, default=0, help="decoder init, data order and augmentation (0)")
+    g.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (2)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over instead of resuming from OUT/last.pt")
+    _add_common(p)
+
+    p = sub.add_parser(
         "segment", help="VPL phase 2: segment images with a trained decoder",
         description="Segment the images of a list with a `vpl train` segmenter: softmax averaged over "
                     "scales and a horizontal flip (spec 8.9), optional dense CRF on the RGB image, "
@@ -762,6 +839,78 @@ def cmd_train_clip(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    import torch
+
+    from vpl_plugin import distributed
+    from vpl_plugin.data.voc import VOCDataset
+    from vpl_plugin.phase2.backbones import create_backbone
+    from vpl_plugin.phase2.data import PseudoMaskDataset
+    from vpl_plugin.phase2.decoder import DecoderConfig, build_segmenter
+    from vpl_plugin.phase2.losses import Phase2Loss
+    from vpl_plugin.phase2.train import TrainConfig, train_segmenter
+    from vpl_plugin.prototypes import PrototypeSet
+
+    missing = [f for f in ("backbone", "root", "masks", "prototypes", "out") if not getattr(args, f)]
+    if missing:
+        raise UsageError("vpl train: missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
+                         + " (see `vpl train --help`).")
+    if args.eval_every and not args.val_split_file:
+        raise UsageError("--eval-every needs --val-split-file (images with ground truth under --root).")
+    try:
+        config = TrainConfig(iterations=args.iters, batch_size=args.batch_size, lr=args.lr,
+                             momentum=args.momentum, weight_decay=args.weight_decay, crop=args.crop,
+                             scale_range=tuple(args.scale), flip=args.flip,
+                             checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                             eval_limit=args.val_limit, amp=args.amp, amp_dtype=args.amp_dtype,
+                             seed=args.seed, num_workers=args.workers)
+        loss = Phase2Loss(lambda_ce=args.lambda_ce, lambda_rsc=args.lambda_rsc, tau_rsc=args.tau_rsc,
+                          rsc_form=args.rsc_form)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    env = distributed.init_distributed(args.device)
+    if not env.is_main:
+        logging.getLogger("vpl_plugin").setLevel(logging.WARNING)
+    device = args.device
+    if str(device).startswith("cuda") and env.distributed:
+        device = f"cuda:{env.local_rank}"
+    try:
+        samples, _ = _dataset(args)
+        data = PseudoMaskDataset(samples, args.masks, skip_missing=args.skip_missing, limit=args.limit)
+        val = None
+        if args.val_split_file:
+            val = VOCDataset(args.root, args.val_split_file, class_spec=samples.class_spec,
+                             label_source=args.label_source)
+        prototypes = PrototypeSet.load(args.prototypes)
+        if prototypes.num_fg != data.num_fg:
+            raise UsageError(f"--prototypes has {prototypes.num_fg} foreground classes but --dataset "
+                             f"{args.dataset} has {data.num_fg}.")
+        torch.manual_seed(args.seed)  # the decoder's initial weights (DDP copies rank 0's anyway)
+        decoder_config = DecoderConfig(tau_seg=args.tau_seg)
+        model = build_segmenter(create_backbone(args.backbone, device), prototypes, decoder_config)
+        out = Path(args.out)
+        if env.is_main:
+            _write_config(out / "vpl_train.yaml", args, {
+                "train_config": config.to_dict(), "decoder_config": decoder_config.to_dict(),
+                "world_size": env.world_size, "images": len(data), "skipped": len(data.skipped)})
+        record = train_segmenter(model, data, out, config=config, loss=loss, val_dataset=val,
+                                 device=device, resume=args.resume, progress=args.progress)
+    finally:
+        if owns_group:
+            distributed.destroy()
+    if env.is_main:
+        final = record["final"]
+        val_text = f", val mIoU {100 * record['val']['miou']:.2f}" if record.get("val") else ""
+        print(f"vpl train: {record['iteration']} iterations on {len(data)} images "
+              f"({env.world_size} process{'es' if env.world_size > 1 else ''}), final loss "
+              f"{final['loss']:.4f} (ce {final['ce']:.4f}, rsc {final['rsc']:.4f}){val_text}, "
+              f"{record['seconds']:.0f} s; saved {record['paths'].get('segmenter', out)}")
+        for image_id, reason in data.skipped[:20]:
+            print(f"  skipped {image_id}: {reason}", file=sys.stderr)
+    return EXIT_PARTIAL if data.skipped else EXIT_OK
+
+
 def cmd_segment(args) -> int:
     from vpl_plugin import distributed
     from vpl_plugin._io import write_json
@@ -827,7 +976,7 @@ def cmd_segment(args) -> int:
 
 
 _COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "learn": cmd_learn, "masks": cmd_masks, "eval": cmd_eval,
-             "random-clip": cmd_random_clip, "reproduce": cmd_reproduce,
+             "random-clip": cmd_random_clip, "reproduce": cmd_reproduce, "train": cmd_train,
              "segment": cmd_segment}
 
 
