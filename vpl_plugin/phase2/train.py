@@ -587,9 +587,9 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
                              window["rsc"] / n, lr)
                 window = {"loss": 0.0, "ce": 0.0, "rsc": 0.0, "n": 0}
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}",
                                 rsc=f"{last['rsc']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
             if config.eval_every and iteration % config.eval_every == 0 and iteration < config.iterations:
                 validate(iteration)
             if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
