@@ -7,6 +7,8 @@ phase-1 pseudo masks and regional semantic contrast (RSC) against the frozen vis
 * :mod:`~vpl_plugin.phase2.backbones`: frozen per-block token-map encoders (OpenAI CLIP, timm).
 * :mod:`~vpl_plugin.phase2.decoder`: :class:`PrototypeSegmenter`, save / load.
 * :mod:`~vpl_plugin.phase2.segment`: multi-scale + flip inference, CRF, label PNGs.
+* :mod:`~vpl_plugin.phase2.data` / :mod:`~vpl_plugin.phase2.train`: the pseudo-mask dataset with
+  the spec's augmentation and :func:`train_segmenter` (SGD, poly, resumable, DDP under torchrun).
 
 timm (``pip install 'vpl-plugin[decoder]'``) is needed to build the decoder; importing this
 package does not need it.
@@ -19,6 +21,7 @@ from vpl_plugin.phase2.backbones import (
     backbone_from_description,
     create_backbone,
 )
+from vpl_plugin.phase2.data import PseudoMaskDataset
 from vpl_plugin.phase2.decoder import (
     DecoderConfig,
     PrototypeSegmenter,
@@ -43,6 +46,7 @@ from vpl_plugin.phase2.segment import (
     segment_dataset,
     segment_image,
 )
+from vpl_plugin.phase2.train import TrainConfig, evaluate_segmenter, train_segmenter
 
 __all__ = [
     "BACKBONE_FAMILIES",
@@ -52,12 +56,15 @@ __all__ = [
     "OpenAICLIPBackbone",
     "Phase2Loss",
     "PrototypeSegmenter",
+    "PseudoMaskDataset",
     "RSCLoss",
     "SegmentationDecoder",
     "TimmCLIPBackbone",
+    "TrainConfig",
     "backbone_from_description",
     "build_segmenter",
     "create_backbone",
+    "evaluate_segmenter",
     "load_segmenter",
     "masked_average_pool",
     "predict_probabilities",
@@ -68,4 +75,5 @@ __all__ = [
     "segment_dataset",
     "segment_image",
     "segmentation_logits",
+    "train_segmenter",
 ]

@@ -433,7 +433,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         out: output folder (``last.pt``, ``segmenter.pt``, ``curves.json``, ``curves.png``).
         config: :class:`TrainConfig`.
         loss: the criterion, called ``loss(outputs, masks, labels) -> (loss, {"ce", "rsc"})``;
-            default ``Phase2Loss()`` (CE + RSC, spec values).
+            default ``Phase2Loss()`` (CE + RSC, weights 1 and 1, tau_RSC 0.07).
         val_dataset: optional dataset of samples with ground truth for mIoU curves
             (:func:`evaluate_segmenter`, rank 0).
         device: ``"cpu"`` or ``"cuda"``; under torchrun each rank uses ``cuda:LOCAL_RANK``.
