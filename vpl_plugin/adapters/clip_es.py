@@ -8,13 +8,14 @@ classes of an image share one trunk forward and one backward (identical results,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from vpl_plugin.adapters.base import CAMAdapter, CAMOutput, register_adapter
 from vpl_plugin.cam import (
+    batch_image_gradcams,
     GradCAMResult,
     affinity_transition,
     box_mask,
@@ -194,17 +195,21 @@ class CLIPESAdapter(CAMAdapter):
         return refine_cams(transition, maps, masks)
 
     # -- the whole stage --------------------------------------------------------------------------
+    def _check_labels(self, labels: Sequence[int]) -> List[int]:
+        labels = [int(c) for c in labels]
+        bad = [c for c in labels if not 0 <= c < len(self.class_spec.names)]
+        if bad:
+            raise ValueError(f"labels {bad} are outside 0..{len(self.class_spec.names) - 1} "
+                             f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
+        return labels
+
     def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], list]:
         """Validate ``labels``, preprocess ``image`` and run the GradCAM forward.
 
         Returns:
             the :class:`GradCAMResult`, the original size ``(H0, W0)`` and the labels as ints.
         """
-        labels = [int(c) for c in labels]
-        bad = [c for c in labels if not 0 <= c < len(self.class_spec.names)]
-        if bad:
-            raise ValueError(f"labels {bad} are outside 0..{len(self.class_spec.names) - 1} "
-                             f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
+        labels = self._check_labels(labels)
         x, size = self.encoder.preprocess(image)
         # "fused" explains the image with the text prototypes and localises with the current ones
         gradcam_set = self.text_prototypes if self.config.map_mode == "fused" else None
@@ -212,6 +217,41 @@ class CLIPESAdapter(CAMAdapter):
 
     def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
         result, size, labels = self.analyse(image, labels)
+        return self.finish(result, size, labels)
+
+    def call_batch(self, images: Sequence, labels: Sequence[Sequence[int]]) -> List[CAMOutput]:
+        """CAMs of several images whose preprocessed sizes are equal, through one trunk forward and
+        one last-block backward (:func:`~vpl_plugin.cam.batch_image_gradcams`): each output equals
+        ``self(image, labels)`` up to float summation order (tested within 1e-5 on the GradCAMs).
+        Worth it on a GPU; on a CPU thread per-image calls were faster (``benchmarks/NOTES.md``).
+        An adapter that overrides :meth:`gradcams` (CLIP-CPAL) is served one image at a time.
+
+        Raises:
+            ValueError: lengths differ, a label is out of range, or the sizes differ (group images
+                by ``encoder.padded_size`` first, as :func:`~vpl_plugin.pipeline.generate_cams` does).
+        """
+        if len(images) != len(labels):
+            raise ValueError(f"call_batch needs one label list per image; got {len(images)} images and "
+                             f"{len(labels)} label lists.")
+        if type(self).gradcams is not CLIPESAdapter.gradcams or len(images) <= 1:
+            return [self(im, lab) for im, lab in zip(images, labels)]
+        checked = [self._check_labels(lab) for lab in labels]
+        prepared = [self.encoder.preprocess(im) for im in images]
+        shapes = {tuple(x.shape) for x, _ in prepared}
+        if len(shapes) > 1:
+            raise ValueError(f"call_batch needs images of one preprocessed size; got {sorted(shapes)}. "
+                             f"Group them by encoder.padded_size(height, width) first.")
+        ps = self.text_prototypes if self.config.map_mode == "fused" else self.prototypes
+        scale = torch.tensor(ps.logit_scale, dtype=torch.float32)
+        results = batch_image_gradcams(
+            self.encoder, torch.stack([x for x, _ in prepared]),
+            [self.stacked_prototypes(lab, ps) for lab in checked],
+            [list(range(len(lab))) for lab in checked], [scale] * len(checked),
+            affinity_layers=self.config.affinity_layers)
+        return [self.finish(r, size, lab) for r, (_, size), lab in zip(results, prepared, checked)]
+
+    def finish(self, result: GradCAMResult, size: Tuple[int, int], labels: List[int]) -> CAMOutput:
+        """Fuse, refine and resize one image's GradCAM result into its :class:`CAMOutput`."""
         maps = self.fuse(result, labels)
         final = self.refine(result, maps) if self.config.refine else maps
         extra = {}
