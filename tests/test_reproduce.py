@@ -46,28 +46,26 @@ def test_table1_on_real_voc_with_a_random_clip_and_rerun_reuses_stages(four_voc,
     assert set(rows) == set(PAPER_TABLE1)
     for name, (seed, mask) in PAPER_TABLE1.items():
         assert (rows[name]["paper_seed"], rows[name]["paper_mask"]) == (seed, mask)
-    for name in ("CLIP-ES", "CLIP-ES + VPL"):
+    for name in PAPER_TABLE1:  # every row is chained (CLIP-CPAL: the reconstruction)
         r = rows[name]
         assert r["available"] is True
         assert 0 <= r["seed"] <= 100 and 0 <= r["mask"] <= 100
         assert r["diff_seed"] == pytest.approx(r["seed"] - r["paper_seed"], abs=0.011)
-    for name in ("CLIP-CPAL", "CLIP-CPAL + VPL"):  # not chained yet: the paper's values, nothing measured
-        assert rows[name]["available"] is False and rows[name]["seed"] is None and rows[name]["mask"] is None
-        assert rows[name]["note"] in ("adapter not available yet",
-                                      "adapter registered; not chained by `vpl reproduce` yet")
     md = (out / "table1.md").read_text()
-    assert "CLIP-ES + VPL" in md and "76.3" in md and rows["CLIP-CPAL"]["note"] in md
-    for stage in ("text_cams", "prototypes", "vpl_cams", "text_masks", "vpl_masks", "eval_text_cams",
-                  "eval_vpl_masks"):
+    assert "CLIP-ES + VPL" in md and "76.3" in md and "77.8" in md
+    for stage in ("text_cams", "prototypes", "vpl_cams", "cpal_cams", "cpal_vpl_cams", "text_masks",
+                  "vpl_masks", "cpal_vpl_masks", "eval_text_cams", "eval_cpal_vpl_masks"):
         assert (out / stage / STAGE_MARKER).is_file()
-    assert len(list((out / "vpl_cams").glob("*.npy"))) == 4
+    for stage in ("vpl_cams", "cpal_cams", "cpal_vpl_cams"):
+        assert len(list((out / stage).glob("*.npy"))) == 4
+    assert (out / "cpal_cams" / "cpal_bank.pt").is_file() and (out / "cpal_vpl_cams" / "cpal_bank.pt").is_file()
     assert len(list((out / "text_masks").glob("*.png"))) == 4
 
     before = _stage_state(out)
     npy = {p.name: p.stat().st_mtime_ns for p in (out / "text_cams").glob("*.npy")}
     assert _run(argv) == EXIT_OK
     text = capsys.readouterr().out
-    assert text.count("finished before; skipped") == 9 and "projected run time" not in text
+    assert text.count("finished before; skipped") == 17 and "projected run time" not in text
     assert _stage_state(out) == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "text_cams").glob("*.npy")} == npy
     assert json.loads((out / "table1.json").read_text())["rows"] == table["rows"]
@@ -77,11 +75,13 @@ def test_table1_on_real_voc_with_a_random_clip_and_rerun_reuses_stages(four_voc,
     argv[argv.index("--iters") + 1] = "6"
     assert _run(argv) == EXIT_OK
     text = capsys.readouterr().out
-    assert text.count("finished before; skipped") == 4
+    assert text.count("finished before; skipped") == 8
     after = _stage_state(out)
-    for stage in ("text_cams", "text_masks", "eval_text_cams", "eval_text_masks"):
-        assert after[stage] == before[stage]
-    for stage in ("prototypes", "vpl_cams", "vpl_masks", "eval_vpl_cams", "eval_vpl_masks"):
+    for kind in ("text", "cpal"):
+        for stage in (f"{kind}_cams", f"{kind}_masks", f"eval_{kind}_cams", f"eval_{kind}_masks"):
+            assert after[stage] == before[stage]
+    for stage in ("prototypes", "vpl_cams", "vpl_masks", "eval_vpl_cams", "eval_vpl_masks", "cpal_vpl_cams",
+                  "eval_cpal_vpl_masks"):
         assert after[stage] != before[stage]
         assert len(list(out.glob(f"{stage}.old-*"))) == 1
 
@@ -131,3 +131,17 @@ def test_table1_on_the_synthetic_export_with_the_demo_clip(tmp_path, capsys):
     for name in ("CLIP-ES", "CLIP-ES + VPL"):
         assert rows[name]["available"] and 0 <= rows[name]["seed"] <= 100 and 0 <= rows[name]["mask"] <= 100
     print(capsys.readouterr().out)
+
+
+def test_no_cpal_leaves_the_clip_cpal_rows_out(four_voc, tiny_checkpoint, tmp_path, capsys):
+    from vpl_plugin.reproduce import build_table
+
+    out = tmp_path / "t1"
+    argv = ["reproduce", "table1", "--voc-root", four_voc, "--clip", tiny_checkpoint, "--learn-split", "train",
+            "--out", out, "--dry-run", "--no-projection"]
+    assert _run(argv) == EXIT_OK and "ready: 17 of 17 stages" in capsys.readouterr().out
+    assert _run(argv + ["--no-cpal"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "ready: 9 of 9 stages" in text and "cpal" not in text.split("ready:")[1]
+    rows = {r["row"]: r for r in build_table(out, ["clip-es", "clip-cpal"], skipped=("CLIP-CPAL", "CLIP-CPAL + VPL"))}
+    assert rows["CLIP-CPAL"]["note"] == "skipped (--no-cpal)" and rows["CLIP-CPAL"]["seed"] is None

@@ -162,15 +162,15 @@ def test_coco_table1_end_to_end_with_a_token_budget(coco_root, tiny_checkpoint, 
         assert r["paper_seed"] is None and r["paper_mask"] is None
         assert r["paper_coco_val_segmentation"] == PAPER_COCO_VAL_SEGMENTATION[name]
         assert r["diff_seed"] is None and r["diff_mask"] is None
-    for name in ("CLIP-ES", "CLIP-ES + VPL"):
+    for name in rows:  # CLIP-CPAL rows too (the reconstruction, M = 4 context prototypes on COCO)
         assert rows[name]["available"] and 0 <= rows[name]["seed"] <= 100 and 0 <= rows[name]["mask"] <= 100
     md = (out / "table1.md").read_text()
     assert "| CLIP-ES + VPL | n/a | n/a |" in md and "45.4" in md and "at most 1.4e+03 tokens" in md
 
     # rerun: every stage reused
     assert _run(argv) == EXIT_OK
-    assert capsys.readouterr().out.count("finished before; skipped") == 9
-    assert len(list(out.glob(f"*/{STAGE_MARKER}"))) == 9
+    assert capsys.readouterr().out.count("finished before; skipped") == 17
+    assert len(list(out.glob(f"*/{STAGE_MARKER}"))) == 17
 
 
 def test_coco_dry_run_on_a_complete_root_projects_the_learning_time(coco_root, tiny_checkpoint, tmp_path,
@@ -184,7 +184,7 @@ def test_coco_dry_run_on_a_complete_root_projects_the_learning_time(coco_root, t
     assert "n/a" not in line
     # the budget does not bite on 2 images: every token (18 x 32 + 24 x 32) is learned from
     assert "3000 steps x 1.33 passes x 1344 tokens" in text
-    assert "ready: 9 of 9 stages" in text and not out.exists()
+    assert "ready: 17 of 17 stages" in text and not out.exists()
 
 
 def test_coco_dry_run_says_what_is_missing_and_where_to_get_it(coco_root, tiny_checkpoint, tmp_path, capsys):

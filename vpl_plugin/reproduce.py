@@ -43,7 +43,9 @@ PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
 ROW_ADAPTER = {"CLIP-ES": "clip-es", "CLIP-ES + VPL": "clip-es",
                "CLIP-CPAL": "clip-cpal", "CLIP-CPAL + VPL": "clip-cpal"}
 # adapters whose stages this command chains (a registered adapter not listed is shown, not run)
-CHAINED_ADAPTERS = ("clip-es",)
+CHAINED_ADAPTERS = ("clip-es", "clip-cpal")
+# the stage-name prefix of each row's CAMs and masks (ROW_PREFIX[row] + "_cams", + "_masks")
+ROW_PREFIX = {"CLIP-ES": "text", "CLIP-ES + VPL": "vpl", "CLIP-CPAL": "cpal", "CLIP-CPAL + VPL": "cpal_vpl"}
 # COCO val segmentation mIoU after phase 2 / DeepLab (vpl.md section 12, cpal.md section 3): the only
 # COCO numbers the papers give; they are not seed or pseudo-mask mIoU, so they are shown as context.
 PAPER_COCO_VAL_SEGMENTATION: Dict[str, float] = {
@@ -129,6 +131,9 @@ def add_arguments(p) -> None:
                         "configuration with --tau 0.1 --map-mode dense; see README)")
     p.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
                    help="map of the VPL CAMs: gradcam (the paper, default), dense or fused (see vpl cams)")
+    p.add_argument("--no-cpal", dest="cpal", action="store_false",
+                   help="skip the CLIP-CPAL rows (the reconstruction of spec cpal.md; each of its rows "
+                        "runs a bank pass and a CAM pass over --split)")
     p.add_argument("--no-projection", dest="project", action="store_false",
                    help="do not time a few images per stage before the run")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -153,8 +158,9 @@ EPILOG = """examples:
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --dry-run
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --device cuda --out t1_coco
 
-Rows whose adapter does not exist yet (CLIP-CPAL) are listed with the paper's values only. The
-paper has no COCO seed or mask numbers: the COCO table prints "n/a" in the paper columns.
+The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; spec cpal.md,
+adapters/clip_cpal/README.md); --no-cpal skips them. The paper has no COCO seed or mask numbers:
+the COCO table prints "n/a" in the paper columns.
 Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
 
 
@@ -522,14 +528,26 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
         ("vpl_cams", ["cams", *data, "--split-file", split, "--prototypes", protos,
                       "--map-mode", args.map_mode, "--out", out / "vpl_cams", *common]),
     ]
-    for kind in ("text", "vpl"):
+    kinds = ["text", "vpl"]
+    if getattr(args, "cpal", True):
+        # CLIP-CPAL (spec cpal.md 2.1): pass 1 builds the context bank over the same list (saved in
+        # the stage folder), pass 2 writes the CAMs; + VPL (2.3): the same on the VPL maps
+        stages += [
+            ("cpal_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
+                           "--out", out / "cpal_cams", *common]),
+            ("cpal_vpl_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
+                               "--prototypes", protos, "--map-mode", args.map_mode,
+                               "--out", out / "cpal_vpl_cams", *common]),
+        ]
+        kinds += ["cpal", "cpal_vpl"]
+    for kind in kinds:
         stages.append((f"{kind}_masks", ["masks", "--cams", out / f"{kind}_cams", "--root", root,
                                          *(["--image-dir", _image_dir(root, split, args.dataset)]
                                            if args.dataset == "coco" else []),
                                          "--split-file", split, "--out", out / f"{kind}_masks",
                                          "--workers", args.workers, *common]))
-    for name, flag in (("text_cams", "--cams"), ("vpl_cams", "--cams"), ("text_masks", "--masks"),
-                       ("vpl_masks", "--masks")):
+    for name, flag in [(f"{kind}_cams", "--cams") for kind in kinds] + [(f"{kind}_masks", "--masks")
+                                                                         for kind in kinds]:
         stages.append((f"eval_{name}", ["eval", flag, out / name, "--dataset", args.dataset,
                                         "--gt-root", gt, "--split-file", split,
                                         "--json", out / f"eval_{name}" / "result.json", *common]))
@@ -540,9 +558,10 @@ def _stage_dir(out: Path, name: str) -> Path:
     return out / name
 
 
-_DEPENDS = {"vpl_cams": ("prototypes",), "text_masks": ("text_cams",), "vpl_masks": ("vpl_cams",),
-            "eval_text_cams": ("text_cams",), "eval_vpl_cams": ("vpl_cams",),
-            "eval_text_masks": ("text_masks",), "eval_vpl_masks": ("vpl_masks",)}
+_DEPENDS = {"vpl_cams": ("prototypes",), "cpal_vpl_cams": ("prototypes",),
+            **{f"{k}_masks": (f"{k}_cams",) for k in ("text", "vpl", "cpal", "cpal_vpl")},
+            **{f"eval_{k}_{what}": (f"{k}_{what}",) for k in ("text", "vpl", "cpal", "cpal_vpl")
+               for what in ("cams", "masks")}}
 
 
 def stage_keys(stages: List[Tuple[str, List[str]]]) -> Dict[str, str]:
@@ -687,6 +706,9 @@ def project_time(args, work: Path, geometry: Optional[Dict[str, int]] = None) ->
     per_stage = {"text_cams": cam_rate * n_split, "prototypes (features)": cam_rate * n_learn,
                  "prototypes (steps)": learn_seconds,
                  "vpl_cams": cam_rate * n_split, "masks (CRF)": 2 * mask_rate * n_split}
+    if getattr(args, "cpal", True):  # bank pass + CAM pass per CLIP-CPAL row (the bank step is small)
+        per_stage["cpal_cams (2 rows x 2 passes)"] = 4 * cam_rate * n_split
+        per_stage["masks (CRF)"] = 4 * mask_rate * n_split
     return {"sample_images": k, "cam_seconds_per_image": round(cam_rate, 3),
             "crf_seconds_per_image": round(mask_rate, 3), "images": {"split": n_split, "learn": n_learn},
             "learning": {"tokens": tokens, "max_tokens": args.max_tokens, "steps": args.iters,
@@ -729,7 +751,8 @@ def _miou(path: Path) -> Optional[float]:
     return None if value is None else round(100 * float(value), 2)
 
 
-def build_table(out: Path, available: Sequence[str], dataset: str = "voc") -> List[Dict[str, Any]]:
+def build_table(out: Path, available: Sequence[str], dataset: str = "voc",
+                skipped: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """One record per Table 1 row: the paper's values (None on COCO: the paper gives none), the
     measured mIoU from the eval stages and the differences."""
     rows = []
@@ -740,12 +763,13 @@ def build_table(out: Path, available: Sequence[str], dataset: str = "voc") -> Li
                                "paper_mask": p_mask}
         if dataset == "coco":
             rec["paper_coco_val_segmentation"] = PAPER_COCO_VAL_SEGMENTATION[row]
-        if ROW_ADAPTER[row] not in available or ROW_ADAPTER[row] not in CHAINED_ADAPTERS:
+        if ROW_ADAPTER[row] not in available or ROW_ADAPTER[row] not in CHAINED_ADAPTERS or row in skipped:
             note = ("adapter not available yet" if ROW_ADAPTER[row] not in available
+                    else "skipped (--no-cpal)" if row in skipped
                     else "adapter registered; not chained by `vpl reproduce` yet")
             rec.update(available=False, note=note, seed=None, mask=None, diff_seed=None, diff_mask=None)
         else:
-            kind = "vpl" if row.endswith("+ VPL") else "text"
+            kind = ROW_PREFIX[row]
             seed = _miou(out / f"eval_{kind}_cams" / "result.json")
             mask = _miou(out / f"eval_{kind}_masks" / "result.json")
             rec.update(available=True, seed=seed, mask=mask,
@@ -860,7 +884,8 @@ def run(args) -> int:
                   "are kept", file=sys.stderr)
             return EXIT_USAGE
 
-    rows = build_table(out, available, args.dataset)
+    rows = build_table(out, available, args.dataset,
+                       skipped=() if args.cpal else ("CLIP-CPAL", "CLIP-CPAL + VPL"))
     table = format_table(rows)
     print(table)
     if coco:
