@@ -102,17 +102,17 @@ def bench_cams(args, device: str) -> dict:
 
 def bench_learning(args, device: str) -> dict:
     d, n = 512, 45
-    g = torch.Generator(device="cpu").manual_seed(0)
-    centres = torch.randn(n, d, generator=g)
-    cls = torch.randint(0, n, (args.pixels,), generator=g)
+    g = torch.Generator(device=device).manual_seed(0)  # generated where it is used (8M x 512)
+    centres = torch.randn(n, d, generator=g, device=device)
+    cls = torch.randint(0, n, (args.pixels,), generator=g, device=device)
     feats = torch.empty(args.pixels, d, dtype=torch.float16, device=device)
     step = 1 << 20
     for a in range(0, args.pixels, step):
         b = min(a + step, args.pixels)
-        x = centres[cls[a:b]] + torch.randn(b - a, d, generator=g)
-        feats[a:b] = torch.nn.functional.normalize(x, dim=1).to(device, torch.float16)
-    targets = torch.nn.functional.one_hot(cls, n).to(device, torch.float16)
-    init = torch.nn.functional.normalize(centres + 0.5, dim=1)
+        x = centres[cls[a:b]] + torch.randn(b - a, d, generator=g, device=device)
+        feats[a:b] = torch.nn.functional.normalize(x, dim=1).to(torch.float16)
+    targets = torch.nn.functional.one_hot(cls, n).to(torch.float16)
+    init = torch.nn.functional.normalize(centres.cpu() + 0.5, dim=1)
     chunk = args.pixels  # resident: one chunk per pass
     learn_vision_prototypes(feats[:chunk // 8], targets[:chunk // 8], init, tau=0.03, lr=10, iters=2,
                             step_rule="halving", chunk_size=chunk, device=device)  # warm-up
