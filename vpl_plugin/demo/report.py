@@ -407,10 +407,15 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
         phi_rows.append({"phi": phi, "seed_gradcam": 100 * g, "seed_dense": 100 * d})
         log(f"  Phi {phi:.1f}: GradCAM {100 * g:5.1f}  dense {100 * d:5.1f}")
 
-    gates["text_gradcam_seed_miou"] = rows[0].seed_miou
+    # the gate is on the text-prototype GradCAM itself (no CAA, no CRF), the measure of the probes
+    # that set its level; CLIP-ES's seed (with CAA) is reported beside it
+    raw = CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES, refine=False)
+    gates["text_gradcam_seed_miou"] = 100 * _evaluate(raw, test, crf=False)[0]
+    gates["clip_es_seed_miou_with_caa"] = rows[0].seed_miou
     for what, value, need in (("zero-shot label-set accuracy", gates["label_set_accuracy"], 0.95),
-                              ("text GradCAM seed mIoU", gates["text_gradcam_seed_miou"], 35.0)):
+                              ("text GradCAM seed mIoU (no CAA)", gates["text_gradcam_seed_miou"], 35.0)):
         log(f"gate: {what} {value:.3f} (>= {need} wanted): {'met' if value >= need else 'NOT MET'}")
+    log(f"  (CLIP-ES seed with CAA refinement: {rows[0].seed_miou:.1f})")
     report = {
         "config": asdict(cfg), "checkpoint": str(ckpt), "device": device, "gates": gates,
         "gates_passed": {"label_set_accuracy>=0.95": gates["label_set_accuracy"] >= 0.95,
@@ -446,7 +451,8 @@ def _markdown(r: Dict[str, Any]) -> str:
              f"Checkpoint `{Path(r['checkpoint']).name}`; {r['seconds']:.0f} s.", "",
              "Gates: zero-shot label-set accuracy "
              f"{r['gates']['label_set_accuracy']:.3f} (want >= 0.95), text GradCAM seed mIoU "
-             f"{r['gates']['text_gradcam_seed_miou']:.1f} (want >= 35).", "",
+             f"(no CAA, no CRF) {r['gates']['text_gradcam_seed_miou']:.1f} (want >= 35); CLIP-ES's "
+             f"seed with CAA refinement {r['gates']['clip_es_seed_miou_with_caa']:.1f}.", "",
              "| row | seed mIoU | pseudo-mask mIoU | gap | context false activation | note |",
              "|---|---:|---:|---:|---:|---|"]
     for row in r["rows"]:
