@@ -95,6 +95,15 @@ def test_demo_report_on_a_tiny_model(tmp_path):
         assert 0 <= r["seed_miou"] <= 100 and 0 <= r["mask_miou"] <= 100
     assert (tmp_path / "out" / "grid.png").exists() and "| tau_I |" in (tmp_path / "out" / "report.md").read_text()
     assert set(report["gates_passed"]) == {"label_set_accuracy>=0.95", "text_seed_miou>=35"}
+    assert report["cpal_sweep"] == [] and report["cpal_selection"] == []  # studies are opt-in
+    assert any(n.startswith("CLIP-CPAL (") for n in names)
+    studies = run_demo(tmp_path / "studies", clip=str(ckpt), log=lambda m: None, cpal_studies=True,
+                       config=DemoConfig(train_scenes=8, eval_scenes=4, taus=(0.03,), phis=(0.4,), iters=5,
+                                         grid_scenes=1, cpal_val_scenes=4,
+                                         cpal_grid=(("ln1", 0.4, 0.5), ("proj", 0.6, 1.0))))
+    assert [r["setting"] for r in studies["cpal_sweep"]] == [f"{k}={v}" for k, v in DemoConfig.cpal_sweep]
+    assert len(studies["cpal_selection"]) == 4 and all(0 <= t["validation_seed"] <= 100
+                                                       for t in studies["cpal_selection"])
 
 
 def test_shipped_demo_clip_recognises_held_out_scenes():

@@ -263,6 +263,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller splits and sweeps")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out)")
     p.add_argument("--clip", metavar="PATH", help="demo CLIP checkpoint (default: the shipped one)")
+    p.add_argument("--cpal-studies", action="store_true",
+                   help="also sweep CLIP-CPAL's interpretations and choose them on separate validation "
+                        "scenes (several extra minutes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
@@ -824,7 +827,7 @@ def cmd_random_clip(args) -> int:
 def cmd_demo(args) -> int:
     from vpl_plugin.demo.report import run_demo
 
-    run_demo(Path(args.out), clip=args.clip, quick=args.quick, device=args.device)
+    run_demo(Path(args.out), clip=args.clip, quick=args.quick, device=args.device, cpal_studies=args.cpal_studies)
     return EXIT_OK
 
 

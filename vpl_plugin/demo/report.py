@@ -13,7 +13,7 @@ Nothing in the evaluation split is used to learn or choose anything.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -65,6 +65,9 @@ class DemoConfig:
     cpal_val_scenes: Optional[int] = None  # None: as many as eval_scenes
     cpal_grid: Tuple[Tuple[str, float, float], ...] = tuple(
         (f, d, g) for f in ("ln1", "proj") for d in (0.4, 0.6) for g in (0.5, 1.0))
+    # the CLIP-CPAL interpretation sweep and the validation-scene choice (24 context banks over the
+    # learning scenes): off by default to keep `vpl demo` within 10 minutes; `--cpal-studies`
+    cpal_studies: bool = False
 
     @classmethod
     def quick_config(cls) -> "DemoConfig":
@@ -237,8 +240,12 @@ def label_set_accuracy(encoder, scenes, templates=DEMO_TEMPLATES) -> float:
 
 # -- the demo -----------------------------------------------------------------------------------------
 def run_demo(out: Path, *, clip: Optional[str] = None, quick: bool = False, device: str = "cpu",
-             config: Optional[DemoConfig] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+             config: Optional[DemoConfig] = None, log: Callable[[str], None] = print,
+             cpal_studies: bool = False) -> Dict[str, Any]:
     """Run the demo and write ``report.json``, ``report.md`` and ``grid.png`` into ``out``.
+
+    ``cpal_studies`` adds the CLIP-CPAL interpretation sweep and the choice of its settings on
+    separate validation scenes (several extra minutes).
 
     ``grid.png`` columns: image, ground truth, then the per-pixel maximum over the image's class
     CAMs of CLIP-ES (text prototypes), paper-literal VPL (GradCAM) and the recommended
@@ -249,6 +256,8 @@ def run_demo(out: Path, *, clip: Optional[str] = None, quick: bool = False, devi
         # 64-token images: extra threads only add synchronisation (measured 20x slower under load)
         torch.set_num_threads(1)
     try:
+        if cpal_studies:
+            config = replace(config or (DemoConfig.quick_config() if quick else DemoConfig()), cpal_studies=True)
         return _run_demo(out, clip=clip, quick=quick, device=device, config=config, log=log)
     finally:
         torch.set_num_threads(threads)
@@ -348,13 +357,14 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     evaluate("CLIP-CPAL, trained head, BCE only (lambda 0)", text,
              adapter=cpal_adapter(text, head=True, head_lambda=0.0), note="the same head without L_self")
     cpal_rows = []
-    for key, value in cfg.cpal_sweep:
+    for key, value in (cfg.cpal_sweep if cfg.cpal_studies else ()):
         seed = _evaluate(cpal_adapter(text, **{key: value}), test, crf=False)[0]
         cpal_rows.append({"setting": f"{key}={value}", "seed": 100 * seed})
         log(f"  CLIP-CPAL {key}={value}: seed {100 * seed:5.1f}")
-    val = world.batch(20_000_000, cfg.cpal_val_scenes or cfg.eval_scenes)
+    val = world.batch(20_000_000, cfg.cpal_val_scenes or cfg.eval_scenes) if cfg.cpal_studies else []
     cpal_selection, cpal_val_base = [], {}
-    for label, ps, mode in (("text", text, "gradcam"), ("VPL recommended", region, "dense")):
+    studies = (("text", text, "gradcam"), ("VPL recommended", region, "dense")) if cfg.cpal_studies else ()
+    for label, ps, mode in studies:
         no_cpal = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=mode)
         cpal_val_base[label] = 100 * _evaluate(no_cpal, val, crf=False)[0]
         scores = []
