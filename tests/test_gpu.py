@@ -77,3 +77,30 @@ def test_learning_on_cuda_equals_cpu():
         cpu = learn_vision_prototypes(x, q, z, iters=30, step_rule=rule, chunk_size=1024)
         gpu = learn_vision_prototypes(x.cuda(), q.cuda(), z, iters=30, step_rule=rule, chunk_size=1024)
         torch.testing.assert_close(gpu, cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
+def test_phase2_training_with_autocast_on_cuda_tracks_fp32(tmp_path, amp_dtype):
+    """A few decoder steps under bf16 / fp16 autocast (fp16 with the gradient scaler) stay finite
+    and close to the fp32 run on the same batches."""
+    import math
+
+    from phase2_helpers import export_world, small_segmenter
+
+    from vpl_plugin.data.synthetic import SYNTHETIC
+    from vpl_plugin.data.voc import VOCDataset
+    from vpl_plugin.phase2 import Phase2Loss
+    from vpl_plugin.phase2.data import PseudoMaskDataset
+    from vpl_plugin.phase2.train import TrainConfig, train_segmenter
+
+    world = export_world(tmp_path / "world")
+    data = PseudoMaskDataset(VOCDataset(world, "train.txt", class_spec=SYNTHETIC), world / "SegmentationClass")
+    losses = {}
+    for amp in (False, True):
+        cfg = TrainConfig(iterations=8, batch_size=4, crop=32, lr=0.05, checkpoint_every=100, log_every=1,
+                          num_workers=0, amp=amp, amp_dtype=amp_dtype)
+        record = train_segmenter(small_segmenter(), data, tmp_path / f"run_{amp}", config=cfg,
+                                 loss=Phase2Loss(tau_rsc=0.1), device="cuda", progress=False, save_final=False)
+        losses[amp] = [p["loss"] for p in record["curves"]["train"]]
+    assert all(math.isfinite(v) for v in losses[True])
+    assert abs(losses[True][-1] - losses[False][-1]) <= 0.1 * abs(losses[False][-1]) + 0.05
