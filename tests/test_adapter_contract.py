@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
 pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
@@ -21,14 +20,7 @@ from vpl_plugin.cpal import build_context_bank  # noqa: E402
 from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld, export_voc  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread (measured 0.07 s against 18 s for the same pass 1 with two threads on
-    a loaded 2-core machine; extra threads only add synchronisation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _cpal_bank(adapter, samples):

@@ -27,14 +27,7 @@ from vpl_plugin.cpal import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread (measured 0.07 s against 18 s for the same pass 1 with two threads on
-    a loaded 2-core machine; extra threads only add synchronisation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 # -- spherical k-means --------------------------------------------------------------------------------

@@ -600,10 +600,31 @@ def _report(summary, what: str, out: Path) -> int:
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
-def cmd_cams(args) -> int:
+def _gather_summary(summary, env, dataset, out: Path, command: str) -> int:
+    """After a run that torchrun may have sharded: merge the ranks' summaries; rank 0 writes
+    ``vpl_<command>_summary.json`` and prints the report. Returns the exit status."""
     from vpl_plugin import distributed
     from vpl_plugin._io import write_json
-    from vpl_plugin.pipeline import generate_cams, merge_summaries
+    from vpl_plugin.pipeline import merge_summaries
+
+    distributed.barrier()
+    parts = distributed.all_gather_object(summary)
+    if env.distributed:
+        summary = merge_summaries(parts, dataset.ids)
+    code = _cams_status(summary)
+    if env.is_main:
+        record = summary.as_dict()
+        if env.distributed:
+            record["world_size"] = env.world_size
+        write_json(out / f"vpl_{command}_summary.json", record)
+        code = _report(summary, command, out)
+    distributed.barrier()
+    return code
+
+
+def cmd_cams(args) -> int:
+    from vpl_plugin import distributed
+    from vpl_plugin.pipeline import generate_cams
     from vpl_plugin.prototypes import PrototypeSet
 
     if args.batch_size < 1:
@@ -621,19 +642,7 @@ def cmd_cams(args) -> int:
                                                     **_describe_labels(dataset)})
     summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress and env.is_main,
                             rank=env.rank, world_size=env.world_size, batch_size=args.batch_size)
-    distributed.barrier()
-    parts = distributed.all_gather_object(summary)
-    code = _cams_status(summary)
-    if env.distributed:
-        summary = merge_summaries(parts, dataset.ids)
-        code = _cams_status(summary)
-    if env.is_main:
-        record = summary.as_dict()
-        if env.distributed:
-            record["world_size"] = env.world_size
-        write_json(out / "vpl_cams_summary.json", record)
-        code = _report(summary, "cams", out)
-    distributed.barrier()
+    code = _gather_summary(summary, env, dataset, out, "cams")
     if env.distributed and owns_group:
         distributed.destroy()
     return code
@@ -923,11 +932,9 @@ def cmd_train(args) -> int:
 
 def cmd_segment(args) -> int:
     from vpl_plugin import distributed
-    from vpl_plugin._io import write_json
     from vpl_plugin.phase2.backbones import create_backbone
     from vpl_plugin.phase2.decoder import load_segmenter
     from vpl_plugin.phase2.segment import segment_dataset
-    from vpl_plugin.pipeline import merge_summaries
 
     missing = [f for f in ("checkpoint", "root", "out") if not getattr(args, f)]
     if missing:
@@ -967,18 +974,7 @@ def cmd_segment(args) -> int:
                                   limit=args.limit, progress=args.progress and env.is_main,
                                   use_image_labels=args.use_image_labels, palette=args.palette,
                                   rank=env.rank, world_size=env.world_size)
-        distributed.barrier()
-        parts = distributed.all_gather_object(summary)
-        if env.distributed:
-            summary = merge_summaries(parts, dataset.ids)
-        code = _cams_status(summary)
-        if env.is_main:
-            record = summary.as_dict()
-            if env.distributed:
-                record["world_size"] = env.world_size
-            write_json(out / "vpl_segment_summary.json", record)
-            code = _report(summary, "segment", out)
-        distributed.barrier()
+        code = _gather_summary(summary, env, dataset, out, "segment")
     finally:
         if env.distributed and owns_group:
             distributed.destroy()
