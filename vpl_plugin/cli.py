@@ -2,16 +2,21 @@
 
 Stages, each resumable and each writing its resolved configuration beside its outputs::
 
-    vpl cams   -> CAM_DIR/<id>.npy        (CLIP-ES CAMs, text or vision prototypes)
-    vpl learn  -> PROTOTYPES.pt           (VPL phase 1: vision prototypes from text CAMs)
-    vpl masks  -> MASK_DIR/<id>.png       (dense CRF pseudo masks, 255 = ignore)
-    vpl eval   -> mIoU of CAMs or masks   (upstream eval_cam.py semantics)
-    vpl demo   -> the embedded default: CLIP-ES vs CLIP-ES + VPL on the synthetic world
+    vpl cams    -> CAM_DIR/<id>.npy       (CLIP-ES or CLIP-CPAL CAMs, text or vision prototypes)
+    vpl learn   -> PROTOTYPES.pt          (VPL phase 1: vision prototypes from text CAMs)
+    vpl masks   -> MASK_DIR/<id>.png      (dense CRF pseudo masks, 255 = ignore)
+    vpl eval    -> mIoU of CAMs or masks  (upstream eval_cam.py semantics)
+    vpl train   -> OUT/segmenter.pt       (VPL phase 2: decoder on frozen CLIP, CE + RSC)
+    vpl segment -> OUT/<id>.png           (phase-2 inference: multi-scale + flip, optional CRF)
+    vpl reproduce table1                  (the paper's Table 1 in one command, VOC or COCO)
+    vpl demo    -> the embedded default: CLIP-ES vs CLIP-ES + VPL on the synthetic world
     vpl train-clip / random-clip          (the demo CLIP / a random-weight CLIP checkpoint)
+
+`vpl cams`, `vpl segment` and `vpl train` run under torchrun too (list sharding; DDP).
 
 Recommended VPL configuration (measured on the demo world, see README): learn with
 `--pooling region --tau 0.1`, then `vpl cams --prototypes P --map-mode dense`. The
-paper-literal configuration is the default of every flag.
+paper-literal configuration is the default of every flag (phase 2: tau_RSC 0.07, see README).
 
 Exit status: 0 every image processed; 3 some images skipped (the summary names them and why);
 2 nothing could run (bad arguments, missing model or dataset).
