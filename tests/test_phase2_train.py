@@ -176,9 +176,15 @@ def _decoder(model):
     return {k: v.clone() for k, v in model.decoder_state_dict().items()}
 
 
-def test_resume_after_a_kill_equals_the_uninterrupted_run(dataset, tmp_path):
+@pytest.mark.parametrize("rsc_form", ["pairs", "literal"])  # literal draws from the global RNG
+def test_resume_after_a_kill_equals_the_uninterrupted_run(dataset, tmp_path, rsc_form):
+    from vpl_plugin.phase2 import Phase2Loss
+
+    def loss():
+        return Phase2Loss(rsc_form=rsc_form, tau_rsc=0.1)
+
     full = small_segmenter()
-    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(), progress=False)
+    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(batch_size=4), loss=loss(), progress=False)
     expected = _decoder(full)
 
     class Killed(Exception):
@@ -189,12 +195,12 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(dataset, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train_segmenter(small_segmenter(), dataset, tmp_path / "cut", config=_config(checkpoint_every=2),
-                        progress=False, on_step=kill)
+        train_segmenter(small_segmenter(), dataset, tmp_path / "cut", config=_config(batch_size=4, checkpoint_every=2),
+                        loss=loss(), progress=False, on_step=kill)
     assert load_train_state(tmp_path / "cut" / "last.pt")["iteration"] == 4
     resumed = small_segmenter(seed=123)  # other initial weights: everything must come from last.pt
-    again = train_segmenter(resumed, dataset, tmp_path / "cut", config=_config(checkpoint_every=2),
-                            progress=False)
+    again = train_segmenter(resumed, dataset, tmp_path / "cut", config=_config(batch_size=4, checkpoint_every=2),
+                            loss=loss(), progress=False)
     assert again["iteration"] == 6
     got = _decoder(resumed)
     assert got.keys() == expected.keys()
@@ -213,6 +219,16 @@ def test_resume_refuses_other_settings_and_no_resume_starts_over(dataset, tmp_pa
     record = train_segmenter(small_segmenter(), dataset, tmp_path, config=_config(iterations=2, lr=0.1),
                              progress=False, resume=False)
     assert record["iteration"] == 2
+    # the same settings but another prototype set or decoder: refused too
+    from phase2_helpers import PatchBackbone, SMALL_DECODER
+    from vpl_plugin.phase2 import DecoderConfig, build_segmenter
+
+    other = build_segmenter(PatchBackbone(), random_prototypes(seed=1), DecoderConfig(**SMALL_DECODER))
+    with pytest.raises(ValueError, match="model prototypes"):
+        train_segmenter(other, dataset, tmp_path, config=_config(iterations=3, lr=0.1), progress=False)
+    wider = build_segmenter(PatchBackbone(), random_prototypes(), DecoderConfig(**{**SMALL_DECODER, "dim": 64}))
+    with pytest.raises(ValueError, match="model decoder"):
+        train_segmenter(wider, dataset, tmp_path, config=_config(iterations=3, lr=0.1), progress=False)
 
 
 def test_outputs_curves_and_segmenter(dataset, world, tmp_path):

@@ -400,15 +400,37 @@ def load_train_state(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Read a ``last.pt`` training state (for inspection; :func:`train_segmenter` resumes from it)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-        raise ValueError(f"{path} is not a phase-2 training state (no format tag {_STATE_FORMAT!r}).")
+        raise ValueError(f"{path} is not a phase-2 training state (no format tag {_STATE_FORMAT!r}); "
+                         f"use another --out, or --no-resume to overwrite it.")
     return state
 
 
-def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, loss_desc: Dict[str, Any]) -> None:
+def _describe_model(model: nn.Module) -> Dict[str, Any]:
+    """What a resumed run must share with the saved one: decoder config, prototypes, backbone."""
+    import hashlib
+
+    out: Dict[str, Any] = {}
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        out["decoder"] = config.to_dict()
+    protos = getattr(model, "prototypes", None)
+    if isinstance(protos, torch.Tensor):
+        out["prototypes_sha1"] = hashlib.sha1(protos.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "fingerprint"):
+        out["backbone"] = backbone.fingerprint()
+    return out
+
+
+def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, loss_desc: Dict[str, Any],
+                     model_desc: Dict[str, Any]) -> None:
     saved, now = state["config"], config.to_dict()
     diff = {k: (saved.get(k), now[k]) for k in _RUN_FIELDS if saved.get(k) != now[k]}
     if state.get("loss") != loss_desc:
         diff["loss"] = (state.get("loss"), loss_desc)
+    for k, v in model_desc.items():  # another decoder, prototype set or backbone
+        if state.get("model", {}).get(k, v) != v:
+            diff[f"model {k}"] = (state["model"][k], v)
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was written by a run with other settings ({text}); resuming would "
@@ -481,13 +503,14 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
                                 weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_desc = _describe_loss(loss)
+    model_desc = _describe_model(model)
 
     start, seconds = 0, 0.0
     curves: Dict[str, List[Dict[str, float]]] = {"train": [], "val": []}
     window = {"loss": 0.0, "ce": 0.0, "rsc": 0.0, "n": 0}
     if resume and state_path.exists():
         state = load_train_state(state_path)
-        _check_resumable(state_path, state, config, loss_desc)
+        _check_resumable(state_path, state, config, loss_desc, model_desc)
         model.load_decoder_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -515,9 +538,11 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     stream = TrainStream(dataset, crop=config.crop, seed=config.seed,
                          scale_range=config.scale_range, flip=config.flip)
     sampler = IterationBatchSampler(start, config.iterations, config.batch_size, world, rank)
+    # its own generator: creating the iterator must not draw from the global RNG restored above
     loader = torch.utils.data.DataLoader(stream, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=config.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(config.seed))
 
     def save_state(iteration: int) -> None:
         if not main:
@@ -525,7 +550,8 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         state = {"format": _STATE_FORMAT, "iteration": iteration, "seconds": seconds,
                  "decoder": model.decoder_state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "config": config.to_dict(), "loss": loss_desc, "curves": curves, "window": window,
+                 "config": config.to_dict(), "loss": loss_desc, "model": model_desc,
+                 "curves": curves, "window": window,
                  "rng": _rng_state(), "world_size": world}
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)
