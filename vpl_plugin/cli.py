@@ -867,7 +867,6 @@ def cmd_train(args) -> int:
     import torch
 
     from vpl_plugin import distributed
-    from vpl_plugin.data.voc import VOCDataset
     from vpl_plugin.phase2.backbones import create_backbone
     from vpl_plugin.phase2.data import PseudoMaskDataset
     from vpl_plugin.phase2.decoder import DecoderConfig, build_segmenter
@@ -904,8 +903,7 @@ def cmd_train(args) -> int:
         data = PseudoMaskDataset(samples, args.masks, skip_missing=args.skip_missing, limit=args.limit)
         val = None
         if args.val_split_file:
-            val = VOCDataset(args.root, args.val_split_file, class_spec=samples.class_spec,
-                             label_source=args.label_source)
+            val, _ = _dataset(argparse.Namespace(**{**vars(args), "split_file": args.val_split_file}))
         prototypes = PrototypeSet.load(args.prototypes)
         if prototypes.num_fg != data.num_fg:
             raise UsageError(f"--prototypes has {prototypes.num_fg} foreground classes but --dataset "
