@@ -70,6 +70,7 @@ def test_an_adapter_with_its_own_gradcams_is_served_image_by_image(tiny_encoder,
     samples = [SimpleNamespace(image=Image.fromarray(sc.image), labels=list(sc.labels)) for sc in scenes]
     cpal = create_adapter("clip-cpal", tiny_encoder, SYNTHETIC)
     cpal.set_bank(build_context_bank(cpal, samples, progress=False))
+    assert not cpal.supports_batch and CLIPESAdapter(tiny_encoder, SYNTHETIC).supports_batch
     batch = cpal.call_batch([s.image for s in samples], [s.labels for s in samples])
     for out, s in zip(batch, samples):
         np.testing.assert_array_equal(out.attn_highres, cpal(s.image, s.labels).attn_highres)

@@ -349,6 +349,11 @@ def test_the_bank_must_exist_and_match_the_adapter(tiny_encoder, samples, cpal):
                           tau=0.03, kind="vision")
     with pytest.raises(ValueError, match="gradcam_prototypes: 'text' in the bank, 'vision' now"):
         CLIPCPALAdapter(tiny_encoder, SYNTHETIC, prototypes=vision, bank=cpal.bank)
+    # a refused swap keeps the prototypes the bank was built with
+    swapped = CLIPCPALAdapter(tiny_encoder, SYNTHETIC, bank=cpal.bank)
+    with pytest.raises(ValueError, match="'text' in the bank, 'vision' now"):
+        swapped.set_prototypes(vision)
+    assert swapped.prototypes.kind == "text" and torch.equal(swapped.prototypes.prototypes, text.prototypes)
     vpl = CLIPCPALAdapter(tiny_encoder, SYNTHETIC, prototypes=vision, num_context=2)
     vpl.set_bank(build_context_bank(vpl, samples[:4], progress=False))
     assert vpl(samples[0].image, samples[0].labels).attn_highres.shape[0] == len(samples[0].labels)

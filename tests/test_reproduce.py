@@ -145,3 +145,25 @@ def test_no_cpal_leaves_the_clip_cpal_rows_out(four_voc, tiny_checkpoint, tmp_pa
     assert "ready: 9 of 9 stages" in text and "cpal" not in text.split("ready:")[1]
     rows = {r["row"]: r for r in build_table(out, ["clip-es", "clip-cpal"], skipped=("CLIP-CPAL", "CLIP-CPAL + VPL"))}
     assert rows["CLIP-CPAL"]["note"] == "skipped (--no-cpal)" and rows["CLIP-CPAL"]["seed"] is None
+
+
+def test_stage_keys_ignore_how_a_stage_runs_and_an_interrupted_stage_is_set_aside(tmp_path):
+    from vpl_plugin.reproduce import _mark_started, stage_keys
+
+    a = [("text_cams", ["cams", "--out", "x", "--no-progress"]), ("text_masks", ["masks", "--workers", "4"])]
+    b = [("text_cams", ["cams", "--out", "x"]), ("text_masks", ["masks", "--workers", "1"])]
+    c = [("text_cams", ["cams", "--out", "y"]), ("text_masks", ["masks", "--workers", "1"])]
+    assert stage_keys(a) == stage_keys(b)
+    kc = stage_keys(c)
+    assert kc["text_cams"] != stage_keys(b)["text_cams"] and kc["text_masks"] != stage_keys(b)["text_masks"]
+
+    out = tmp_path / "t1"
+    _mark_started(out, "text_cams", b[0][1], "key-old")
+    (out / "text_cams" / "half.npy").write_bytes(b"written before the interruption")
+    _mark_started(out, "text_cams", b[0][1], "key-old")  # same settings: the files stay (resume)
+    assert (out / "text_cams" / "half.npy").is_file()
+    _mark_started(out, "text_cams", c[0][1], "key-new")  # other settings: set aside, fresh folder
+    assert not (out / "text_cams" / "half.npy").exists()
+    aside = list(out.glob("text_cams.old-*"))
+    assert len(aside) == 1 and (aside[0] / "half.npy").is_file()
+    assert json.loads((out / "text_cams" / STAGE_MARKER).read_text())["key"] == "key-new"

@@ -577,9 +577,10 @@ def _cpal_bank(args, adapter, dataset, out: Path) -> None:
         summary = RunSummary()
         bank = build_context_bank(adapter, dataset, limit=args.limit, progress=args.progress,
                                   partial=Path(f"{path}.partial"), summary=summary)
-        if not bank.ids:
+        if not bank.ids or bank.instances.shape[0] == 0:
             raise UsageError(f"CLIP-CPAL pass 1 found no instance prototype in {summary.total} images "
-                             f"({len(summary.failed)} unreadable); check the list and the labels.")
+                             f"({len(summary.failed)} unreadable); check the list and the labels, or "
+                             f"lower --cpal-delta-p (no map reached it).")
         bank.save(path)
         print(f"vpl cams: CLIP-CPAL context bank from {summary.line()}: "
               f"{bank.centres.shape[0]} context prototypes -> {path}")

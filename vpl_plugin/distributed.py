@@ -8,6 +8,7 @@ at all in a plain single-process run, so every command works the same with or wi
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
@@ -62,6 +63,8 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
     Args:
         device: ``"cpu"`` or ``"cuda"``. On CUDA each process uses ``cuda:LOCAL_RANK``.
         backend: ``"nccl"`` or ``"gloo"``; default NCCL on CUDA, gloo on CPU.
+
+    Collective operations time out after ``$VPL_DIST_TIMEOUT_MIN`` minutes (default 360).
     """
     env = dist_env()
     if not env.distributed:
@@ -69,8 +72,12 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
     if str(device).startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
+        # rank 0 alone may work for a long while between barriers (CLIP-CPAL's context bank over a
+        # whole split): allow hours, not PyTorch's default 10 (NCCL) / 30 (gloo) minutes
+        minutes = float(os.environ.get("VPL_DIST_TIMEOUT_MIN", 6 * 60))
         dist.init_process_group(backend=backend or ("nccl" if str(device).startswith("cuda") else "gloo"),
-                                rank=env.rank, world_size=env.world_size)
+                                rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=minutes))
     return env
 
 

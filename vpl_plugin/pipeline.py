@@ -78,7 +78,7 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
         limit: only the first ``limit`` images of the list.
         skip_existing: resume: images whose output exists are not recomputed.
         rank, world_size: process only every ``world_size``-th image starting at ``rank``.
-        batch_size: with an adapter that has ``call_batch`` (CLIP-ES), images of equal
+        batch_size: with an adapter whose ``supports_batch`` is true (CLIP-ES), images of equal
             preprocessed size are gathered (in list order, per size) into batches of up to this many
             and run together; meant for GPUs. At most ``4 * batch_size`` images wait for a full
             batch (then the oldest group runs as it is). A batch that fails is retried image by
@@ -92,7 +92,7 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
     indices = _shard(n, rank, world_size)
     summary = RunSummary(total=len(indices))
     start = time.time()
-    batched = batch_size > 1 and hasattr(adapter, "call_batch")
+    batched = batch_size > 1 and getattr(adapter, "supports_batch", False)
     pending: Dict[Tuple[int, int], List[Tuple[str, Any, Any]]] = {}
 
     def run(items: List[Tuple[str, Any, Any]]) -> None:

@@ -17,8 +17,9 @@ With ``--coco-root`` the same stages run on COCO 2014 (``--dataset coco``: CLIP-
 1e7 learning tokens drawn per image with a fixed seed). The paper reports no COCO seed or pseudo-mask
 numbers, so the COCO table shows "paper: n/a" beside the measured ones.
 
-A stage that finished writes ``reproduce_stage.json`` (its exact argument list and exit status);
-a rerun with the same arguments skips it. Stages are also resumable per image, so an interrupted
+A stage records ``reproduce_stage.json`` (its argument list and key) before it writes anything and
+its exit status when it finishes; a rerun with the same arguments skips a finished stage, and a
+stage started with other settings is moved aside as ``NAME.old-<time>``. Stages are also resumable per image, so an interrupted
 stage continues where it stopped.
 """
 
@@ -464,7 +465,8 @@ def _learning_tokens(args, n_learn: int, sizes: Sequence[Tuple[int, int]], patch
 def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
     """Bytes the run will write (rough), and a one-line breakdown.
 
-    CAM files ~ H*W*2 bytes (float16) per class per image, twice (text and VPL); the feature cache of
+    CAM files ~ H*W*2 bytes (float16) per class per image, once per row (text, VPL, CPAL, CPAL + VPL;
+    two without the CPAL rows); the feature cache of
     the learning pass ~ tokens * (2 dim + 5 N) bytes (float16 features, float32 targets, candidate
     flags; tokens = H/patch * W/patch per image, capped by --max-tokens); masks ~ H*W/8.
     """
@@ -480,11 +482,12 @@ def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
     protos = len(spec.names) + len(spec.background)
     _, _, sizes = _image_stats(args, _list_path(root, args.learn_split, args.dataset))
     tokens = _learning_tokens(args, n["learn"], sizes, patch)
-    cams = int(2 * n["split"] * pixels * 2 * per_img_classes)
+    rows = 4 if getattr(args, "cpal", True) else 2  # CAM / mask folders: text, VPL (+ CPAL, CPAL + VPL)
+    cams = int(rows * n["split"] * pixels * 2 * per_img_classes)
     cache = int(tokens * (2 * dim + 5 * protos))
-    masks = int(2 * n["split"] * pixels / 8)
+    masks = int(rows * n["split"] * pixels / 8)
     total = cams + cache + masks
-    line = (f"CAMs {_size(cams)} (2 x {n['split']} images x {pixels:.0f} px x 2 B x "
+    line = (f"CAMs {_size(cams)} ({rows} x {n['split']} images x {pixels:.0f} px x 2 B x "
             f"{per_img_classes:.1f} classes) + feature cache {_size(cache)} ({tokens} tokens x "
             f"({dim} x 2 B + {protos} x 5 B)) + masks {_size(masks)}")
     return total, line
@@ -564,13 +567,29 @@ _DEPENDS = {"vpl_cams": ("prototypes",), "cpal_vpl_cams": ("prototypes",),
                for what in ("cams", "masks")}}
 
 
+# flags that change how a stage runs, not what it writes: left out of the stage keys
+_NO_OUTPUT_FLAGS = {"--no-progress": 0, "--workers": 1}
+
+
+def _output_args(argv: List[str]) -> List[str]:
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+        elif a in _NO_OUTPUT_FLAGS:
+            skip = _NO_OUTPUT_FLAGS[a]
+        else:
+            out.append(a)
+    return out
+
+
 def stage_keys(stages: List[Tuple[str, List[str]]]) -> Dict[str, str]:
     """A key per stage from its arguments and its inputs' keys: a changed upstream stage changes it."""
     import hashlib
 
     keys: Dict[str, str] = {}
     for name, argv in stages:
-        payload = json.dumps([argv, [keys[d] for d in _DEPENDS.get(name, ())]])
+        payload = json.dumps([_output_args(argv), [keys[d] for d in _DEPENDS.get(name, ())]])
         keys[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return keys
 
@@ -604,12 +623,22 @@ def _set_aside_if_stale(out: Path, name: str, key: str) -> None:
     print(f"[{name}] settings or inputs changed since the last run; previous outputs moved to {aside}")
 
 
+def _mark_started(out: Path, name: str, argv: List[str], key: str) -> None:
+    """Set a stale stage aside, then record the key before anything is written, so that files of
+    an interrupted stage are set aside too when a rerun has other settings."""
+    from vpl_plugin._io import write_json
+
+    _set_aside_if_stale(out, name, key)
+    _stage_dir(out, name).mkdir(parents=True, exist_ok=True)
+    if _marker(out, name) is None:
+        write_json(_stage_dir(out, name) / STAGE_MARKER, {"argv": argv, "key": key, "exit": None})
+
+
 def _run_stage(out: Path, name: str, argv: List[str], key: str) -> Tuple[int, float]:
     from vpl_plugin._io import write_json
     from vpl_plugin.cli import main
 
-    _set_aside_if_stale(out, name, key)
-    _stage_dir(out, name).mkdir(parents=True, exist_ok=True)
+    _mark_started(out, name, argv, key)
     start = time.time()
     code = main(argv)
     seconds = time.time() - start
@@ -857,7 +886,7 @@ def run(args) -> int:
                 proj = project_time(args, Path(tmp), geometry)
         elif "text_cams" in pending and "text_masks" in pending:
             for name in ("text_cams", "text_masks"):
-                _set_aside_if_stale(out, name, keys[name])
+                _mark_started(out, name, dict(stages)[name], keys[name])
             proj = project_time(args, out, geometry)  # the sampled images are reused by the run
         if proj is not None or (args.dry_run and _checkpoint_local(args.clip)):
             _print_projection(proj, args)

@@ -175,9 +175,15 @@ class CLIPCPALAdapter(CLIPESAdapter):
         }
 
     def set_prototypes(self, prototypes: PrototypeSet) -> None:
+        old = getattr(self, "prototypes", None)
         super().set_prototypes(prototypes)
         if getattr(self, "bank", None) is not None:  # the bank was built from the old maps
-            self.set_bank(self.bank)
+            try:
+                self.set_bank(self.bank)
+            except ValueError:
+                if old is not None:  # refused: keep the prototypes the bank belongs to
+                    super().set_prototypes(old)
+                raise
 
     def set_bank(self, bank: ContextBank) -> None:
         """Use ``bank`` in pass 2. It must match the class count, the dense-feature dimension and

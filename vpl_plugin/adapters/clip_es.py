@@ -219,6 +219,12 @@ class CLIPESAdapter(CAMAdapter):
         result, size, labels = self.analyse(image, labels)
         return self.finish(result, size, labels)
 
+    @property
+    def supports_batch(self) -> bool:
+        """Whether :meth:`call_batch` really batches (False for adapters that override
+        :meth:`gradcams`, such as CLIP-CPAL, which it serves one image at a time)."""
+        return type(self).gradcams is CLIPESAdapter.gradcams
+
     def call_batch(self, images: Sequence, labels: Sequence[Sequence[int]]) -> List[CAMOutput]:
         """CAMs of several images whose preprocessed sizes are equal, through one trunk forward and
         one last-block backward (:func:`~vpl_plugin.cam.batch_image_gradcams`): each output equals
@@ -233,7 +239,7 @@ class CLIPESAdapter(CAMAdapter):
         if len(images) != len(labels):
             raise ValueError(f"call_batch needs one label list per image; got {len(images)} images and "
                              f"{len(labels)} label lists.")
-        if type(self).gradcams is not CLIPESAdapter.gradcams or len(images) <= 1:
+        if not self.supports_batch or len(images) <= 1:
             return [self(im, lab) for im, lab in zip(images, labels)]
         checked = [self._check_labels(lab) for lab in labels]
         prepared = [self.encoder.preprocess(im) for im in images]
