@@ -84,6 +84,12 @@ def test_identity_learning_reproduces_text_cams(small_voc, tiny_checkpoint, tmp_
         a = np.load(tmp_path / "t" / f"{i}.npy", allow_pickle=True).item()
         b = np.load(tmp_path / "v" / f"{i}.npy", allow_pickle=True).item()
         np.testing.assert_array_equal(a["attn_highres"], b["attn_highres"])
+    # resuming into a folder of CAMs made with other settings is refused (they would be kept)
+    before = (tmp_path / "t" / f"{IDS[0]}.npy").read_bytes()
+    assert _run(["cams", *data, "--out", tmp_path / "t", "--prototypes", tmp_path / "id.pt"]) == EXIT_USAGE
+    assert _run(["cams", *data, "--out", tmp_path / "t", "--no-refine"]) == EXIT_USAGE
+    assert (tmp_path / "t" / f"{IDS[0]}.npy").read_bytes() == before
+    assert _run(["cams", *data, "--out", tmp_path / "t"]) == EXIT_OK  # same settings: resumes
 
 
 def test_interrupted_run_resumes_to_identical_files(small_voc, tiny_checkpoint, tmp_path):

@@ -628,6 +628,32 @@ def _gather_summary(summary, env, dataset, out: Path, command: str) -> int:
     return code
 
 
+def _check_existing_cams(out: Path, args, adapter_config: dict) -> None:
+    """Refuse to resume into a CAM folder written with other settings: its finished images would
+    be kept as they are while the configuration file claimed the new settings."""
+    cfg = out / "vpl_cams.yaml"
+    if not cfg.is_file() or not any(out.glob("*.npy")):
+        return
+    try:
+        import yaml
+
+        old = yaml.safe_load(cfg.read_text()) or {}
+    except Exception:  # unreadable or no PyYAML: nothing to compare with
+        return
+    then = old.get("adapter_config") or {}
+    now = json.loads(json.dumps(adapter_config, default=str))
+    diff = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+    for k in ("prototypes", "clip", "split_file", "root"):
+        a, b = old.get(k), getattr(args, k, None)
+        if (a, b) != (None, None) and str(a) != str(b):
+            diff[k] = (a, b)
+    if diff:
+        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise UsageError(f"{out} already holds CAMs made with other settings ({text}); a rerun skips finished "
+                         f"images, so they would stay as they are. Use another --out, or delete {out} to "
+                         f"start over.")
+
+
 def cmd_cams(args) -> int:
     from vpl_plugin import distributed
     from vpl_plugin.pipeline import generate_cams
@@ -642,6 +668,7 @@ def cmd_cams(args) -> int:
     env = distributed.init_distributed(args.device)
     adapter = _adapter(args, spec, prototypes)
     out = Path(args.out)
+    _check_existing_cams(out, args, adapter.describe())
     _cpal_bank(args, adapter, dataset, out)
     if env.is_main:
         _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
