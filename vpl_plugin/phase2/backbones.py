@@ -147,6 +147,11 @@ class TimmCLIPBackbone(_FrozenBackbone):
         **model_kwargs: forwarded to ``timm.create_model`` (e.g. ``embed_dim``, ``depth``,
             ``num_heads`` for a tiny random model). ``dynamic_img_size=True`` is always set so any
             size that is a multiple of the patch works.
+
+    Deviation: timm resamples the positional table with its own defaults (bicubic, antialiased),
+    while spec 8.2 and the OpenAI path (:class:`OpenAICLIPBackbone`, CLIP-ES's section 4.1)
+    interpolate bilinearly; the same weights therefore give slightly different tokens under
+    ``timm:`` and ``clip:`` at sizes other than the pretraining grid.
     """
 
     family = "timm"

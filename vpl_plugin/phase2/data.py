@@ -33,6 +33,7 @@ import torch
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
+from vpl_plugin.data.voc import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 _MEAN_PIXEL = tuple(255.0 * m for m in CLIP_MEAN)
 
 

@@ -64,7 +64,10 @@ class DecoderConfig:
         heads: attention heads (8).
         ffn_dim: feed-forward hidden width (1024).
         dropout: dropout in attention and FFN (0: none).
-        final_norm: LayerNorm after the pre-norm transformer layers.
+        final_norm: LayerNorm after the pre-norm transformer layers (default on; not in spec 8.2,
+            which goes from the layers straight to the projection: a pre-norm stack leaves its
+            residual stream unnormalised, and ViTs normalise it before their head as timm's
+            ``VisionTransformer.norm`` does. ``final_norm=False`` is the spec's literal design).
         input_norm: LayerNorm on each backbone layer's tokens before its projection (off in the
             spec; the raw residual stream of late CLIP blocks has large-magnitude channels).
         tau_seg: temperature of the prototype logits; None = the prototype set's (``1/logit_scale``

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
+from vpl_plugin.data.voc import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -33,7 +34,6 @@ __all__ = [
     "segmentation_logits",
 ]
 
-IGNORE_INDEX = 255
 RSC_FORMS = ("pairs", "class", "literal")
 
 

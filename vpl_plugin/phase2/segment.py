@@ -31,7 +31,7 @@ from torch import nn
 
 from vpl_plugin._imports import require
 from vpl_plugin._progress import progress as progress_bar
-from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
+from vpl_plugin.phase2.data import normalize_image
 
 __all__ = ["DEFAULT_SCALES", "predict_probabilities", "segment_dataset", "segment_image", "to_clip_tensor"]
 
@@ -44,9 +44,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def to_clip_tensor(image) -> torch.Tensor:
     """A PIL image -> CLIP-normalised ``(3, H, W)`` float32 tensor at its own size (RGB)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    return normalize_image(np.asarray(image.convert("RGB")))
 
 
 def _check_scales(scales: Sequence[float]) -> Tuple[float, ...]:
