@@ -565,15 +565,13 @@ def _cpal_bank(args, adapter, dataset, out: Path) -> None:
     through FILE.partial) and save it. Under torch.distributed rank 0 builds it, the others load it."""
     if args.adapter != "clip-cpal":
         return
-    import torch.distributed as dist
-
+    from vpl_plugin import distributed
     from vpl_plugin.cpal import ContextBank, build_context_bank
     from vpl_plugin.pipeline import RunSummary
 
     path = Path(args.cpal_bank) if args.cpal_bank else out / "cpal_bank.pt"
-    group = dist.is_available() and dist.is_initialized()
     existed = path.is_file()
-    if not existed and (not group or dist.get_rank() == 0):
+    if not existed and distributed.is_main():
         summary = RunSummary()
         bank = build_context_bank(adapter, dataset, limit=args.limit, progress=args.progress,
                                   partial=Path(f"{path}.partial"), summary=summary)
@@ -584,11 +582,10 @@ def _cpal_bank(args, adapter, dataset, out: Path) -> None:
         bank.save(path)
         print(f"vpl cams: CLIP-CPAL context bank from {summary.line()}: "
               f"{bank.centres.shape[0]} context prototypes -> {path}")
-    if group:
-        dist.barrier()
+    distributed.barrier()
     bank = ContextBank.load(path)
     adapter.set_bank(bank)
-    if existed and (not group or dist.get_rank() == 0):
+    if existed and distributed.is_main():
         print(f"vpl cams: CLIP-CPAL reuses the context bank {path} ({len(bank.ids)} images; delete it "
               f"to rebuild)")
 
@@ -666,19 +663,21 @@ def cmd_cams(args) -> int:
     # under torchrun each rank takes every WORLD_SIZE-th image; rank 0 writes config and summary
     owns_group = not distributed.is_initialized()
     env = distributed.init_distributed(args.device)
-    adapter = _adapter(args, spec, prototypes)
-    out = Path(args.out)
-    _check_existing_cams(out, args, adapter.describe())
-    _cpal_bank(args, adapter, dataset, out)
-    if env.is_main:
-        _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
-                                                    **_describe_labels(dataset)})
-    summary = generate_cams(adapter, dataset, out, limit=args.limit, progress=args.progress and env.is_main,
-                            rank=env.rank, world_size=env.world_size, batch_size=args.batch_size)
-    code = _gather_summary(summary, env, dataset, out, "cams")
-    if env.distributed and owns_group:
-        distributed.destroy()
-    return code
+    try:
+        adapter = _adapter(args, spec, prototypes)
+        out = Path(args.out)
+        _check_existing_cams(out, args, adapter.describe())
+        _cpal_bank(args, adapter, dataset, out)
+        if env.is_main:
+            _write_config(out / "vpl_cams.yaml", args, {"adapter_config": adapter.describe(),
+                                                        **_describe_labels(dataset)})
+        summary = generate_cams(adapter, dataset, out, limit=args.limit,
+                                progress=args.progress and env.is_main, rank=env.rank,
+                                world_size=env.world_size, batch_size=args.batch_size)
+        return _gather_summary(summary, env, dataset, out, "cams")
+    finally:
+        if env.distributed and owns_group:
+            distributed.destroy()
 
 
 def _cams_status(summary) -> int:

@@ -242,7 +242,7 @@ def _restore_batchnorm(swapped: List[Tuple[nn.Module, str, nn.Module]]) -> None:
 
 
 # -- distributed loss ---------------------------------------------------------------------------------
-_BATCHED_KEYS = ("logits", "prototype_logits", "features")
+_BATCHED_KEYS = ("logits", "features")  # what Phase2Loss reads per image
 
 
 def _gather_rows(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
