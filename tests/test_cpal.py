@@ -454,3 +454,22 @@ def test_vpl_cams_clip_cpal_builds_saves_and_reuses_the_bank(tiny_checkpoint, tm
     assert "--cpal-gamma only applies to --adapter clip-cpal" in capsys.readouterr().err
     assert run("cams", "--adapter", "clip-cpal", "--out", tmp_path / "e", "--cpal-gamma", "-1") == EXIT_USAGE
     assert "gamma" in capsys.readouterr().err
+
+
+def test_every_cpal_setting_has_exactly_one_cams_flag_and_back():
+    """``vpl cams --cpal-*`` maps flags onto CLIPCPALConfig by hand: no field may lack a flag, no flag
+    may name a missing field, and each flag must parse onto the field it names."""
+    import dataclasses
+
+    from vpl_plugin import cli
+    from vpl_plugin.adapters.clip_cpal import CLIPCPALConfig
+    from vpl_plugin.adapters.clip_es import CLIPESConfig
+
+    own = {f.name for f in dataclasses.fields(CLIPCPALConfig)} - {f.name for f in dataclasses.fields(CLIPESConfig)}
+    assert sorted(cli._CPAL_FLAGS.values()) == sorted(own)
+    parser = cli._build_parser()
+    args = parser.parse_args(["cams", "--adapter", "clip-cpal", "--cpal-m", "5", "--cpal-k", "2",
+                              "--cpal-tau-s", "0.2", "--cpal-head"])
+    assert cli._cpal_overrides(args) == {"num_context": 5, "neighbours": 2, "tau_s": 0.2, "head": True}
+    for flag in cli._CPAL_FLAGS:
+        assert hasattr(args, flag), f"--{flag.replace('_', '-')} is mapped but not a vpl cams flag"

@@ -32,14 +32,11 @@ from torch import nn
 from vpl_plugin._imports import require
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.phase2.data import normalize_image
+from vpl_plugin.phase2.decoder import _unwrap
 
 __all__ = ["DEFAULT_SCALES", "predict_probabilities", "segment_dataset", "segment_image", "to_clip_tensor"]
 
 DEFAULT_SCALES: Tuple[float, ...] = (0.75, 1.0, 1.25)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
 
 
 def to_clip_tensor(image) -> torch.Tensor:
