@@ -127,3 +127,45 @@ def test_resume_refuses_a_state_of_another_architecture(tmp_path):
     wider = DemoCLIPConfig(**{**TINY.__dict__, "vision_width": TINY.vision_width + 64})
     with pytest.raises(ValueError, match="different settings"):
         train_demo_clip(tmp_path / "a.pt", arch=wider, config=TrainConfig(steps=2, **cfg), progress=False, log=None)
+
+
+def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_alone(tmp_path):
+    """``select_every``: each scored state is the saved checkpoint as ``load_clip`` reads it (score
+    recomputed from the file), the kept one is the first best, training itself is unchanged, and an
+    interrupted run resumes to the same selection."""
+    from vpl_plugin.backbones import load_clip
+    from vpl_plugin.data.synthetic import SceneWorld
+    from vpl_plugin.demo.report import text_gradcam_seed_miou
+
+    cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1, lr=2e-2)
+    sel = dict(select_every=1, select_scenes=6, select_offset=1000)
+    plain = train_demo_clip(tmp_path / "p.pt", arch=TINY, config=TrainConfig(steps=6, **cfg), progress=False, log=None)
+    chosen = train_demo_clip(tmp_path / "s.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+                             progress=False, log=None)
+    a = torch.load(tmp_path / "p.pt.train.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "s.pt.train.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert plain["selected_step"] == 6 and plain["selection"] == []
+    steps = [s["step"] for s in chosen["selection"]]
+    scores = [s["text_gradcam_seed_miou"] for s in chosen["selection"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert chosen["selected_step"] == steps[scores.index(max(scores))]
+    assert chosen["selected_step"] != 6, "this recipe's best state is an early one (measured: step 3)"
+    scenes = SceneWorld(seed=1).batch(1000, 6)
+    kept = text_gradcam_seed_miou(load_clip(str(tmp_path / "s.pt")), scenes)
+    assert kept == pytest.approx(max(scores), abs=1e-3)
+
+    def crash_at_step_4(msg: str) -> None:
+        if msg.startswith("step 4/"):
+            raise KeyboardInterrupt  # after step 3's state was saved, before step 4's
+
+    with pytest.raises(KeyboardInterrupt):
+        train_demo_clip(tmp_path / "r.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+                        progress=False, log=crash_at_step_4)
+    resumed = train_demo_clip(tmp_path / "r.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+                              progress=False, log=None)
+    assert resumed["selection"] == chosen["selection"]
+    assert resumed["selected_step"] == chosen["selected_step"]
+    with pytest.raises(ValueError, match="selection scenes"):
+        TrainConfig(steps=300, batch_size=4, select_every=10, select_offset=1000)

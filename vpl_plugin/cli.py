@@ -289,6 +289,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-width", type=int, default=128, metavar="W",
                    help="ViT width, a multiple of 64 (default 128, the shipped model)")
     p.add_argument("--vision-layers", type=int, default=6, metavar="L", help="ViT depth (default 6)")
+    p.add_argument("--select-every", type=int, default=0, metavar="N",
+                   help="every N steps, score the model on held-out scenes of the training world (text "
+                        "GradCAM seed mIoU, the demo's second gate) and save the best-scored state "
+                        "instead of the last (default 0: the last)")
+    p.add_argument("--select-scenes", type=int, default=300, metavar="N",
+                   help="how many held-out scenes --select-every scores on (default 300)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of continuing from OUT.train.pt")
@@ -881,12 +887,21 @@ def cmd_train_clip(args) -> int:
     if args.vision_layers <= 0:
         raise UsageError(f"--vision-layers must be positive, got {args.vision_layers}.")
     arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    try:
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             select_every=args.select_every, select_scenes=args.select_scenes)
+    except ValueError as e:
+        raise UsageError(f"vpl train-clip: {e}") from None
     record = train_demo_clip(args.out, arch=arch, config=config, device=args.device, resume=args.resume,
                              progress=args.progress)
     last = record["curve"][-1] if record["curve"] else {}
+    chosen = ""
+    if record["selection"]:
+        best = max(record["selection"], key=lambda s: s["text_gradcam_seed_miou"])
+        chosen = (f"; kept step {record['selected_step']} (text GradCAM seed mIoU "
+                  f"{best['text_gradcam_seed_miou']:.1f} on {config.select_scenes} selection scenes)")
     print(f"vpl train-clip: {config.steps} steps, final loss {last.get('loss', float('nan')):.4f}, "
-          f"{record['seconds']:.0f} s on {args.device}; saved {args.out}")
+          f"{record['seconds']:.0f} s on {args.device}; saved {args.out}{chosen}")
     return EXIT_OK
 
 

@@ -216,6 +216,13 @@ def _evaluate(adapter: CLIPESAdapter, scenes, *, crf: bool = True, keep: int = 0
             best_thr, fa_rate, kept)
 
 
+def text_gradcam_seed_miou(encoder, scenes) -> float:
+    """Seed mIoU (0-100) of the text-prototype GradCAM itself (no CAA refinement, no CRF): the demo
+    CLIP's second quality gate, the measure of the probes that set its level."""
+    raw = CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES, refine=False)
+    return 100 * _evaluate(raw, scenes, crf=False)[0]
+
+
 def _pil(image: np.ndarray):
     from vpl_plugin._imports import require
 
@@ -419,8 +426,7 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
 
     # the gate is on the text-prototype GradCAM itself (no CAA, no CRF), the measure of the probes
     # that set its level; CLIP-ES's seed (with CAA) is reported beside it
-    raw = CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES, refine=False)
-    gates["text_gradcam_seed_miou"] = 100 * _evaluate(raw, test, crf=False)[0]
+    gates["text_gradcam_seed_miou"] = text_gradcam_seed_miou(encoder, test)
     gates["clip_es_seed_miou_with_caa"] = rows[0].seed_miou
     for what, value, need in (("zero-shot label-set accuracy", gates["label_set_accuracy"], 0.95),
                               ("text GradCAM seed mIoU (no CAA)", gates["text_gradcam_seed_miou"], 35.0)):

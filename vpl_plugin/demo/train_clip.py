@@ -61,6 +61,17 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
+    select_every: int = 0
+    select_scenes: int = 300
+    select_offset: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if self.select_every < 0 or self.select_scenes < 1:
+            raise ValueError(f"select_every must be >= 0 and select_scenes >= 1; got {self.select_every}, "
+                             f"{self.select_scenes}.")
+        if self.select_every and self.steps * self.batch_size > self.select_offset:
+            raise ValueError(f"training draws scenes 0..{self.steps * self.batch_size - 1} of the world, which "
+                             f"reaches the selection scenes at index {self.select_offset}; raise select_offset.")
 
 
 def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
@@ -110,6 +121,16 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (loss_i + loss_t) / 2
 
 
+def selection_score(state: Dict[str, torch.Tensor], scenes) -> float:
+    """The demo's second quality gate (text-prototype GradCAM seed mIoU, no CAA, no CRF) of a CLIP
+    given as an fp16 state dict, loaded exactly as ``load_clip`` loads the saved checkpoint."""
+    from vpl_plugin.backbones.clip import CLIPDense, build_clip_from_state_dict
+    from vpl_plugin.demo.report import text_gradcam_seed_miou
+
+    encoder = CLIPDense(build_clip_from_state_dict(state), device="cpu")
+    return text_gradcam_seed_miou(encoder, scenes)
+
+
 def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = DemoCLIPConfig(),
                     config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = True,
                     progress: bool = True, log: Optional[Callable[[str], None]] = print) -> Dict:
@@ -133,6 +154,8 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     step, curve, seconds = 0, [], 0.0
+    selection: List[Dict] = []
+    best: Optional[Dict] = None  # {"step", "score", "state" (fp16 state dict)}
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
         free = ("steps", "checkpoint_every", "log_every")  # a resumed run may extend or log differently
@@ -145,6 +168,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         step, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
+        selection, best = saved.get("selection", []), saved.get("best")
         if log:
             log(f"resuming demo-CLIP training at step {step} from {state_path}")
 
@@ -157,8 +181,24 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     def save_state() -> None:
         with atomic_path(state_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "curve": curve, "seconds": seconds, "arch": asdict(arch), "config": asdict(config)},
-                       tmp)
+                        "curve": curve, "seconds": seconds, "arch": asdict(arch), "config": asdict(config),
+                        "selection": selection, "best": best}, tmp)
+
+    select_scenes = (world.batch(config.select_offset, config.select_scenes) if config.select_every else [])
+
+    def select() -> None:
+        nonlocal best
+        model.eval()
+        state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+                 for k, v in model.state_dict().items()}
+        score = selection_score(state, select_scenes)
+        model.train()
+        selection.append({"step": step, "text_gradcam_seed_miou": round(score, 3)})
+        if best is None or score > best["score"]:
+            best = {"step": step, "score": score, "state": {k: v.clone() for k, v in state.items()}}
+        if log:
+            log(f"step {step}: text GradCAM seed mIoU {score:.2f} on {len(select_scenes)} selection scenes "
+                f"(best {best['score']:.2f} at step {best['step']})")
 
     bar = progress_bar(total=config.steps, initial=step, desc="train-clip", enabled=progress)
     model.train()
@@ -191,6 +231,8 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{window[-1] if window else 0:.3f}")
+        if config.select_every and (step % config.select_every == 0 or step == config.steps):
+            select()
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_state()
     if bar:
@@ -198,8 +240,11 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     model.eval()
     from vpl_plugin.backbones import save_checkpoint
 
+    if best is not None:
+        model.load_state_dict(best["state"])
     save_checkpoint(model.half(), out)
     record = {"arch": asdict(arch), "config": asdict(config), "curve": curve, "seconds": seconds,
-              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "selection": selection, "selected_step": best["step"] if best else config.steps}
     write_json(out.with_name(out.name + ".curve.json"), record)
     return record
