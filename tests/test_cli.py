@@ -211,3 +211,19 @@ def test_recommended_configuration_on_the_synthetic_export(tmp_path):
                      "--json", tmp_path / f"{name}.json", "--no-progress"]) == EXIT_OK
         report = json.loads((tmp_path / f"{name}.json").read_text())
         assert len(report["per_class"]) == 11 and 0 <= report["miou"] <= 1
+
+
+def test_train_clip_refuses_bad_selection_settings_and_reports_the_kept_step(tmp_path, capsys):
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--select-every", "1", "--select-scenes", "0",
+                 "--no-progress"]) == EXIT_USAGE
+    assert "--select-scenes must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
+    # the selection scenes start at scene 50,000,000 of the training world; training must stay below
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--select-every", "1", "--steps", "400000",
+                 "--batch-size", "128", "--no-progress"]) == EXIT_USAGE
+    assert "selection scenes" in capsys.readouterr().err
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--steps", "2", "--batch-size", "4", "--select-every", "1",
+                 "--select-scenes", "3", "--no-progress"]) == EXIT_OK
+    record = json.loads((tmp_path / "c.pt.curve.json").read_text())
+    assert [s["step"] for s in record["selection"]] == [1, 2]
+    assert f"kept step {record['selected_step']} (text GradCAM seed mIoU" in capsys.readouterr().out

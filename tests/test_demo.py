@@ -169,3 +169,22 @@ def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_al
     assert resumed["selected_step"] == chosen["selected_step"]
     with pytest.raises(ValueError, match="selection scenes"):
         TrainConfig(steps=300, batch_size=4, select_every=10, select_offset=1000)
+
+
+def test_a_state_from_before_checkpoint_selection_still_resumes(tmp_path):
+    """Training states written before ``select_*`` existed lack those keys: they resume (the
+    settings were at their defaults then), and a run asking for selection is refused."""
+    cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False, log=None)
+    state_path = tmp_path / "a.pt.train.pt"
+    state = torch.load(state_path, weights_only=False)
+    for key in ("select_every", "select_scenes", "select_offset"):
+        del state["config"][key]
+    del state["selection"], state["best"]
+    torch.save(state, state_path)
+    record = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False,
+                             log=None)
+    assert [c["step"] for c in record["curve"]] == [1, 2] and record["selection"] == []
+    with pytest.raises(ValueError, match="different settings"):
+        train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=3, select_every=1, **cfg),
+                        progress=False, log=None)

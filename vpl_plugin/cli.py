@@ -887,6 +887,9 @@ def cmd_train_clip(args) -> int:
     if args.vision_layers <= 0:
         raise UsageError(f"--vision-layers must be positive, got {args.vision_layers}.")
     arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
+    for flag, value, least in (("--select-every", args.select_every, 0), ("--select-scenes", args.select_scenes, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}.")
     try:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              select_every=args.select_every, select_scenes=args.select_scenes)

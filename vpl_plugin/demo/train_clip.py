@@ -66,12 +66,14 @@ class TrainConfig:
     select_offset: int = 50_000_000
 
     def __post_init__(self) -> None:
-        if self.select_every < 0 or self.select_scenes < 1:
-            raise ValueError(f"select_every must be >= 0 and select_scenes >= 1; got {self.select_every}, "
-                             f"{self.select_scenes}.")
+        if self.select_every < 0:
+            raise ValueError(f"select_every must be >= 0 (0: keep the last state); got {self.select_every}.")
+        if self.select_scenes < 1:
+            raise ValueError(f"select_scenes must be >= 1; got {self.select_scenes}.")
         if self.select_every and self.steps * self.batch_size > self.select_offset:
             raise ValueError(f"training draws scenes 0..{self.steps * self.batch_size - 1} of the world, which "
-                             f"reaches the selection scenes at index {self.select_offset}; raise select_offset.")
+                             f"reaches the selection scenes at index {self.select_offset}; use fewer steps "
+                             f"x batch size or raise select_offset.")
 
 
 def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
@@ -160,7 +162,9 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         saved = torch.load(state_path, map_location=device, weights_only=False)
         free = ("steps", "checkpoint_every", "log_every")  # a resumed run may extend or log differently
         now = {k: v for k, v in asdict(config).items() if k not in free}
-        then = {k: v for k, v in saved.get("config", asdict(config)).items() if k not in free}
+        # settings a state written by an older version lacks were at their defaults then
+        then = {k: v for k, v in {**asdict(TrainConfig()), **saved.get("config", asdict(config))}.items()
+                if k not in free}
         if saved.get("arch", asdict(arch)) != asdict(arch) or then != now:
             raise ValueError(f"{state_path} was written by a run with different settings "
                              f"(arch {saved.get('arch')}, recipe {then}; this run: arch {asdict(arch)}, "
