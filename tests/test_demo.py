@@ -97,6 +97,16 @@ def test_demo_report_on_a_tiny_model(tmp_path):
     assert set(report["gates_passed"]) == {"label_set_accuracy>=0.95", "text_seed_miou>=35"}
     assert report["cpal_sweep"] == [] and report["cpal_selection"] == []  # studies are opt-in
     assert any(n.startswith("CLIP-CPAL (") for n in names)
+    # the second gate is the no-CAA text row, recomputed here from its definition
+    from vpl_plugin.backbones import load_clip
+    from vpl_plugin.data.synthetic import SceneWorld
+    from vpl_plugin.demo.report import text_gradcam_seed_miou
+
+    raw = next(r for r in report["rows"] if r["name"] == "text prototypes, GradCAM, no CAA")
+    scenes = SceneWorld(seed=cfg.world_seed).batch(10_000_000, cfg.eval_scenes)
+    assert report["gates"]["text_gradcam_seed_miou"] == raw["seed_miou"]
+    assert raw["seed_miou"] == pytest.approx(text_gradcam_seed_miou(load_clip(str(ckpt)), scenes), abs=1e-9)
+    assert "VPL region-pooled (tau_I 0.1), dense map, no CAA" in names
     studies = run_demo(tmp_path / "studies", clip=str(ckpt), log=lambda m: None, cpal_studies=True,
                        config=DemoConfig(train_scenes=8, eval_scenes=4, taus=(0.03,), phis=(0.4,), iters=5,
                                          grid_scenes=1, cpal_val_scenes=4,
