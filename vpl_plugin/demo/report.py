@@ -330,22 +330,24 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
         ad.set_bank(banks[key])
         return ad
 
-    seeds_of: Dict[Tuple[int, str], Tuple[PrototypeSet, float]] = {}  # (prototype set, map mode) -> seed
+    # (prototype set, map mode, CAA) -> seed; the value keeps the set alive, so ids stay unique
+    seeds_of: Dict[Tuple[int, str, bool], Tuple[PrototypeSet, float]] = {}
 
     def sweep_seed(ps: PrototypeSet, map_mode: str) -> float:
         """Seed mIoU (0-1) of a CLIP-ES map; the sweeps revisit the main rows' prototype sets."""
-        if (id(ps), map_mode) not in seeds_of:
+        key = (id(ps), map_mode, True)
+        if key not in seeds_of:
             ad = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=map_mode)
-            seeds_of[id(ps), map_mode] = ps, _evaluate(ad, test, crf=False)[0]  # keeps ps alive: ids stay unique
-        return seeds_of[id(ps), map_mode][1]
+            seeds_of[key] = ps, _evaluate(ad, test, crf=False)[0]
+        return seeds_of[key][1]
 
     def evaluate(name: str, ps: PrototypeSet, map_mode: str = "gradcam", note: str = "",
-                 adapter: Optional[CLIPESAdapter] = None) -> _Row:
+                 adapter: Optional[CLIPESAdapter] = None, refine: bool = True) -> _Row:
         ad = adapter or CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES,
-                                      map_mode=map_mode)
+                                      map_mode=map_mode, refine=refine)
         seed, mask, thr, fa, kept = _evaluate(ad, test, keep=cfg.grid_scenes)
         if adapter is None:
-            seeds_of[id(ps), map_mode] = ps, seed
+            seeds_of[id(ps), map_mode, refine] = ps, seed
         grids[name] = kept
         gap = modality_gap(eval_feats, eval_seed, ps.prototypes)
         row = _Row(name, 100 * seed, 100 * mask, thr, fa, gap, note)
@@ -371,11 +373,9 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
              note="research candidate")
     # CLIP-ES always refines with CAA; both maps without it (the text row's seed is the second gate)
     log("Without CAA refinement (ablation; CLIP-ES always refines):")
-    text_raw = evaluate("text prototypes, GradCAM, no CAA", text, note="ablation: CAA off",
-                        adapter=CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES, refine=False))
-    evaluate("VPL region-pooled (tau_I 0.1), dense map, no CAA", region, note="ablation: CAA off",
-             adapter=CLIPESAdapter(encoder, SYNTHETIC, prototypes=region, templates=DEMO_TEMPLATES,
-                                   map_mode="dense", refine=False))
+    text_raw = evaluate("text prototypes, GradCAM, no CAA", text, note="ablation: CAA off", refine=False)
+    evaluate("VPL region-pooled (tau_I 0.1), dense map, no CAA", region, "dense", note="ablation: CAA off",
+             refine=False)
     log("CLIP-CPAL (training-free reconstruction, spec cpal.md 2.1; bank from the learning scenes):")
     evaluate("CLIP-CPAL (text prototypes, GradCAM)", text, adapter=cpal_adapter(text),
              note="spec defaults: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean")
@@ -415,9 +415,8 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     gt_ps, _ = learn(cfg.phi, cfg.tau, "bb", targets=_gt_targets(probes, text))
     evaluate("prototypes learned from GT masks, GradCAM", gt_ps, note="upper bound: uses masks")
     evaluate("prototypes learned from GT masks, dense map", gt_ps, "dense", note="upper bound: uses masks")
-    evaluate("prototypes learned from GT masks, dense map, no CAA", gt_ps, note="upper bound: uses masks",
-             adapter=CLIPESAdapter(encoder, SYNTHETIC, prototypes=gt_ps, templates=DEMO_TEMPLATES,
-                                   map_mode="dense", refine=False))
+    evaluate("prototypes learned from GT masks, dense map, no CAA", gt_ps, "dense", note="upper bound: uses masks",
+             refine=False)
     cent = PrototypeSet(_centroids(probes, text, [sc.background for sc in train]), text.class_names,
                         text.background_names, tau=cfg.tau, kind="vision")
     evaluate("GT class centroids, GradCAM", cent, note="uses masks")
