@@ -116,6 +116,41 @@ def test_demo_report_on_a_tiny_model(tmp_path):
                                                        for t in studies["cpal_selection"])
 
 
+@pytest.mark.parametrize("refine", [True, False])
+def test_demo_seeds_search_upstreams_exponents_for_the_map_type(tmp_path, refine):
+    # the demo scores CAA maps like upstream's eval_cam.py scores attn_highres ({1, 2}) and maps
+    # without CAA like its raw-GradCAM type highres ({1..10}); oracle: the file evaluator on the
+    # same maps written as CAM files
+    from PIL import Image
+
+    from vpl_plugin.adapters.clip_es import CLIPESAdapter
+    from vpl_plugin.backbones import load_clip, save_checkpoint
+    from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
+    from vpl_plugin.demo.report import DEMO_TEMPLATES, _evaluate, _pil
+    from vpl_plugin.demo.train_clip import build_demo_clip
+    from vpl_plugin.metrics import evaluate_cams
+
+    torch.manual_seed(0)
+    save_checkpoint(build_demo_clip(TINY), tmp_path / "tiny.pt")
+    adapter = CLIPESAdapter(load_clip(str(tmp_path / "tiny.pt")), SYNTHETIC, templates=DEMO_TEMPLATES,
+                            refine=refine)
+    scenes = SceneWorld(seed=3).batch(0, 5)
+    seed, _, best, _, _, sweep = _evaluate(adapter, scenes, crf=False)
+    key = "attn_highres" if refine else "highres"
+    (tmp_path / "cams").mkdir()
+    (tmp_path / "gt").mkdir()
+    for i, sc in enumerate(scenes):
+        out = adapter(_pil(sc.image), list(sc.labels))
+        np.save(tmp_path / "cams" / f"{i}.npy", {"keys": out.keys, key: out.attn_highres})
+        Image.fromarray(sc.mask).save(tmp_path / "gt" / f"{i}.png")
+    ref = evaluate_cams(tmp_path / "cams", tmp_path / "gt", [str(i) for i in range(5)],
+                        num_classes=SYNTHETIC.num_classes, cam_key=key, progress=False)
+    assert list(sweep) == list(ref["sweep"]) == ([1.0, 2.0] if refine else [float(k) for k in range(1, 11)])
+    for e in sweep:
+        assert sweep[e] == pytest.approx(ref["sweep"][e], abs=1e-12)
+    assert best == ref["best_threshold"] and seed == pytest.approx(ref["miou"], abs=1e-12)
+
+
 def test_shipped_demo_clip_recognises_held_out_scenes():
     from vpl_plugin.backbones import load_clip
     from vpl_plugin.data.synthetic import SceneWorld

@@ -10,6 +10,7 @@ import torch
 
 from vpl_plugin import metrics
 from vpl_plugin.metrics import (
+    auto_thresholds,
     MeanIoU,
     cams_to_label,
     confusion_matrix,
@@ -185,13 +186,13 @@ MIOU_P1 = 0.6
 MIOU_P2 = (0.8 + 2 / 3 + 3) / 5
 
 
-def _write_fixture(tmp_path, palette_gt=True):
+def _write_fixture(tmp_path, palette_gt=True, cam_key="attn_highres"):
     cam_dir, gt_dir = tmp_path / "cams", tmp_path / "gt"
     cam_dir.mkdir()
     gt_dir.mkdir()
     for i, (img_id, (keys, cams, gt)) in enumerate(IMAGES.items()):
         np.save(cam_dir / f"{img_id}.npy", {"keys": np.array(keys, dtype=np.int64),
-                                            "attn_highres": np.array(cams).astype(np.float16)})
+                                            cam_key: np.array(cams).astype(np.float16)})
         im = PIL.fromarray(np.array(gt, dtype=np.uint8))  # L mode
         if palette_gt and i % 2 == 0:
             im.putpalette([v for k in range(256) for v in (k, 255 - k, 7)])  # P mode
@@ -238,6 +239,33 @@ def test_evaluate_cams_single_thresholds_and_modes(tmp_path):
     assert set(r4["modes"].values()) == {"constant"}
     best = max(r4["sweep"].values())
     assert r4["best_threshold"] == next(t for t, m in r4["sweep"].items() if m == best)
+
+
+def _oracle_miou(thr, n_class=21):
+    """mIoU of upstream's power rule at one exponent: naive labels and a naive confusion matrix."""
+    hist = np.zeros((n_class, n_class), dtype=np.int64)
+    for keys, cams, gt in IMAGES.values():
+        pred = _upstream_label(np.array(cams).astype(F16), np.array(keys), thr)
+        hist += _naive_hist(pred, np.array(gt), n_class)
+    rows, cols, diag = hist.sum(1), hist.sum(0), np.diag(hist)
+    valid = rows > 0
+    return float(np.mean(diag[valid] / (rows + cols - diag)[valid]))
+
+
+def test_evaluate_cams_auto_follows_upstreams_cam_type_switch(tmp_path):
+    # upstream eval_cam.py: exponents [1, 2] for 'attn*' keys, [1..10] for any other key
+    cam_dir, gt_dir = _write_fixture(tmp_path, cam_key="highres")
+    r = evaluate_cams(cam_dir, gt_dir, ["a", "b", "c"], cam_key="highres", progress=False)
+    assert list(r["sweep"]) == [float(k) for k in range(1, 11)]
+    for thr, miou in r["sweep"].items():
+        assert miou == pytest.approx(_oracle_miou(thr))
+    best = max(r["sweep"].values())
+    assert r["best_threshold"] == next(t for t, m in r["sweep"].items() if m == best)
+    assert r["miou"] == pytest.approx(best)
+    assert auto_thresholds("power", "attn_highres") == [1.0, 2.0]
+    assert auto_thresholds("constant", "highres") == [round(k * 0.05, 2) for k in range(1, 13)]
+    with pytest.raises(ValueError, match="background plane"):
+        evaluate_cams(cam_dir, gt_dir, ["a"], cam_key="attn_highres_bg", progress=False)
 
 
 def test_evaluate_cams_missing_gt_is_reported(tmp_path):

@@ -70,8 +70,9 @@ Pixels whose CRF confidence is below --conf are 255 (ignored when training a seg
 _EPILOG_EVAL = """examples:
   vpl eval --cams cams_vpl --gt-root VOC2012/SegmentationClass --split-file train.txt
   vpl eval --masks pseudo --gt-root VOC2012/SegmentationClass --split-file train.txt --json r.json
---bg-threshold auto searches upstream's candidates (power 1, 2); a float < 1 is a constant
-background score, a float >= 1 an exponent of (1 - max CAM)."""
+--bg-threshold auto searches upstream's candidates: exponents 1, 2 for 'attn' keys (the default
+attn_highres), 1..10 for other keys (e.g. --cam-key highres, the raw GradCAM of --save-gradcam);
+a float < 1 is a constant background score, a float >= 1 an exponent of (1 - max CAM)."""
 
 
 # -- argument helpers -------------------------------------------------------------------------------
@@ -281,11 +282,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "checkpoint is reproduced by the defaults.", formatter_class=fmt,
                        epilog="examples:\n  vpl train-clip --out demo_clip.pt\n"
                               "  vpl train-clip --out demo_clip.pt --device cuda --steps 6000 --batch-size 512")
-    p.add_argument("--out", required=True, metavar="PATH.pt")
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="PATH.pt",
+                   help="checkpoint to write (fp16 state dict, loads with clip.model.build_model); the "
+                        "resumable training state goes to PATH.pt.train.pt, the curve to PATH.pt.curve.json")
+    p.add_argument("--steps", type=int, default=2500, help="optimiser steps (default 2500)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="scenes per step; every caption of the same label set in the batch counts as a "
+                        "positive (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW peak learning rate, cosine schedule after 100 warm-up steps (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="weight-initialisation seed; the batches depend on the step only (default 0)")
     p.add_argument("--vision-width", type=int, default=128, metavar="W",
                    help="ViT width, a multiple of 64 (default 128, the shipped model)")
     p.add_argument("--vision-layers", type=int, default=6, metavar="L", help="ViT depth (default 6)")
@@ -295,9 +301,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "instead of the last (default 0: the last)")
     p.add_argument("--select-scenes", type=int, default=300, metavar="N",
                    help="how many held-out scenes --select-every scores on (default 300)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="start over instead of continuing from OUT.train.pt")
+                   help="start over instead of continuing from PATH.pt.train.pt")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
 

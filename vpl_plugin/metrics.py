@@ -54,7 +54,9 @@ logger = logging.getLogger(__name__)
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 #: Upstream's candidate lists for the background threshold search (spec section 9).
-POWER_CANDIDATES: Tuple[float, ...] = (1.0, 2.0)
+POWER_CANDIDATES: Tuple[float, ...] = (1.0, 2.0)  # upstream's exponents for 'attn*' CAM types
+# upstream's exponents for every other CAM type (e.g. the raw GradCAM saved as 'highres')
+POWER_CANDIDATES_RAW: Tuple[float, ...] = tuple(float(k) for k in range(1, 11))
 CONSTANT_CANDIDATES: Tuple[float, ...] = tuple(round(k * 0.05, 2) for k in range(1, 13))
 
 
@@ -401,14 +403,26 @@ def cams_to_label(
 # --------------------------------------------------------------------------------------------
 
 
-def auto_thresholds(mode: str) -> List[float]:
-    """Upstream's candidate list: power exponents ``[1, 2]``; constants ``[0.05, ..., 0.6]``."""
+def auto_thresholds(mode: str, cam_key: str = "attn_highres") -> List[float]:
+    """Upstream's (``eval_cam.py``) candidate list for a CAM type.
+
+    Power mode: exponents ``[1, 2]`` when ``'attn'`` is in ``cam_key`` (the CAA-refined
+    ``attn_highres``), ``[1, 2, ..., 10]`` for any other key (e.g. the raw GradCAM, ``highres``).
+    Constant mode: ``[0.05, 0.10, ..., 0.60]`` for every key.
+
+    Example:
+        >>> auto_thresholds("power"), len(auto_thresholds("power", "highres"))
+        ([1.0, 2.0], 10)
+    """
     check_choice("mode", mode, ("power", "constant"))
-    return list(POWER_CANDIDATES if mode == "power" else CONSTANT_CANDIDATES)
+    if mode == "constant":
+        return list(CONSTANT_CANDIDATES)
+    return list(POWER_CANDIDATES if "attn" in cam_key else POWER_CANDIDATES_RAW)
 
 
 def _resolve_thresholds(
-    bg_thresholds: Union[str, float, Sequence[float]], mode: Optional[str]
+    bg_thresholds: Union[str, float, Sequence[float]], mode: Optional[str],
+    cam_key: str = "attn_highres",
 ) -> List[Tuple[float, str]]:
     if mode is not None:
         check_choice("mode", mode, ("power", "constant"))
@@ -419,7 +433,7 @@ def _resolve_thresholds(
                 f"{bg_thresholds!r}."
             )
         m = mode or "power"
-        return [(t, m) for t in auto_thresholds(m)]
+        return [(t, m) for t in auto_thresholds(m, cam_key)]
     if isinstance(bg_thresholds, (int, float, np.integer, np.floating)):
         values = [float(bg_thresholds)]
     else:
@@ -507,11 +521,13 @@ def evaluate_cams(
     matrix per candidate. The best threshold is the first one with a strictly greater mIoU in
     candidate order (upstream's rule).
 
-    Thresholds: ``"auto"`` = upstream's candidates for ``mode`` (power: ``[1, 2]``, the default
-    when ``mode`` is None; constant: ``[0.05, 0.10, ..., 0.60]``). A number or a list of numbers
-    is scored as given; with ``mode=None`` each value picks its mode by upstream's switch
-    (``< 1`` constant, ``>= 1`` power). Upstream's ``{1..10}`` list for non-``attn`` CAM types is
-    not reproduced (pass it explicitly).
+    Thresholds: ``"auto"`` = upstream's candidates for ``mode`` and the CAM type
+    (:func:`auto_thresholds`; power, the default when ``mode`` is None: ``[1, 2]`` for ``'attn'``
+    keys such as ``attn_highres``, ``[1, ..., 10]`` for others such as the raw GradCAM
+    ``highres``; constant: ``[0.05, 0.10, ..., 0.60]``). A number or a list of numbers is scored
+    as given; with ``mode=None`` each value picks its mode by upstream's switch (``< 1`` constant,
+    ``>= 1`` power). CAM types whose name contains ``'bg'`` carry their own background plane,
+    which upstream scores without a search; they are refused with an error.
 
     A missing or unreadable CAM/GT file, or a CAM/GT size mismatch, does not stop the run: the
     image is skipped and listed in ``missing`` (a warning is logged).
@@ -535,7 +551,13 @@ def evaluate_cams(
         candidate order), ``modes`` ({threshold: mode}), ``n_images`` (images scored) and
         ``missing`` (list of ``{"id", "path", "reason"}``).
     """
-    candidates = _resolve_thresholds(bg_thresholds, mode)
+    if "bg" in cam_key:
+        raise ValueError(
+            f"cam_key {cam_key!r}: CAM types with 'bg' in the name carry their own background plane "
+            "(upstream's eval_cam.py scores them without a threshold search); this evaluator adds the "
+            "background plane itself. Evaluate a key without a background plane, e.g. 'attn_highres'."
+        )
+    candidates = _resolve_thresholds(bg_thresholds, mode, cam_key)
     names = _default_class_names(num_classes, class_names)
     cam_dir, gt_dir = Path(cam_dir), Path(gt_dir)
     ids = [str(i) for i in ids]

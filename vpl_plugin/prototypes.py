@@ -478,18 +478,22 @@ class _Problem:
         r = torch.zeros(self.N, self.D, dtype=torch.float64, device=self.device) if grad else None
         no_candidate = torch.zeros((), dtype=torch.bool, device=self.device)
         w = w.to(device=self.device, dtype=self.dtype)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, q, m in self.chunks():
-            s = (x @ w.T) / tau
+            # prototype-major (N, c) layout: the softmax runs over N short columns, so reductions
+            # along the long contiguous pixel axis vectorise (about 2x faster than (c, N) on a CPU)
+            s = torch.mm(w, x.T).div_(tau)
+            q = q.T.contiguous()
             if m is not None:
-                no_candidate |= ~m.any(dim=1).all()
-                s = s.masked_fill(~m, -math.inf)
-            log_p = torch.log_softmax(s, dim=1)  # exactly -inf (P = 0) at non-candidates
-            loss -= torch.where(q > 0, q * log_p, torch.zeros((), dtype=q.dtype,
-                                                               device=q.device)).sum().double()
+                m = m.T.contiguous()
+                no_candidate |= ~m.any(dim=0).all()
+                s.masked_fill_(~m, -math.inf)
+            log_p = torch.log_softmax(s, dim=0)  # exactly -inf (P = 0) at non-candidates
+            loss -= torch.where(q > 0, q * log_p, zero).sum().double()
             if r is not None:
-                # (c, N); equals P - Q for rows of Q summing to one
-                resid = log_p.exp() * q.sum(dim=1, keepdim=True) - q
-                r += (resid.T @ x).double()
+                # (N, c); equals P - Q for pixels whose target sums to one
+                resid = log_p.exp_().mul_(q.sum(dim=0, keepdim=True)).sub_(q)
+                r += torch.mm(resid, x).double()
         if bool(no_candidate):
             raise ValueError("some pixels have no candidate prototype; every row of candidates "
                              "needs at least one True.")

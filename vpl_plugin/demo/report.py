@@ -26,7 +26,7 @@ from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
 from vpl_plugin.cpal import build_context_bank
 from vpl_plugin.data.synthetic import SYNTHETIC, THINGS, SceneWorld, context_false_activation
-from vpl_plugin.metrics import MeanIoU, cams_to_label
+from vpl_plugin.metrics import MeanIoU, auto_thresholds, cams_to_label
 from vpl_plugin.prototypes import (
     PrototypeSet,
     build_targets,
@@ -186,39 +186,47 @@ class _Row:
 
 
 def _evaluate(adapter: CLIPESAdapter, scenes, *, crf: bool = True, keep: int = 0):
-    """Seeds (best of upstream's power thresholds 1, 2) and CRF masks (all pixels, like upstream's
-    --eval_only) on the evaluation scenes; returns metrics and the first ``keep`` CAMs."""
+    """Seeds and CRF masks on the evaluation scenes; returns metrics and the first ``keep`` CAMs.
+
+    Seeds: the best background power of upstream's ``eval_cam.py`` search for the map's CAM type:
+    exponents {1, 2} for CAA-refined maps (``attn_highres``), {1, ..., 10} for maps without CAA
+    (upstream's raw GradCAM type, ``highres``). Masks: CRF, scored on all pixels (upstream's
+    ``--eval_only``). Returns ``(seed, mask, best exponent, context false activation, kept CAMs,
+    {exponent: seed})``.
+    """
     from vpl_plugin.pseudo_masks import cams_to_pseudo_mask
 
     n_cls = SYNTHETIC.num_classes
-    seeds = {1.0: MeanIoU(n_cls), 2.0: MeanIoU(n_cls)}
+    exponents = auto_thresholds("power", "attn_highres" if adapter.config.refine else "highres")
+    seeds = {e: MeanIoU(n_cls) for e in exponents}
     masks = MeanIoU(n_cls)
-    fa = {1.0: [0, 0], 2.0: [0, 0]}
+    fa = {e: [0, 0] for e in exponents}
     kept = []
     for i, sc in enumerate(scenes):
         out = adapter(_pil(sc.image), list(sc.labels))
         cams, keys = out.attn_highres, out.keys
         if i < keep:
             kept.append(cams.astype(np.float32))
-        for thr, metric in seeds.items():
-            pred = cams_to_label(cams, keys, thr, "power")
+        for e, metric in seeds.items():
+            pred = cams_to_label(cams, keys, e, "power")
             metric.update(pred, sc.mask)
             for wrong, total in context_false_activation(pred, sc.mask, sc.labels, sc.background).values():
-                fa[thr][0] += wrong
-                fa[thr][1] += total
+                fa[e][0] += wrong
+                fa[e][1] += total
         if crf:
             bgr = np.ascontiguousarray(sc.image[:, :, ::-1])
             mask = cams_to_pseudo_mask(cams, keys, bgr, crf=True, conf=None)
             masks.update(mask, sc.mask)
-    best_thr = max(seeds, key=lambda t: seeds[t].compute()["miou"])  # ties -> first (1.0)
-    fa_rate = fa[best_thr][0] / max(fa[best_thr][1], 1)
-    return (seeds[best_thr].compute()["miou"], masks.compute()["miou"] if crf else float("nan"),
-            best_thr, fa_rate, kept)
+    sweep = {e: m.compute()["miou"] for e, m in seeds.items()}
+    best = max(sweep, key=lambda e: sweep[e])  # ties -> first (upstream: first strictly greater)
+    fa_rate = fa[best][0] / max(fa[best][1], 1)
+    return (sweep[best], masks.compute()["miou"] if crf else float("nan"), best, fa_rate, kept, sweep)
 
 
 def text_gradcam_seed_miou(encoder, scenes) -> float:
-    """Seed mIoU (0-100) of the text-prototype GradCAM itself (no CAA refinement, no CRF): the demo
-    CLIP's second quality gate, the measure of the probes that set its level."""
+    """Seed mIoU (0-100) of the text-prototype GradCAM itself (no CAA refinement, no CRF), scored
+    like upstream's ``eval_cam.py`` scores that map type (``highres``: best of exponents 1..10):
+    the demo CLIP's second quality gate."""
     raw = CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES, refine=False)
     return 100 * _evaluate(raw, scenes, crf=False)[0]
 
@@ -345,7 +353,7 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
                  adapter: Optional[CLIPESAdapter] = None, refine: bool = True) -> _Row:
         ad = adapter or CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES,
                                       map_mode=map_mode, refine=refine)
-        seed, mask, thr, fa, kept = _evaluate(ad, test, keep=cfg.grid_scenes)
+        seed, mask, thr, fa, kept, _ = _evaluate(ad, test, keep=cfg.grid_scenes)
         if adapter is None:
             seeds_of[id(ps), map_mode, refine] = ps, seed
         grids[name] = kept
@@ -520,7 +528,9 @@ def _markdown(r: Dict[str, Any]) -> str:
     lines += ["", "Phi sweep (Table 6 style):", "", "| Phi | seed (GradCAM) | seed (dense) |", "|---:|---:|---:|"]
     for t in r["phi_sweep"]:
         lines.append(f"| {t['phi']:.1f} | {t['seed_gradcam']:.1f} | {t['seed_dense']:.1f} |")
-    lines += ["", "Seeds: best of upstream's background powers {1, 2}; pseudo masks: dense CRF "
+    lines += ["", "Seeds: best background power of upstream's eval_cam.py search for the map type: "
+              "{1, 2} for CAA-refined maps (attn_highres), {1, ..., 10} for the rows without CAA "
+              "(upstream's raw-GradCAM type, highres); pseudo masks: dense CRF "
               "(CLIP-ES parameters) scored on all pixels like upstream's --eval_only. Context false "
               "activation: share of background pixels predicted as a present class whose usual "
               "background this is (seeds)."]
