@@ -480,8 +480,8 @@ class _Problem:
         w = w.to(device=self.device, dtype=self.dtype)
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, q, m in self.chunks():
-            # prototype-major (N, c) layout: the softmax runs over N short columns, so reductions
-            # along the long contiguous pixel axis vectorise (about 2x faster than (c, N) on a CPU)
+            # prototype-major (N, c) layout: the softmax runs along the long contiguous pixel axis
+            # (on one CPU thread 2x faster than (c, N) for the demo's 15 prototypes; benchmarks/NOTES.md)
             s = torch.mm(w, x.T).div_(tau)
             q = q.T.contiguous()
             if m is not None:
