@@ -71,6 +71,15 @@ def test_cams_learn_cams_masks_eval_end_to_end(small_voc, tiny_checkpoint, tmp_p
     assert 0 <= report["miou"] <= 1 and f"{100 * report['miou']:.2f}" in out
     assert _run(["eval", "--masks", tmp_path / "masks", "--gt-root", gt, "--split-file",
                  small_voc / "ImageSets/Segmentation/train.txt", "--no-progress"]) == EXIT_OK
+    # the raw GradCAM (--save-gradcam, key highres) is searched over upstream's exponents 1..10
+    assert _run(["cams", *data, "--out", tmp_path / "cams_raw", "--save-gradcam", "--limit", "2"]) == EXIT_OK
+    raw_json = tmp_path / "eval_raw.json"
+    assert _run(["eval", "--cams", tmp_path / "cams_raw", "--gt-root", gt, "--cam-key", "highres",
+                 "--split-file", small_voc / "ImageSets/Segmentation/train.txt", "--limit", "2",
+                 "--json", raw_json, "--no-progress"]) == EXIT_OK
+    raw = json.loads(raw_json.read_text())
+    assert [float(t) for t in raw["sweep"]] == [float(k) for k in range(1, 11)]
+    assert raw["miou"] == pytest.approx(max(raw["sweep"].values())) and raw["n_images"] == 2
 
 
 def test_identity_learning_reproduces_text_cams(small_voc, tiny_checkpoint, tmp_path):
