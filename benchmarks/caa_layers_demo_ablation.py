@@ -8,7 +8,8 @@ scores the seeds (no CRF) of the two maps the demo reports with CAA: the text-pr
 (CLIP-ES) and the recommended VPL dense map (region-pooled learning, tau_I 0.1), next to the same
 maps without CAA, and upstream's 8 with its box-mask quirk Q7 fixed (``box_clip_fix``: upstream
 never puts the last token row and column in the CAA box mask, 15 of the 64 tokens of an 8x8 grid;
-spec clip_es.md section 7.1). It is an ablation on the demo's evaluation scenes, measured after every
+spec clip_es.md section 7.1), and with the box threshold at 0 (every token in the box) and 0.6
+(upstream: 0.4 on VOC). It is an ablation on the demo's evaluation scenes, measured after every
 configuration was fixed; nothing is chosen from it (the demo keeps upstream's 8).
 
     python benchmarks/caa_layers_demo_ablation.py            # about 3 min on 2 cores
@@ -62,16 +63,18 @@ def main() -> None:
     rows, table = [], [["map", "CAA affinity", "blocks averaged", "seed mIoU", "best exponent"]]
     for label, ps, mode in (("text prototypes, GradCAM (CLIP-ES)", text, "gradcam"),
                             ("VPL recommended, dense map", region, "dense")):
-        settings = ([(f"last {n}", n, True, False) for n in args.layers]
-                    + [("last 8, Q7 fixed", 8, True, True), ("no CAA", 0, False, False)])
-        for name, n, refine, fix in settings:
-            kw = {"affinity_layers": n, "box_clip_fix": fix} if refine else {}
+        settings = ([(f"last {n}", n, True, False, None) for n in args.layers]
+                    + [("last 8, Q7 fixed", 8, True, True, None)]
+                    + [(f"last 8, box threshold {t}", 8, True, False, t) for t in (0.0, 0.6)]
+                    + [("no CAA", 0, False, False, None)])
+        for name, n, refine, fix, box in settings:
+            kw = {"affinity_layers": n, "box_clip_fix": fix, "box_threshold": box} if refine else {}
             ad = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=demo.DEMO_TEMPLATES, map_mode=mode,
                                refine=refine, **kw)
             seed, _, best, _, _, _ = demo._evaluate(ad, test, crf=False)
             used = f"{min(n, depth)} of {depth}" if refine else "-"
             rows.append({"map": label, "caa": name, "blocks_averaged": min(n, depth) if refine else 0,
-                         "box_clip_fix": fix,
+                         "box_clip_fix": fix, "box_threshold": box,
                          "seed_miou": round(100 * seed, 2), "best_exponent": best})
             table.append([label, name, used, f"{100 * seed:.1f}", f"{best:g}"])
             print(f"{label:<40s} {name:<8s} ({used}) seed {100 * seed:5.1f}", flush=True)
