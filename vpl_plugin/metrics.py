@@ -366,7 +366,7 @@ def cams_to_label(
     written by CLIP-ES), so a float16 threshold rounding is reproduced exactly.
 
     * ``mode="power"``: ``bg = (1 - max_c cams) ** bg_threshold`` (upstream default, exponent 2
-      for the search start, candidates 1 and 2);
+      for the search start; candidates 1 and 2 for ``attn*`` maps, 1..10 for others);
     * ``mode="constant"``: ``bg = bg_threshold`` rounded to the CAMs' dtype;
     * ``mode=None``: upstream's switch, constant if ``bg_threshold < 1`` else power.
 
