@@ -227,12 +227,14 @@ def test_train_clip_refuses_bad_selection_settings_and_reports_the_kept_step(tmp
                  "--no-progress"]) == EXIT_USAGE
     assert "--select-scenes must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "c.pt").exists()
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--workers", "-1", "--no-progress"]) == EXIT_USAGE
+    assert "--workers must be at least 0" in capsys.readouterr().err
     # the selection scenes start at scene 50,000,000 of the training world; training must stay below
     assert _run(["train-clip", "--out", tmp_path / "c.pt", "--select-every", "1", "--steps", "400000",
                  "--batch-size", "128", "--no-progress"]) == EXIT_USAGE
     assert "selection scenes" in capsys.readouterr().err
     assert _run(["train-clip", "--out", tmp_path / "c.pt", "--steps", "2", "--batch-size", "4", "--select-every", "1",
-                 "--select-scenes", "3", "--no-progress"]) == EXIT_OK
+                 "--select-scenes", "3", "--workers", "1", "--no-progress"]) == EXIT_OK
     record = json.loads((tmp_path / "c.pt.curve.json").read_text())
     assert [s["step"] for s in record["selection"]] == [1, 2]
     assert f"kept step {record['selected_step']} (text GradCAM seed mIoU" in capsys.readouterr().out

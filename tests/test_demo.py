@@ -116,6 +116,31 @@ def test_demo_report_on_a_tiny_model(tmp_path):
                                                        for t in studies["cpal_selection"])
 
 
+def test_data_loader_workers_leave_the_weights_unchanged(tmp_path):
+    # the batches are a function of the step: drawing them in 2 worker processes (and resuming
+    # half-way with workers) gives the weights of the in-process run exactly
+    cfg = dict(batch_size=8, warmup=2, checkpoint_every=2, log_every=1)
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False, log=None,
+                    workers=2)
+    rec = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False,
+                          log=None, workers=2)
+    a = torch.load(tmp_path / "a.pt.train.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b.pt.train.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [c["step"] for c in rec["curve"]] == [1, 2, 3, 4]
+    # an unfinished run's state exports to the checkpoint the finished run writes
+    from vpl_plugin.demo.train_clip import export_training_state
+
+    assert export_training_state(tmp_path / "b.pt.train.pt", tmp_path / "e.pt") == {"step": 4, "selected": False}
+    written, exported = torch.load(tmp_path / "b.pt"), torch.load(tmp_path / "e.pt")
+    assert written.keys() == exported.keys() and all(torch.equal(written[k], exported[k]) for k in written)
+    with pytest.raises(ValueError, match="workers"):
+        train_demo_clip(tmp_path / "c.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False,
+                        log=None, workers=-1)
+
+
 @pytest.mark.parametrize("refine", [True, False])
 def test_demo_seeds_search_upstreams_exponents_for_the_map_type(tmp_path, refine):
     # the demo scores CAA maps like upstream's eval_cam.py scores attn_highres ({1, 2}) and maps
@@ -200,6 +225,12 @@ def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_al
     scenes = SceneWorld(seed=1).batch(1000, 6)
     kept = text_gradcam_seed_miou(load_clip(str(tmp_path / "s.pt")), scenes)
     assert kept == pytest.approx(max(scores), abs=1e-3)
+    from vpl_plugin.demo.train_clip import export_training_state  # the kept state, from the state file
+
+    assert export_training_state(tmp_path / "s.pt.train.pt", tmp_path / "x.pt") == {
+        "step": chosen["selected_step"], "selected": True}
+    written, exported = torch.load(tmp_path / "s.pt"), torch.load(tmp_path / "x.pt")
+    assert written.keys() == exported.keys() and all(torch.equal(written[k], exported[k]) for k in written)
 
     def crash_at_step_4(msg: str) -> None:
         if msg.startswith("step 4/"):

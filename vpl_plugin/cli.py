@@ -281,7 +281,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "from scratch on the synthetic world; resumable. The shipped "
                                    "checkpoint is reproduced by the defaults.", formatter_class=fmt,
                        epilog="examples:\n  vpl train-clip --out demo_clip.pt\n"
-                              "  vpl train-clip --out demo_clip.pt --device cuda --steps 6000 --batch-size 512")
+                              "  vpl train-clip --out demo_clip.pt --device cuda --steps 6000 --batch-size 512 --workers 14")
     p.add_argument("--out", required=True, metavar="PATH.pt",
                    help="checkpoint to write (fp16 state dict, loads with clip.model.build_model); the "
                         "resumable training state goes to PATH.pt.train.pt, the curve to PATH.pt.curve.json")
@@ -302,6 +302,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-scenes", type=int, default=300, metavar="N",
                    help="how many held-out scenes --select-every scores on (default 300)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="data-loader processes that draw the scenes ahead of the optimiser; they change "
+                        "the speed, never the weights (default 0: in this process; on a GPU use about "
+                        "the number of CPU cores)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of continuing from PATH.pt.train.pt")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -893,7 +897,8 @@ def cmd_train_clip(args) -> int:
     if args.vision_layers <= 0:
         raise UsageError(f"--vision-layers must be positive, got {args.vision_layers}.")
     arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers)
-    for flag, value, least in (("--select-every", args.select_every, 0), ("--select-scenes", args.select_scenes, 1)):
+    for flag, value, least in (("--select-every", args.select_every, 0), ("--select-scenes", args.select_scenes, 1),
+                               ("--workers", args.workers, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}.")
     try:
@@ -902,7 +907,7 @@ def cmd_train_clip(args) -> int:
     except ValueError as e:
         raise UsageError(f"vpl train-clip: {e}") from None
     record = train_demo_clip(args.out, arch=arch, config=config, device=args.device, resume=args.resume,
-                             progress=args.progress)
+                             progress=args.progress, workers=args.workers)
     last = record["curve"][-1] if record["curve"] else {}
     chosen = ""
     if record["selection"]:

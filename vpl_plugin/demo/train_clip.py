@@ -25,7 +25,8 @@ from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
 
-__all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "images_to_tensor", "train_demo_clip"]
+__all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "export_training_state", "images_to_tensor",
+           "train_demo_clip"]
 
 
 @dataclass(frozen=True)
@@ -133,20 +134,66 @@ def selection_score(state: Dict[str, torch.Tensor], scenes) -> float:
     return text_gradcam_seed_miou(encoder, scenes)
 
 
+def export_training_state(state_path: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> Dict:
+    """Write the checkpoint an unfinished ``vpl train-clip`` run would keep: the best-scored state
+    when the run selects (``--select-every``), else the last saved one, as an fp16 state dict like
+    the finished run writes. Returns ``{"step", "selected"}``.
+    """
+    from vpl_plugin.backbones import save_checkpoint
+
+    saved = torch.load(state_path, map_location="cpu", weights_only=False)
+    model = build_demo_clip(DemoCLIPConfig(**saved["arch"]))
+    best = saved.get("best")
+    model.load_state_dict(saved["model"])
+    model.half()
+    if best is not None:
+        model.load_state_dict(best["state"])
+    save_checkpoint(model, out)
+    return {"step": best["step"] if best else saved["step"], "selected": best is not None}
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """The training batches of steps ``start, start + 1, ...`` (each a function of its step only)."""
+
+    def __init__(self, world, start: int, stop: int, batch_size: int, context_length: int) -> None:
+        self.world, self.start, self.stop = world, start, stop
+        self.batch_size, self.context_length = batch_size, context_length
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int):
+        return _batch(self.world, self.start + i, self.batch_size, self.context_length)
+
+
+def _batches(world, start: int, config: TrainConfig, context_length: int, workers: int, pin: bool):
+    """Batches for steps ``start..config.steps - 1`` in order, drawn in ``workers`` processes
+    (0: in this process). The batches do not depend on ``workers``."""
+    data = _StepBatches(world, start, config.steps, config.batch_size, context_length)
+    if workers == 0:
+        return (data[i] for i in range(len(data)))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                            pin_memory=pin, prefetch_factor=4))
+
+
 def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = DemoCLIPConfig(),
                     config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = True,
-                    progress: bool = True, log: Optional[Callable[[str], None]] = print) -> Dict:
+                    progress: bool = True, log: Optional[Callable[[str], None]] = print,
+                    workers: int = 0) -> Dict:
     """Train the demo CLIP and save it to ``out`` (fp16 state dict, OpenAI format).
 
     A training state (fp32 weights, optimiser, step, curve) is checkpointed to ``<out>.train.pt``
     every ``checkpoint_every`` steps; with ``resume`` a rerun continues from it. The curve is
-    written to ``<out>.curve.json``.
+    written to ``<out>.curve.json``. ``workers`` data-loader processes draw the scenes ahead of
+    the optimiser (0: in this process); they change the speed, never the batches or the weights.
 
     Returns:
         the training record (config, curve, seconds).
     """
     from vpl_plugin.data.synthetic import SceneWorld
 
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: draw the scenes in this process); got {workers}.")
     out = Path(out)
     state_path = out.with_name(out.name + ".train.pt")
     world = SceneWorld(seed=config.world_seed)
@@ -207,10 +254,10 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     bar = progress_bar(total=config.steps, initial=step, desc="train-clip", enabled=progress)
     model.train()
     window: List[float] = []
-    while step < config.steps:
-        t0 = time.time()
-        images, tokens, same = _batch(world, step, config.batch_size, arch.context_length)
-        images, tokens, same = images.to(device), tokens.to(device), same.to(device)
+    batches = _batches(world, step, config, arch.context_length, workers, pin=str(device).startswith("cuda"))
+    t0 = time.time()
+    for images, tokens, same in batches:
+        images, tokens, same = (t.to(device, non_blocking=True) for t in (images, tokens, same))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
@@ -239,6 +286,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
             select()
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_state()
+        t0 = time.time()  # the time of a step includes waiting for its batch, not scoring or saving
     if bar:
         bar.close()
     model.eval()
