@@ -144,11 +144,8 @@ def export_training_state(state_path: Union[str, os.PathLike], out: Union[str, o
     saved = torch.load(state_path, map_location="cpu", weights_only=False)
     model = build_demo_clip(DemoCLIPConfig(**saved["arch"]))
     best = saved.get("best")
-    model.load_state_dict(saved["model"])
-    model.half()
-    if best is not None:
-        model.load_state_dict(best["state"])
-    save_checkpoint(model, out)
+    model.load_state_dict(saved["model"] if best is None else best["state"])  # as the finished run does
+    save_checkpoint(model.half(), out)
     return {"step": best["step"] if best else saved["step"], "selected": best is not None}
 
 
