@@ -139,14 +139,21 @@ def export_training_state(state_path: Union[str, os.PathLike], out: Union[str, o
     when the run selects (``--select-every``), else the last saved one, as an fp16 state dict like
     the finished run writes. Returns ``{"step", "selected"}``.
     """
-    from vpl_plugin.backbones import save_checkpoint
-
     saved = torch.load(state_path, map_location="cpu", weights_only=False)
     model = build_demo_clip(DemoCLIPConfig(**saved["arch"]))
+    model.load_state_dict(saved["model"])
     best = saved.get("best")
-    model.load_state_dict(saved["model"] if best is None else best["state"])  # as the finished run does
-    save_checkpoint(model.half(), out)
+    _save_kept(model, best, out)
     return {"step": best["step"] if best else saved["step"], "selected": best is not None}
+
+
+def _save_kept(model, best: Optional[Dict], out: Union[str, os.PathLike]) -> None:
+    """Save the checkpoint a run keeps: the best-scored state when it selects, else ``model``'s own."""
+    from vpl_plugin.backbones import save_checkpoint
+
+    if best is not None:
+        model.load_state_dict(best["state"])
+    save_checkpoint(model.half(), out)
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -251,13 +258,14 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     bar = progress_bar(total=config.steps, initial=step, desc="train-clip", enabled=progress)
     model.train()
     window: List[float] = []
-    batches = _batches(world, step, config, arch.context_length, workers, pin=str(device).startswith("cuda"))
+    cuda = str(device).startswith("cuda")
+    batches = _batches(world, step, config, arch.context_length, workers, pin=cuda)
     t0 = time.time()
     for images, tokens, same in batches:
         images, tokens, same = (t.to(device, non_blocking=True) for t in (images, tokens, same))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
             img = model.encode_image(images)
             txt = model.encode_text(tokens)
         loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, same)
@@ -287,11 +295,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     if bar:
         bar.close()
     model.eval()
-    from vpl_plugin.backbones import save_checkpoint
-
-    if best is not None:
-        model.load_state_dict(best["state"])
-    save_checkpoint(model.half(), out)
+    _save_kept(model, best, out)
     record = {"arch": asdict(arch), "config": asdict(config), "curve": curve, "seconds": seconds,
               "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "selection": selection, "selected_step": best["step"] if best else config.steps}
