@@ -238,3 +238,16 @@ def test_train_clip_refuses_bad_selection_settings_and_reports_the_kept_step(tmp
     record = json.loads((tmp_path / "c.pt.curve.json").read_text())
     assert [s["step"] for s in record["selection"]] == [1, 2]
     assert f"kept step {record['selected_step']} (text GradCAM seed mIoU" in capsys.readouterr().out
+
+
+def test_train_clip_patch_size_sets_the_token_grid(tmp_path, capsys):
+    from vpl_plugin.backbones import load_clip
+
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--patch-size", "16", "--no-progress"]) == EXIT_USAGE
+    assert "at least 8x8 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
+    assert _run(["train-clip", "--out", tmp_path / "c.pt", "--patch-size", "4", "--steps", "1", "--batch-size", "2",
+                 "--no-progress"]) == EXIT_OK
+    enc = load_clip(str(tmp_path / "c.pt"))
+    assert (enc.patch_size, enc.pretrain_grid) == (4, 16)
+    assert json.loads((tmp_path / "c.pt.curve.json").read_text())["arch"]["patch_size"] == 4
