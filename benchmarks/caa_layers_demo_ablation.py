@@ -21,6 +21,7 @@ Writes benchmarks/results/caa_layers_ablation.json and .md (``--quick``: caa_lay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def main() -> None:
     ckpt = Path(args.clip) if args.clip else demo.DEFAULT_CHECKPOINT
     encoder = load_clip(str(ckpt), "cpu")
     world = SceneWorld(seed=cfg.world_seed)
+    cfg = dataclasses.replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
     train, test = world.batch(0, cfg.train_scenes), world.batch(10_000_000, cfg.eval_scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes

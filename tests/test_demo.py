@@ -116,6 +116,43 @@ def test_demo_report_on_a_tiny_model(tmp_path):
                                                        for t in studies["cpal_selection"])
 
 
+def test_demo_trunk_memo_runs_each_scene_once_and_changes_nothing():
+    from vpl_plugin.adapters.clip_es import CLIPESAdapter
+    from vpl_plugin.backbones import CLIPDense
+    from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
+    from vpl_plugin.demo.report import DEMO_TEMPLATES, _memoise_trunk, _pil
+    from vpl_plugin.demo.train_clip import build_demo_clip
+
+    model = build_demo_clip(TINY, seed=3).eval()
+    plain, remembered = CLIPDense(model, device="cpu"), CLIPDense(model, device="cpu")
+    calls = []
+    inner = remembered.trunk
+    remembered.trunk = lambda images, keep_attention=8: calls.append(1) or inner(images, keep_attention)
+    memo = _memoise_trunk(remembered)
+    scenes = SceneWorld(seed=5).batch(0, 3)
+    for mode in ("gradcam", "dense", "fused"):  # three rows over the same scenes
+        a = CLIPESAdapter(plain, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
+        b = CLIPESAdapter(remembered, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
+        for sc in scenes:
+            x, y = a(_pil(sc.image), list(sc.labels)), b(_pil(sc.image), list(sc.labels))
+            assert np.array_equal(x.attn_highres, y.attn_highres) and torch.equal(x.cams, y.cams)
+    assert len(calls) == len(memo) == 3
+
+
+def test_learning_split_keeps_its_token_count_across_patch_sizes():
+    from vpl_plugin.backbones import CLIPDense
+    from vpl_plugin.demo.report import DemoConfig
+    from vpl_plugin.demo.train_clip import build_demo_clip
+
+    p8 = CLIPDense(build_demo_clip(TINY), device="cpu")
+    p4 = CLIPDense(build_demo_clip(DemoCLIPConfig(**{**TINY.__dict__, "patch_size": 4})), device="cpu")
+    assert (DemoConfig().learning_scenes(p8, 64), DemoConfig().learning_scenes(p4, 64)) == (1000, 250)
+    quick = DemoConfig.quick_config()
+    assert (quick.learning_scenes(p8, 64), quick.learning_scenes(p4, 64)) == (300, 75)
+    assert DemoConfig(learn_tokens=100).learning_scenes(p4, 64) == 1  # rounded up: ceil(100 / 256)
+    assert DemoConfig(train_scenes=7).learning_scenes(p4, 64) == 7
+
+
 def test_data_loader_workers_leave_the_weights_unchanged(tmp_path):
     # the batches are a function of the step: drawing them in 2 worker processes (and resuming
     # half-way with workers) gives the weights of the in-process run exactly
