@@ -12,13 +12,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu/out}"; DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-6000}"; BATCH="${BATCH:-512}"
-WORKERS="${WORKERS:-14}"; SELECT="${SELECT:-250}"; LIMIT="${LIMIT:-520}"
+WORKERS="${WORKERS:-14}"; SELECT="${SELECT:-250}"; LIMIT="${LIMIT:-520}"; PATCH="${PATCH:-4}"
 mkdir -p "$OUT" runs/gpu
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 source scripts/device_env.sh
 timeout "$LIMIT" python3 -m vpl_plugin train-clip --out runs/gpu/demo_clip.pt --device "$DEVICE" \
-    --steps "$STEPS" --batch-size "$BATCH" --workers "$WORKERS" --select-every "$SELECT" --no-progress
+    --steps "$STEPS" --batch-size "$BATCH" --workers "$WORKERS" --select-every "$SELECT" --patch-size "$PATCH" \
+    --no-progress
 echo "train-clip: exit $?"
 python3 - "$OUT" <<'PY'
 import shutil, sys

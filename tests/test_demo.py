@@ -222,9 +222,9 @@ def test_shipped_demo_clip_recognises_held_out_scenes():
         pytest.skip(f"shipped demo CLIP {DEFAULT_CHECKPOINT} absent (train it with `vpl train-clip`)")
     assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 1024 * 1024
     enc = load_clip(str(DEFAULT_CHECKPOINT))
-    assert (enc.patch_size, enc.pretrain_grid) == (8, 8)
+    assert (enc.patch_size, enc.pretrain_grid) == (4, 16)
     scenes = SceneWorld(seed=7).batch(10_000_000, 100)
-    # measured 0.98 on the demo's 300 evaluation scenes; the gate is 0.95
+    # measured 0.993 on the demo's 300 evaluation scenes (patch-4 CLIP); the gate is 0.95
     assert label_set_accuracy(enc, scenes) >= 0.95
 
 

@@ -297,7 +297,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-layers", type=int, default=6, metavar="L", help="ViT depth (default 6)")
     p.add_argument("--patch-size", type=int, default=8, metavar="P",
                    help="ViT patch size: 8 gives the 64x64 scenes an 8x8 token grid, 4 a 16x16 grid at about "
-                        "3x the time per step on a CPU (default 8, the shipped model)")
+                        "3x the time per step on a CPU (default 8; the shipped model uses 4)")
     p.add_argument("--select-every", type=int, default=0, metavar="N",
                    help="every N steps, score the model on held-out scenes of the training world (text "
                         "GradCAM seed mIoU, the demo's second gate) and save the best-scored state "
