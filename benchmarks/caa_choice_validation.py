@@ -36,7 +36,6 @@ def main() -> None:
     from vpl_plugin.backbones import load_clip
     from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
     from vpl_plugin.demo import report as demo
-    from vpl_plugin.prototypes import PrototypeSet, learn_vision_prototypes
 
     start = time.time()
     cfg = demo.DemoConfig()
@@ -48,9 +47,7 @@ def main() -> None:
     train, val = world.batch(0, cfg.train_scenes), world.batch(20_000_000, args.scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
-    x, q, c = demo._region_targets(demo._probe(text_adapter, train), text, cfg.phi)
-    w = learn_vision_prototypes(x, q, text.prototypes, c, tau=0.1, lr=cfg.lr, iters=cfg.iters, step_rule="bb")
-    region = PrototypeSet(w, text.class_names, text.background_names, tau=0.1, kind="vision")
+    region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)
 
     rows, table = [], [["map", "CAA", "validation seed mIoU", "validation mask mIoU"]]
     for label, ps, mode in (("text prototypes, GradCAM", text, "gradcam"),

@@ -44,7 +44,6 @@ def main() -> None:
     from vpl_plugin.backbones import load_clip
     from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
     from vpl_plugin.demo import report as demo
-    from vpl_plugin.prototypes import PrototypeSet, learn_vision_prototypes
 
     torch.set_num_threads(1)  # as `vpl demo` (64-token images)
     start = time.time()
@@ -56,10 +55,7 @@ def main() -> None:
     train, test = world.batch(0, cfg.train_scenes), world.batch(10_000_000, cfg.eval_scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
-    probes = demo._probe(text_adapter, train)
-    x, q, c = demo._region_targets(probes, text, cfg.phi)
-    w = learn_vision_prototypes(x, q, text.prototypes, c, tau=0.1, lr=cfg.lr, iters=cfg.iters, step_rule="bb")
-    region = PrototypeSet(w, text.class_names, text.background_names, tau=0.1, kind="vision")
+    region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)
     depth = len(encoder.model.visual.transformer.resblocks)
 
     rows, table = [], [["map", "CAA affinity", "blocks averaged", "seed mIoU", "best exponent"]]

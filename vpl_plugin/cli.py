@@ -899,8 +899,9 @@ def cmd_train_clip(args) -> int:
                          f"64-wide heads), got {args.vision_width}.")
     if args.vision_layers <= 0:
         raise UsageError(f"--vision-layers must be positive, got {args.vision_layers}.")
-    if args.patch_size not in (1, 2, 4, 8):
-        raise UsageError(f"--patch-size must divide the 64-pixel scenes into a grid of at least 8x8 tokens "
+    side = DemoCLIPConfig.image_resolution
+    if args.patch_size <= 0 or side % args.patch_size or side // args.patch_size < 8:
+        raise UsageError(f"--patch-size must divide the {side}-pixel scenes into a grid of at least 8x8 tokens "
                          f"(1, 2, 4 or 8), got {args.patch_size}.")
     arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers,
                           patch_size=args.patch_size)

@@ -195,6 +195,13 @@ def _region_targets(probes: List[_Probe], text: PrototypeSet, phi: float):
     return tuple(torch.cat(parts) for parts in zip(*rows))
 
 
+def recommended_prototypes(probes: List[_Probe], text: PrototypeSet, cfg: DemoConfig) -> PrototypeSet:
+    """The recommended VPL prototypes: region-pooled learning at tau_I 0.1 (``bb`` rule)."""
+    x, q, c = _region_targets(probes, text, cfg.phi)
+    w = learn_vision_prototypes(x, q, text.prototypes, c, tau=0.1, lr=cfg.lr, iters=cfg.iters, step_rule="bb")
+    return PrototypeSet(w, text.class_names, text.background_names, tau=0.1, kind="vision")
+
+
 def _centroids(probes: List[_Probe], text: PrototypeSet, backgrounds: List[int]) -> torch.Tensor:
     """Ground-truth class centroids (things by their tokens, background concepts by the tokens of
     scenes on that background); a class with no token keeps its text prototype."""
