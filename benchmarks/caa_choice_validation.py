@@ -17,7 +17,6 @@ Writes benchmarks/results/caa_choice_validation_<checkpoint folder>_<stem>.json 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ def main() -> None:
 
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
     from vpl_plugin.backbones import load_clip
-    from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
+    from vpl_plugin.data.synthetic import SYNTHETIC
     from vpl_plugin.demo import report as demo
 
     start = time.time()
@@ -42,9 +41,8 @@ def main() -> None:
     ckpt = Path(args.clip) if args.clip else demo.DEFAULT_CHECKPOINT
     encoder = load_clip(str(ckpt), "cpu")
     demo._memoise_trunk(encoder)
-    world = SceneWorld(seed=cfg.world_seed)
-    cfg = dataclasses.replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
-    train, val = world.batch(0, cfg.train_scenes), world.batch(20_000_000, args.scenes)
+    cfg, world, train = demo.learning_split(encoder, cfg)
+    val = world.batch(20_000_000, args.scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
     region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)

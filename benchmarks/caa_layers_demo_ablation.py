@@ -21,7 +21,6 @@ Writes benchmarks/results/caa_layers_ablation.json and .md (``--quick``: caa_lay
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ def main() -> None:
 
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
     from vpl_plugin.backbones import load_clip
-    from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
+    from vpl_plugin.data.synthetic import SYNTHETIC
     from vpl_plugin.demo import report as demo
 
     torch.set_num_threads(1)  # as `vpl demo` (64-token images)
@@ -50,9 +49,8 @@ def main() -> None:
     cfg = demo.DemoConfig.quick_config() if args.quick else demo.DemoConfig()
     ckpt = Path(args.clip) if args.clip else demo.DEFAULT_CHECKPOINT
     encoder = load_clip(str(ckpt), "cpu")
-    world = SceneWorld(seed=cfg.world_seed)
-    cfg = dataclasses.replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
-    train, test = world.batch(0, cfg.train_scenes), world.batch(10_000_000, cfg.eval_scenes)
+    cfg, world, train = demo.learning_split(encoder, cfg)
+    test = world.batch(10_000_000, cfg.eval_scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
     region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)

@@ -87,6 +87,14 @@ class DemoConfig:
         return max(1, -(-self.learn_tokens // tokens))
 
 
+def learning_split(encoder, cfg: DemoConfig):
+    """``(cfg, world, scenes)``: the demo's world, ``cfg`` with the learning split sized for
+    ``encoder`` (:meth:`DemoConfig.learning_scenes`) and the learning scenes."""
+    world = SceneWorld(seed=cfg.world_seed)
+    cfg = replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
+    return cfg, world, world.batch(0, cfg.train_scenes)
+
+
 # -- per-image passes --------------------------------------------------------------------------------
 def _memoise_trunk(encoder) -> Dict[tuple, Any]:
     """Make ``encoder.trunk`` remember its outputs per input image (this encoder only).
@@ -337,9 +345,7 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
             f"or pass --clip PATH.")
     encoder = load_clip(str(ckpt), device)
     _memoise_trunk(encoder)
-    world = SceneWorld(seed=cfg.world_seed)
-    cfg = replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
-    train = world.batch(0, cfg.train_scenes)
+    cfg, world, train = learning_split(encoder, cfg)
     test = world.batch(10_000_000, cfg.eval_scenes)
     adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=DEMO_TEMPLATES)
     text = adapter.text_prototypes
