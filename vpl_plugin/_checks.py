@@ -34,3 +34,28 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices`` (the message lists them)."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError unless ``template`` is a prompt with exactly one ``{}`` for the class name.
+
+    Example:
+        >>> check_template("a clean origami {}.")
+        >>> check_template("a {} {x}")
+        Traceback (most recent call last):
+        ...
+        ValueError: prompt template 'a {} {x}' must hold exactly one '{}' where the class name goes and no other {...} field (write a literal brace as '{{' or '}}'); found fields ['', 'x'].
+    """
+    import string
+
+    hint = ("must hold exactly one '{}' where the class name goes and no other {...} field (write a "
+            "literal brace as '{{' or '}}')")
+    if not isinstance(template, str):
+        raise ValueError(f"prompt template {template!r} must be a string that {hint[5:]}.")
+    try:
+        parts = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                 if name is not None]
+    except ValueError as err:
+        raise ValueError(f"prompt template {template!r} {hint}; Python cannot read it: {err}.") from None
+    if [name for name, _, _ in parts] not in ([""], ["0"]) or any(spec or conv for _, spec, conv in parts):
+        raise ValueError(f"prompt template {template!r} {hint}; found fields {[n for n, _, _ in parts]}.")

@@ -19,7 +19,9 @@ Recommended VPL configuration (measured on the demo world, see README): learn wi
 paper-literal configuration is the default of every flag (phase 2: tau_RSC 0.07, see README).
 
 Exit status: 0 every image processed; 3 some images skipped (the summary names them and why);
-2 nothing could run (bad arguments, missing model or dataset).
+2 nothing could run (bad arguments, or an input refused: missing or unsafe model, bad dataset
+file, output in use by another run); 1 a run stopped on an unexpected error (one line names it;
+-v prints the traceback); 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -29,14 +31,29 @@ import json
 import logging
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from vpl_plugin._version import __version__
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
+from vpl_plugin._cli_common import (  # noqa: F401 - EXIT_* and UsageError are part of this module's API
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    ParseError,
+    UsageError,
+    VplArgumentParser,
+    finite_float,
+    max_tokens_arg,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    tau_arg,
+)
 
 log = logging.getLogger("vpl_plugin")
 
@@ -78,8 +95,9 @@ a float < 1 is a constant background score, a float >= 1 an exponent of (1 - max
 # -- argument helpers -------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
-                   help="YAML file of option values (keys = option names with '_'); flags override it")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of the list")
+                   help="YAML file of option values (keys = option names with '_' or '-'); each value "
+                        "is checked like the flag; flags given on the command line override it")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of the list")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -113,7 +131,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="map refined into CAMs: gradcam (CLIP-ES; with --prototypes the paper-literal "
                         "VPL), dense (per-token class posterior of the prototypes), fused (text "
                         "GradCAM x dense map)")
-    g.add_argument("--box-threshold", type=float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
+    g.add_argument("--box-threshold", type=finite_float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
     g.add_argument("--box-clip-fix", action="store_true",
                    help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
 
@@ -131,20 +149,20 @@ def _add_cpal(p: argparse.ArgumentParser) -> None:
                         "classes' (other classes' weights zeroed)")
     g.add_argument("--cpal-fusion", choices=["mean", "max"],
                    help="fused map: maxnorm((G + S) / 2) (default) or maxnorm(max(G, S))")
-    g.add_argument("--cpal-m", type=int, metavar="M", help="context prototypes per class (8; COCO 4)")
-    g.add_argument("--cpal-k", type=int, metavar="K", help="soft positive neighbours kept (3)")
-    g.add_argument("--cpal-tau-s", type=float, metavar="T", help="positive-score temperature (0.1)")
-    g.add_argument("--cpal-gamma", type=float, metavar="G", help="shift strength (0.5; 0 = no shift)")
-    g.add_argument("--cpal-delta-p", type=float, metavar="D", help="instance-prototype map threshold (0.4)")
-    g.add_argument("--cpal-kmeans-iters", type=int, metavar="N", help="spherical k-means iterations (10)")
+    g.add_argument("--cpal-m", type=positive_int, metavar="M", help="context prototypes per class (8; COCO 4)")
+    g.add_argument("--cpal-k", type=positive_int, metavar="K", help="soft positive neighbours kept (3)")
+    g.add_argument("--cpal-tau-s", type=finite_float, metavar="T", help="positive-score temperature (0.1)")
+    g.add_argument("--cpal-gamma", type=finite_float, metavar="G", help="shift strength (0.5; 0 = no shift)")
+    g.add_argument("--cpal-delta-p", type=finite_float, metavar="D", help="instance-prototype map threshold (0.4)")
+    g.add_argument("--cpal-kmeans-iters", type=nonnegative_int, metavar="N", help="spherical k-means iterations (10)")
     g.add_argument("--cpal-kmeans-seed", type=int, metavar="S", help="k-means++ seed (0)")
     g.add_argument("--cpal-head", action="store_const", const=True, default=None,
                    help="the trained-head alternative (spec 2.2): pass 1 trains a CAM head on the frozen "
                         "dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
                         "the head's PA-CAM")
-    g.add_argument("--cpal-head-iters", type=int, metavar="N", help="head training steps (200)")
-    g.add_argument("--cpal-head-lr", type=float, metavar="LR", help="head learning rate, Adam (0.05)")
-    g.add_argument("--cpal-head-lambda", type=float, metavar="L",
+    g.add_argument("--cpal-head-iters", type=nonnegative_int, metavar="N", help="head training steps (200)")
+    g.add_argument("--cpal-head-lr", type=finite_float, metavar="LR", help="head learning rate, Adam (0.05)")
+    g.add_argument("--cpal-head-lambda", type=finite_float, metavar="L",
                    help="weight of the self-supervised L_self term (spec 1; 0 = BCE only)")
 
 
@@ -156,7 +174,7 @@ _CPAL_FLAGS = {"cpal_features": "features", "cpal_candidates": "candidates", "cp
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = VplArgumentParser(
         prog="vpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vpl-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -174,7 +192,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also save the unrefined upsampled GradCAM under the key 'highres'")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip CAA refinement (attn_highres = upsampled GradCAM)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
                    help="images of equal size per forward (default 1; use 8 or so on a GPU: same "
                         "CAMs within float rounding, fewer launches; slower on a CPU thread)")
     _add_cpal(p)
@@ -185,11 +203,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_LEARN, formatter_class=fmt)
     _add_data(p)
     p.add_argument("--out", metavar="PROTOTYPES.pt", help="where to save the prototype set")
-    p.add_argument("--iters", type=int, default=3000, help="gradient steps T_w (default 3000)")
-    p.add_argument("--tau", default="0.03",
+    p.add_argument("--iters", type=nonnegative_int, default=3000, help="gradient steps T_w (default 3000)")
+    p.add_argument("--tau", default="0.03", type=tau_arg,
                    help="tau_I, the vision temperature (default 0.03); 'clip' = CLIP's own temperature")
-    p.add_argument("--lr", type=float, default=10.0, help="step size alpha (default 10)")
-    p.add_argument("--phi", type=float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
+    p.add_argument("--lr", type=positive_float, default=10.0, help="step size alpha (default 10)")
+    p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
     p.add_argument("--target-mode", default="seed_hardened",
                    choices=["seed_hardened", "inmap", "cam", "kl"],
                    help="target distribution: seed_hardened (Q-A, default), inmap (Q-B), cam (Q-C), "
@@ -207,7 +225,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "configuration with --tau 0.1 and `vpl cams --map-mode dense`; see README)")
     p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
-    p.add_argument("--chunk-size", type=int, default=65536, help="pixels per gradient chunk")
+    p.add_argument("--chunk-size", type=positive_int, default=65536, help="pixels per gradient chunk")
     p.add_argument("--max-tokens", metavar="N",
                    help="learn from at most N rows (e.g. 1e7 for COCO, spec vpl.md 6): each image keeps "
                         "N // images rows drawn uniformly with --token-seed (default: every row)")
@@ -233,12 +251,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", dest="crf", action="store_true", default=True,
                    help="dense CRF (default on, CLIP-ES parameters)")
     p.add_argument("--no-crf", dest="crf", action="store_false", help="argmax of the CAMs only")
-    p.add_argument("--conf", type=float, default=0.95,
+    p.add_argument("--conf", type=finite_float, default=0.95,
                    help="pixels with CRF confidence below this become 255 (default 0.95)")
     p.add_argument("--crf-image", default="upstream_wrapped", choices=["upstream_wrapped", "rgb"],
                    help="image the bilateral kernel sees: upstream's uint8-wrapped mean-subtracted "
                         "BGR (quirk Q10, default) or the plain RGB image")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default 1)")
     p.add_argument("--greyscale", dest="palette", action="store_false",
                    help="write L-mode PNGs like upstream's cv2.imwrite (for trainers that read masks "
                         "with cv2 in greyscale) instead of VOC-palette P-mode PNGs")
@@ -285,11 +303,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH.pt",
                    help="checkpoint to write (fp16 state dict, loads with clip.model.build_model); the "
                         "resumable training state goes to PATH.pt.train.pt, the curve to PATH.pt.curve.json")
-    p.add_argument("--steps", type=int, default=2500, help="optimiser steps (default 2500)")
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--steps", type=positive_int, default=2500, help="optimiser steps (default 2500)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
                    help="scenes per step; every caption of the same label set in the batch counts as a "
                         "positive (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3,
+    p.add_argument("--lr", type=positive_float, default=1e-3,
                    help="AdamW peak learning rate, cosine schedule after 100 warm-up steps (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="weight-initialisation seed; the batches depend on the step only (default 0)")
     p.add_argument("--vision-width", type=int, default=128, metavar="W",
@@ -366,31 +384,31 @@ the files.""")
                    help="train on the images that have a mask instead of stopping (exit status 3)")
     g.add_argument("--val-split-file", metavar="LIST.txt",
                    help="images with ground truth under ROOT for validation mIoU curves")
-    g.add_argument("--val-limit", type=int, metavar="N", help="validate on the first N images only")
-    g.add_argument("--tau-seg", type=float, metavar="T",
+    g.add_argument("--val-limit", type=positive_int, metavar="N", help="validate on the first N images only")
+    g.add_argument("--tau-seg", type=positive_float, metavar="T",
                    help="temperature of the mask logits (default: the prototype set's tau_I)")
     g.add_argument("--out", metavar="DIR", help="output folder")
     g = p.add_argument_group("optimisation (defaults: the paper / spec 8.8)")
-    g.add_argument("--iters", type=int, default=30000, help="iterations (30000)")
-    g.add_argument("--batch-size", type=int, default=6,
+    g.add_argument("--iters", type=nonnegative_int, default=30000, help="iterations (30000)")
+    g.add_argument("--batch-size", type=positive_int, default=6,
                    help="global batch over all processes (6); a multiple of the process count")
-    g.add_argument("--lr", type=float, default=0.01, help="base learning rate, poly 0.9 decay (0.01)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--crop", type=int, default=448, help="crop side, a multiple of the patch (448)")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
+    g.add_argument("--lr", type=positive_float, default=0.01, help="base learning rate, poly 0.9 decay (0.01)")
+    g.add_argument("--momentum", type=finite_float, default=0.9)
+    g.add_argument("--weight-decay", type=finite_float, default=1e-4)
+    g.add_argument("--crop", type=positive_int, default=448, help="crop side, a multiple of the patch (448)")
+    g.add_argument("--scale", type=positive_float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
                    help="random rescale range (0.5 2.0)")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flip")
-    g.add_argument("--lambda-ce", type=float, default=1.0, help="CE weight (1)")
-    g.add_argument("--lambda-rsc", type=float, default=1.0, help="RSC weight (1; 0 = CE only)")
-    g.add_argument("--tau-rsc", type=float, default=0.07,
+    g.add_argument("--lambda-ce", type=finite_float, default=1.0, help="CE weight (1)")
+    g.add_argument("--lambda-rsc", type=finite_float, default=1.0, help="RSC weight (1; 0 = CE only)")
+    g.add_argument("--tau-rsc", type=positive_float, default=0.07,
                    help="RSC temperature (0.07; the spec's reading of Eq. 13 is 0.01, which collapsed "
                         "training to all background on the demo world: README, phase 2)")
     g.add_argument("--rsc-form", default="pairs", choices=["pairs", "class", "literal"],
                    help="RSC definition (spec 8.6; default pairs)")
-    g.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+    g.add_argument("--checkpoint-every", type=positive_int, default=1000, metavar="N",
                    help="write OUT/last.pt every N iterations (1000) and at the end")
-    g.add_argument("--eval-every", type=int, metavar="N",
+    g.add_argument("--eval-every", type=positive_int, metavar="N",
                    help="validation mIoU every N iterations (needs --val-split-file)")
     g.add_argument("--amp", dest="amp", action="store_true", default=True,
                    help="mixed precision on CUDA (default on; ignored on CPU)")
@@ -398,7 +416,7 @@ the files.""")
     g.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
                    help="autocast dtype (bf16 default; fp16 adds a gradient scaler)")
     g.add_argument("--seed", type=int, default=0, help="decoder init, data order and augmentation (0)")
-    g.add_argument("--workers", type=int, default=2, help="data-loading processes per rank (2)")
+    g.add_argument("--workers", type=nonnegative_int, default=2, help="data-loading processes per rank (2)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over instead of resuming from OUT/last.pt")
@@ -466,11 +484,8 @@ _REQUIRED = {
 }
 
 
-class UsageError(Exception):
-    """Bad arguments: reported on stderr with exit status 2."""
-
-
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -487,24 +502,91 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def _apply_config(parser: argparse.ArgumentParser, argv, args) -> argparse.Namespace:
-    """defaults < YAML file < command-line flags."""
-    from vpl_plugin._imports import require
+class ConfigError(UsageError):
+    """A --config value that its flag refuses."""
 
-    yaml = require("yaml")
+
+def _apply_config(parser: argparse.ArgumentParser, argv: List[str], args) -> argparse.Namespace:
+    """defaults < YAML file < command-line flags.
+
+    The file's values are turned into the flags they stand for and parsed with the command line,
+    so each goes through its flag's own type, choices and checks; a flag given on the command line
+    replaces the file's value (also for repeatable flags such as --template).
+    """
+    from vpl_plugin._yaml import YAMLFileError, read_yaml_mapping
+
     path = Path(args.config)
-    if not path.is_file():
-        raise UsageError(f"--config {path}: no such file.")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: expected a mapping of option names to values.")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(vars(args)) - {"command"})
+    try:
+        values = read_yaml_mapping(path, what="--config")
+    except YAMLFileError as err:
+        raise UsageError(str(err)) from None
+    sub = _subcommand_parser(parser, args.command)
+    tokens = _config_tokens(sub, values, path, argv)
+    at = argv.index(args.command) + 1
+    try:
+        return parser.parse_args(argv[:at] + tokens + argv[at:])
+    except ParseError as err:  # the command line alone parsed, so the file's value is the culprit
+        raise ConfigError(f"--config {path}: {err}") from None
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of its sub-parsers
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _config_tokens(sub: argparse.ArgumentParser, values: Dict[str, Any], path: Path,
+                   argv: Sequence[str]) -> List[str]:
+    """The command-line tokens a --config mapping stands for (flags on ``argv`` win)."""
+    by_dest: Dict[str, List[argparse.Action]] = {}
+    for action in sub._actions:  # noqa: SLF001
+        if action.option_strings and action.dest not in ("help", "config"):
+            by_dest.setdefault(action.dest, []).append(action)
+    unknown = sorted(k for k in values if k.replace("-", "_") not in by_dest)
     if unknown:
-        raise UsageError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(vars(args))}.")
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
-    sub.set_defaults(**values)
-    return parser.parse_args(argv)
+        raise UsageError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(by_dest)}.")
+    given = {a.dest for a in sub._actions for flag in a.option_strings  # noqa: SLF001
+             for token in argv if token == flag or token.startswith(flag + "=")}
+    tokens: List[str] = []
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in given and value is not None:
+            tokens += _tokens_for(by_dest[dest], value, f"--config {path}: {key}")
+    return tokens
+
+
+def _tokens_for(actions: List[argparse.Action], value: Any, where: str) -> List[str]:
+    flag = max(actions[0].option_strings, key=len)
+    if all(a.nargs == 0 for a in actions):  # on/off switches
+        for action in actions:
+            if isinstance(value, bool) and action.const is value:
+                return [max(action.option_strings, key=len)]
+        if value is False or value == actions[0].default:
+            return []
+        raise ConfigError(f"{where} must be true or false; got {value!r}.")
+    if isinstance(value, dict):
+        raise ConfigError(f"{where} must be a value or a list, not a mapping.")
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, (list, dict)) for v in items):
+        raise ConfigError(f"{where}: nested lists are not option values; got {value!r}.")
+    text = [_scalar_text(v) for v in items]
+    nargs = actions[0].nargs
+    if isinstance(actions[0], argparse._AppendAction):  # noqa: SLF001 - a repeatable flag
+        return [t for v in text for t in (flag, v)]
+    if isinstance(nargs, int):
+        if len(text) != nargs:
+            raise ConfigError(f"{where} takes {nargs} values; got {value!r}.")
+        return [flag, *text]
+    if len(text) != 1:
+        raise ConfigError(f"{where} takes one value; got {value!r}.")
+    return [flag, text[0]]
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # refused by numeric flags, kept by text flags
+    return str(value)
 
 
 def _write_config(path: Path, args: argparse.Namespace, extra: Optional[dict] = None) -> None:
@@ -650,12 +732,13 @@ def _check_existing_cams(out: Path, args, adapter_config: dict) -> None:
     cfg = out / "vpl_cams.yaml"
     if not cfg.is_file() or not any(out.glob("*.npy")):
         return
-    try:
-        import yaml
+    from vpl_plugin._yaml import YAMLFileError, read_yaml_mapping
 
-        old = yaml.safe_load(cfg.read_text()) or {}
-    except Exception:  # unreadable or no PyYAML: nothing to compare with
-        return
+    try:
+        old = read_yaml_mapping(cfg, what="the record of the CAMs already in --out,")
+    except YAMLFileError as err:
+        raise UsageError(f"{err} Without it the settings of the CAMs there are unknown, so a rerun cannot "
+                         f"tell whether they match; use another --out, or delete {out} to start over.") from None
     then = old.get("adapter_config") or {}
     now = json.loads(json.dumps(adapter_config, default=str))
     diff = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
@@ -707,26 +790,27 @@ def _cams_status(summary) -> int:
 
 
 def cmd_learn(args) -> int:
-    from vpl_plugin._io import write_json
-    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset
+    from contextlib import nullcontext
 
-    tau: Any = args.tau
-    if tau != "clip":
-        try:
-            tau = float(tau)
-        except ValueError:
-            raise UsageError(f"--tau must be a positive number or 'clip'; got {args.tau!r}.") from None
-        if tau <= 0:
-            raise UsageError(f"--tau must be positive; got {tau}.")
-    if args.iters < 0:
-        raise UsageError(f"--iters must be >= 0; got {args.iters}.")
-    max_tokens = _max_tokens(args.max_tokens)
+    from vpl_plugin._lock import output_lock
+
+    max_tokens = max_tokens_arg(args.max_tokens)
     dataset, spec = _dataset(args)
     adapter = _adapter(args, spec)
     out = Path(args.out)
     cache = None
     if args.cache:
         cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.stem + ".features")
+    with (output_lock(cache, f"vpl learn --out {out}") if cache is not None else nullcontext()):
+        # the cache (and its memory-mapped features) is this run's until the prototypes are saved
+        return _learn(args, adapter, dataset, out, cache, max_tokens)
+
+
+def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens: Optional[int]) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset
+
+    tau: Any = args.tau if args.tau == "clip" else float(args.tau)  # checked by tau_arg
     summary = RunSummary()
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
@@ -752,20 +836,6 @@ def cmd_learn(args) -> int:
     print(f"vpl learn: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses) - 1} steps "
           f"(tau_I {ps.tau:.4g}); saved {out}")
     return _report(summary, "learn", out)
-
-
-def _max_tokens(value: Optional[str]) -> Optional[int]:
-    """``--max-tokens``: a positive whole number, also written as ``1e7``; None = no budget."""
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not 1 <= number < float("inf") or number != int(number):
-        raise UsageError(f"--max-tokens must be a positive whole number such as 10000000 or 1e7; got "
-                         f"{value!r}.")
-    return int(number)
 
 
 def _ids(args, root: Optional[Path]) -> List[str]:
@@ -1053,25 +1123,100 @@ _COMMANDS = {"demo": cmd_demo, "train-clip": cmd_train_clip, "cams": cmd_cams, "
              "segment": cmd_segment}
 
 
+#: commands that write a shared output, and whether it is a folder (True) or a file (False): each
+#: run holds that output's lock (see vpl_plugin._lock) so that a second writer is refused
+_OUTPUTS = {"cams": True, "learn": False, "masks": True, "train": True, "segment": True,
+            "reproduce": True, "demo": True, "train-clip": False}
+
+
+def _check_output(args) -> None:
+    """Refuse an --out of the wrong kind before any work is done."""
+    folder, out = _OUTPUTS.get(args.command), getattr(args, "out", None)
+    if folder is None or not out:
+        return
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, but vpl {args.command} writes a folder of files; "
+                         f"give a folder (it is created when missing).")
+    if not folder and out.is_dir():
+        raise UsageError(f"--out {out} is a folder, but vpl {args.command} writes one file; give a file "
+                         f"name, e.g. {out / 'vpl.pt'}.")
+    if args.command == "learn":
+        base = out.with_suffix("")
+        beside = [Path(f"{base}.yaml"), Path(f"{base}.history.json")]
+        if getattr(args, "cache", False) and not getattr(args, "cache_dir", None):
+            beside.append(out.with_name(out.stem + ".features"))
+        if out in beside:
+            raise UsageError(f"--out {out}: vpl learn also writes {', '.join(str(b) for b in beside)} beside "
+                             f"the prototypes, and one of them is --out itself; name the prototype file "
+                             f"{base}.pt.")
+
+
+@contextmanager
+def _output_lock(args, argv: Optional[Sequence[str]]) -> Iterator[None]:
+    """Hold the lock of the command's output while it runs (see :data:`_OUTPUTS`)."""
+    from vpl_plugin._lock import output_lock
+
+    folder, out = _OUTPUTS.get(args.command), getattr(args, "out", None)
+    if folder is None or not out or getattr(args, "dry_run", False):
+        yield
+        return
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = "vpl " + " ".join(str(w) for w in words)
+    with output_lock(out, command[:300], folder=folder):
+        yield
+
+
+def _error_line(err: BaseException) -> str:
+    """One line naming what failed (the file, where an OS error knows it)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    filename = getattr(err, "filename", None)
+    if isinstance(err, OSError) and filename and str(filename) not in text:
+        text = f"{filename}: {text}"
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``vpl`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    """Run the ``vpl`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Every failure ends as one line on stderr that names the file or option and the problem (the
+    traceback too with ``-v``); the exit status says what kind (see the module docstring).
+    """
     try:
         args = _parse(argv)
+    except ParseError as err:
+        err.parser.print_usage(sys.stderr)
+        print(f"{err.parser.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except SystemExit as err:  # argparse --help / errors
+    except SystemExit as err:  # --help, --version
         return int(err.code or 0)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _COMMANDS[args.command](args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        _check_output(args)
+        with _output_lock(args, argv):
+            return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run the same command again to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the last resort: one line, never a bare traceback
+        from vpl_plugin._lock import OutputLocked
+
+        if verbose:
+            traceback.print_exc()
+        refused = isinstance(err, (UsageError, OutputLocked, ValueError, FileNotFoundError,
+                                   PermissionError, IsADirectoryError, NotADirectoryError, ImportError))
+        if refused:
+            print(f"error: {_error_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
+        hint = "" if verbose else " (run with -v for the traceback)"
+        print(f"error: {type(err).__name__}: {_error_line(err)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -449,7 +449,10 @@ def make_pseudo_masks(
                 summary["failed"].append((img_id, reason))
 
     if int(workers) > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(int(workers), len(tasks))) as pool:
+        from vpl_plugin._workers import die_with_parent
+
+        with ProcessPoolExecutor(max_workers=min(int(workers), len(tasks)), initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             chunk = max(1, len(tasks) // (4 * int(workers)))
             _record(pool.map(_pseudo_mask_one, tasks, chunksize=chunk))
     else:

@@ -34,6 +34,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from vpl_plugin._cli_common import (
+    UsageError,
+    finite_float,
+    max_tokens_arg,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    tau_arg,
+)
+
 # (seed mIoU, pseudo-mask mIoU) on VOC12 train, Table 1 of the paper.
 PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
     "CLIP-ES": (70.8, 75.0),
@@ -119,14 +129,14 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dry-run", action="store_true",
                    help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of each list")
-    p.add_argument("--workers", type=int, default=1, help="processes for the CRF stage (default 1)")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of each list")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes for the CRF stage (default 1)")
     p.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
                    help="prompt template (repeatable; default CLIP-ES's 'a clean origami {}.')")
-    p.add_argument("--iters", type=int, default=3000, help="prototype-learning steps (paper: 3000)")
-    p.add_argument("--tau", default="0.03", help="vision temperature tau_I (paper: 0.03)")
-    p.add_argument("--lr", type=float, default=10.0, help="step size (paper: 10)")
-    p.add_argument("--phi", type=float, default=0.4, help="seed threshold Phi (paper: 0.4)")
+    p.add_argument("--iters", type=nonnegative_int, default=3000, help="prototype-learning steps (paper: 3000)")
+    p.add_argument("--tau", default="0.03", type=tau_arg, help="vision temperature tau_I (paper: 0.03)")
+    p.add_argument("--lr", type=positive_float, default=10.0, help="step size (paper: 10)")
+    p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi (paper: 0.4)")
     p.add_argument("--pooling", default="token", choices=["token", "region"],
                    help="learning rows: token (the paper, default) or region (the project's recommended "
                         "configuration with --tau 0.1 --map-mode dense; see README)")
@@ -169,7 +179,6 @@ Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 
 def resolve(args) -> None:
     """Fill in what depends on the dataset: ``args.root``, ``args.dataset`` (``coco`` with
     ``--coco-root``), ``args.learn_split`` and ``args.max_tokens`` (validated)."""
-    from vpl_plugin.cli import UsageError, _max_tokens
 
     if getattr(args, "_resolved", False):
         return
@@ -186,7 +195,7 @@ def resolve(args) -> None:
     coco = args.dataset == "coco"
     if args.learn_split is None:
         args.learn_split = "train" if coco else "train_aug"
-    budget = _max_tokens(getattr(args, "max_tokens", None))
+    budget = max_tokens_arg(getattr(args, "max_tokens", None))
     args.max_tokens = budget if budget is not None else (COCO_MAX_TOKENS if coco else None)
     args._resolved = True
 

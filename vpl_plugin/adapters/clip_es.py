@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from vpl_plugin._checks import check_template
 from vpl_plugin.adapters.base import CAMAdapter, CAMOutput, register_adapter
 from vpl_plugin.cam import (
     batch_image_gradcams,
@@ -115,6 +116,10 @@ class CLIPESAdapter(CAMAdapter):
             raise ValueError(f"map_mode must be 'gradcam', 'dense' or 'fused'; got {self.config.map_mode!r}.")
         if self.config.dense_kind not in ("softmax", "cosine"):
             raise ValueError(f"dense_kind must be 'softmax' or 'cosine'; got {self.config.dense_kind!r}.")
+        if not self.config.templates:
+            raise ValueError("templates must hold at least one prompt template, e.g. 'a photo of a {}.'.")
+        for template in self.config.templates:
+            check_template(template)
         self.text_prototypes = text_prototype_set(encoder, class_spec, self.config.templates)
         self.prototypes = self.text_prototypes
         if prototypes is not None:
