@@ -64,7 +64,8 @@ class UnsafeFileError(ValueError):
         global_name: the refused global, ``"module.name"`` (e.g. ``"posix.system"``).
     """
 
-    def __init__(self, path: PathLike, global_name: str, kind: str = "file", hint: str = "") -> None:
+    def __init__(self, path: PathLike, global_name: str, kind: str = "file",
+                 hint: str = "") -> None:
         self.path = os.fspath(path)
         self.global_name = global_name
         message = (f"refused to load {self.path}: it asks for the Python global {global_name!r}, "

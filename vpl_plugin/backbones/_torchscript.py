@@ -45,7 +45,8 @@ PathLike = Union[str, os.PathLike]
 TRUST_HINT = ("vpl-plugin reads only the weights of a TorchScript archive (tensors, numbers, "
               "strings, containers) and runs none of its code. If the file comes from a source you "
               "trust, the --trust-torchscript flag (trust_torchscript=True) loads it with "
-              "torch.jit.load instead, which executes the code stored in the file while loading it.")
+              "torch.jit.load instead, which executes the code stored in the file while loading "
+              "it.")
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -174,8 +175,9 @@ def _int_tuple(value: Any, what: str) -> Tuple[int, ...]:
     return tuple(value)
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, metadata: Any = None) -> torch.Tensor:
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
+                       requires_grad: Any, backward_hooks: Any,
+                       metadata: Any = None) -> torch.Tensor:
     """``torch._utils._rebuild_tensor_v2`` with every argument checked (bounds included)."""
     if not isinstance(storage, _Storage):
         raise ArchiveNotUnderstood(f"a tensor is rebuilt from a {type(storage).__name__}, not a "
@@ -287,10 +289,15 @@ class _Reader:
             raise ArchiveNotUnderstood(f"the record {record} holds {info.file_size} bytes, but "
                                        f"data.pkl announces {numel} {stype.name} elements "
                                        f"({nbytes} bytes)")
-        raw = self.zf.read(record)
-        untyped = (torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if nbytes
-                   else torch.UntypedStorage(0))
-        self.storages[key] = _Storage(untyped, stype.dtype, numel)
+        data = torch.empty(nbytes, dtype=torch.uint8)  # read straight into the storage: one copy
+        view, done = memoryview(data.numpy()), 0
+        with self.zf.open(record) as fh:
+            while done < nbytes:
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise ArchiveNotUnderstood(f"the record {record} ends after {done} bytes")
+                done += n
+        self.storages[key] = _Storage(data.untyped_storage(), stype.dtype, numel)
         return self.storages[key]
 
 

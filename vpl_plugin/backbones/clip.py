@@ -2,10 +2,11 @@
 
 Load a checkpoint by model name (downloaded by the ``clip`` package on a machine with internet) or
 by path (OpenAI's TorchScript archives and plain state dicts both work, ``module.`` prefixes are
-stripped; no code stored in a checkpoint is ever run), then run :class:`CLIPDense`: no-crop preprocessing at sizes rounded up to the patch size,
-positional embeddings interpolated to the token grid, the first ``L-1`` blocks without gradient
-(keeping head-averaged attention maps), and the last block with a gradient path to its ``ln_1``
-output, the GradCAM target layer of CLIP-ES (spec ``clip_es.md`` sections 1, 2 and 4).
+stripped, and no code stored in a checkpoint is ever run), then run :class:`CLIPDense`: no-crop
+preprocessing at sizes rounded up to the patch size, positional embeddings interpolated to the
+token grid, the first ``L-1`` blocks without gradient (keeping head-averaged attention maps), and
+the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES
+(spec ``clip_es.md`` sections 1, 2 and 4).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +105,12 @@ def _read_plain(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"the Python global {found[1]!r}" if found else "Python objects"
         raise CheckpointError(
-            f"{path} is not a plain torch.save state dict: it asks for Python objects beyond "
-            f"tensors and containers ({str(err).splitlines()[-1] if str(err) else err!r}). "
-            f"vpl-plugin reads checkpoints with torch.load(weights_only=True) and runs no code "
-            f"from them; re-save the weights with torch.save(model.state_dict(), path)."
+            f"{path} is not a plain torch.save state dict: it asks for {what}, beyond tensors and "
+            f"containers. vpl-plugin reads checkpoints with torch.load(weights_only=True) and runs "
+            f"no code from them; re-save the weights with torch.save(model.state_dict(), path)."
         ) from None
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(
@@ -197,7 +200,8 @@ def build_clip_from_state_dict(state: Dict[str, torch.Tensor], *, round_weights:
                 fp32.pop(key, None)
             model.load_state_dict(fp32)
     except (RuntimeError, KeyError, ValueError, AssertionError, ZeroDivisionError) as err:
-        raise CheckpointError(f"{source} is not a consistent OpenAI CLIP ViT state dict: {err}") from err
+        raise CheckpointError(
+            f"{source} is not a consistent OpenAI CLIP ViT state dict: {err}") from err
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

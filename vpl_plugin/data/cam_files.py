@@ -9,7 +9,8 @@ payload with an allow-list of numpy's array, dtype and scalar rebuilders only
 files stay readable by upstream's code.
 
 Example:
-    >>> write_cam_file("cams/2007_000032.npy", {"keys": keys, "attn_highres": cams})  # doctest: +SKIP
+    >>> cams = {"keys": keys, "attn_highres": maps}  # doctest: +SKIP
+    >>> write_cam_file("cams/2007_000032.npy", cams)  # doctest: +SKIP
     >>> read_cam_file("cams/2007_000032.npy")["attn_highres"].shape  # doctest: +SKIP
     (2, 281, 500)
 """
@@ -76,8 +77,8 @@ def _read_header(fh: IO[bytes], path: Path) -> None:
     except (ValueError, SyntaxError, TypeError) as err:
         raise CAMFileError(path, f"its .npy header is corrupt ({err})") from err
     if not dtype.hasobject:
-        raise CAMFileError(path, f"it holds a plain array (dtype {dtype}, shape {tuple(shape)}), not a "
-                                 f"dict of arrays")
+        raise CAMFileError(path, f"it holds a plain array (dtype {dtype}, shape "
+                                 f"{tuple(shape)}), not a dict of arrays")
     if dtype != np.dtype(object) or tuple(shape) != ():
         raise CAMFileError(path, f"it holds an array of dtype {dtype} and shape {tuple(shape)}, "
                                  f"not a dict")
@@ -92,8 +93,8 @@ def _check_entries(cams: Mapping[Any, Any], path: Path, error: type = CAMFileErr
             raise error(path, f"the value of {key!r} is of type {type(value).__name__}, not a "
                               f"numpy array")
         if value.dtype.hasobject:
-            raise error(path, f"the value of {key!r} is an array of Python objects ({value.dtype}), "
-                              f"not of numbers")
+            raise error(path, f"the value of {key!r} is an array of Python objects "
+                              f"({value.dtype}), not of numbers")
 
 
 def read_cam_file(path: Union[str, os.PathLike]) -> CAMDict:
@@ -125,7 +126,8 @@ def read_cam_file(path: Union[str, os.PathLike]) -> CAMDict:
             raise CAMFileError(path, f"its pickled dict is truncated or corrupt "
                                      f"({type(err).__name__}: {err})") from err
     if not (isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == np.dtype(object)):
-        raise CAMFileError(path, f"its payload is of type {type(obj).__name__}, not a 0-d object array")
+        raise CAMFileError(path, f"its payload is of type {type(obj).__name__}, not a 0-d object "
+                                 f"array")
     cams = obj.item()
     if not isinstance(cams, dict):
         raise CAMFileError(path, f"it holds an object of type {type(cams).__name__}, not a dict")
@@ -137,7 +139,8 @@ def _write_error(path: Path, why: str) -> ValueError:
     return ValueError(f"cannot write CAM file {path}: {why}; {_FORMAT}.")
 
 
-def write_cam_file(path: Union[str, os.PathLike], cams: Mapping[str, Union[np.ndarray, np.generic]]) -> None:
+def write_cam_file(path: Union[str, os.PathLike],
+                   cams: Mapping[str, Union[np.ndarray, np.generic]]) -> None:
     """Write a CAM dict atomically, byte for byte as ``np.save(path, cams)`` (upstream's format).
 
     Args:

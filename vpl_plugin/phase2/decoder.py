@@ -350,7 +350,8 @@ def save_segmenter(path: Union[str, os.PathLike], model: nn.Module,
 
 def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] = None,
                    map_location: Union[str, torch.device] = "cpu", *,
-                   check_backbone: bool = True, trust_torchscript: bool = False) -> PrototypeSegmenter:
+                   check_backbone: bool = True,
+                   trust_torchscript: bool = False) -> PrototypeSegmenter:
     """Rebuild a segmenter written by :func:`save_segmenter`.
 
     Args:
@@ -379,7 +380,8 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
                       logit_scale_override=p.get("logit_scale_override"))
     desc = payload.get("backbone") or {}
     if backbone is None:
-        backbone = backbone_from_description(desc, map_location, trust_torchscript=trust_torchscript)
+        backbone = backbone_from_description(desc, map_location,
+                                             trust_torchscript=trust_torchscript)
     if check_backbone and desc.get("fingerprint") and hasattr(backbone, "fingerprint"):
         got = backbone.fingerprint()
         if got != desc["fingerprint"]:

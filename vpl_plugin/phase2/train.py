@@ -376,7 +376,8 @@ def _rng_state() -> Dict[str, Any]:
              "numpy": {"algorithm": str(algorithm), "key": torch.from_numpy(key.astype(np.int64)),
                        "pos": int(pos), "has_gauss": int(has_gauss),
                        "cached_gaussian": float(cached_gaussian)},
-             "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+             "python": {"version": int(version),
+                        "internal": torch.tensor(internal, dtype=torch.int64),
                         "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -388,8 +389,8 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     if isinstance(np_state, dict):
-        np_state = (np_state["algorithm"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
-                    np_state["has_gauss"], np_state["cached_gaussian"])
+        np_state = (np_state["algorithm"], np_state["key"].numpy().astype(np.uint32),
+                    np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
     np.random.set_state(np_state)
     py_state = state["python"]
     if isinstance(py_state, dict):
