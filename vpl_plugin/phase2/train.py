@@ -5,7 +5,8 @@
 the deterministic batch stream of :mod:`vpl_plugin.phase2.data`, and writes under ``out``:
 
 * ``last.pt``: the training state (decoder weights, optimizer, grad scaler, iteration, RNG states,
-  curves), atomically every ``checkpoint_every`` iterations and at the end; a rerun resumes from it
+  curves; plain tensors, numbers and strings, read with ``torch.load(weights_only=True)``),
+  atomically every ``checkpoint_every`` iterations and at the end; a rerun resumes from it
   and ends with the weights an uninterrupted run would have (bit for bit on the CPU with the same
   number of threads, tested; another thread count, or CUDA kernels, change float rounding);
 * ``segmenter.pt``: the trained segmenter (:func:`~vpl_plugin.phase2.save_segmenter`), at the end;
