@@ -84,14 +84,14 @@ def _umask() -> int:
 
 
 def save_npy_dict(path: str | os.PathLike, obj: dict) -> None:
-    """Save a dict as a pickled 0-d object array (``np.save(path, dict)``), atomically.
+    """Save a CAM dict as ``np.save(path, dict)`` does, atomically (upstream CLIP-ES's format).
 
-    This is the format upstream CLIP-ES writes CAMs in; read it with
-    ``np.load(path, allow_pickle=True).item()``.
+    Kept for compatibility: it is :func:`vpl_plugin.data.cam_files.write_cam_file`; read the file
+    back with :func:`vpl_plugin.data.cam_files.read_cam_file` (never with ``allow_pickle=True``).
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, obj, allow_pickle=True)
+    from vpl_plugin.data.cam_files import write_cam_file  # lazy: cam_files imports this module
+
+    write_cam_file(path, obj)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -478,7 +478,9 @@ def _default_class_names(num_classes: int, class_names: Optional[Sequence[str]])
 
 
 def _load_cam(path: Path, cam_key: str) -> Tuple[np.ndarray, np.ndarray]:
-    d = np.load(path, allow_pickle=True).item()
+    from vpl_plugin.data.cam_files import read_cam_file  # runs nothing from the file
+
+    d = read_cam_file(path)
     if not isinstance(d, dict) or "keys" not in d or cam_key not in d:
         found = sorted(d) if isinstance(d, dict) else type(d).__name__
         raise KeyError(f"{path} must hold a dict with 'keys' and {cam_key!r}; found {found}.")

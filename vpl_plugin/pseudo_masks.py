@@ -344,12 +344,14 @@ def cams_to_pseudo_mask(
 
 def _pseudo_mask_one(task: Dict[str, Any]) -> Tuple[str, str, str]:
     """Worker: make and write one pseudo mask. Returns ``(id, "done"|"failed", reason)``."""
+    from vpl_plugin.data.cam_files import read_cam_file
+
     img_id = task["id"]
     try:
         cam_path = Path(task["cam_path"])
         if not cam_path.is_file():
             raise FileNotFoundError(f"CAM file not found: {cam_path}")
-        d = np.load(cam_path, allow_pickle=True).item()
+        d = read_cam_file(cam_path)  # runs nothing from the file
         if not isinstance(d, dict) or "keys" not in d or task["cam_key"] not in d:
             raise KeyError(f"{cam_path} must hold a dict with 'keys' and {task['cam_key']!r}.")
         cams, keys = np.asarray(d[task["cam_key"]]), np.asarray(d["keys"])

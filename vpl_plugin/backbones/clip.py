@@ -2,10 +2,11 @@
 
 Load a checkpoint by model name (downloaded by the ``clip`` package on a machine with internet) or
 by path (OpenAI's TorchScript archives and plain state dicts both work, ``module.`` prefixes are
-stripped), then run :class:`CLIPDense`: no-crop preprocessing at sizes rounded up to the patch size,
-positional embeddings interpolated to the token grid, the first ``L-1`` blocks without gradient
-(keeping head-averaged attention maps), and the last block with a gradient path to its ``ln_1``
-output, the GradCAM target layer of CLIP-ES (spec ``clip_es.md`` sections 1, 2 and 4).
+stripped, and no code stored in a checkpoint is ever run), then run :class:`CLIPDense`: no-crop
+preprocessing at sizes rounded up to the patch size, positional embeddings interpolated to the
+token grid, the first ``L-1`` blocks without gradient (keeping head-averaged attention maps), and
+the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES
+(spec ``clip_es.md`` sections 1, 2 and 4).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpl_plugin._imports import require
+from vpl_plugin.backbones import _torchscript
 
 __all__ = [
     "CLIP_MEAN",
@@ -44,12 +49,30 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as an OpenAI CLIP ViT."""
 
 
-def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Read a CLIP checkpoint file into a plain state dict.
+def load_state_dict_file(path: Union[str, os.PathLike], *,
+                         trust_torchscript: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a CLIP checkpoint file into a plain state dict, without running code from it.
 
     Accepts OpenAI's TorchScript archives (``ViT-B-16.pt``) and plain ``torch.save`` state dicts,
     optionally nested under ``"state_dict"`` or ``"model"``. A ``module.`` prefix (from
-    DataParallel) is removed from every key.
+    DataParallel) is removed from every key. Plain files are read with
+    ``torch.load(weights_only=True)``; TorchScript archives with a reader that parses the archive
+    as data and returns exactly ``torch.jit.load(path).state_dict()`` without executing the code
+    stored in it (:mod:`vpl_plugin.backbones._torchscript`).
+
+    Args:
+        path: the checkpoint file.
+        trust_torchscript: read TorchScript archives with ``torch.jit.load``, which runs the code
+            stored in the archive: only for files from a trusted source that the safe reader does
+            not understand.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a readable CLIP ViT checkpoint: the message names the file and what
+            is wrong (an archive the safe reader does not understand, missing keys, a zero or
+            non-square patch, NaN / inf weights, ...).
+        vpl_plugin._unpickle.UnsafeFileError: the file asks for Python objects that a checkpoint
+            never contains (e.g. ``os.system``); nothing from it was run.
     """
     path = Path(path)
     if not path.is_file():
@@ -57,15 +80,10 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
             f"CLIP checkpoint {path} does not exist. Pass an OpenAI model name such as 'ViT-B/16' "
             f"(downloaded on first use) or the path of a checkpoint file."
         )
-    try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(
-                f"{path} is neither a TorchScript archive nor a torch.save state dict ({err})."
-            ) from err
+    if _torchscript.is_torchscript_archive(path):
+        state = _read_torchscript(path, trust_torchscript)
+    else:
+        state = _read_plain(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -78,25 +96,112 @@ def load_state_dict_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
             f"{path} is {kind}: vpl-plugin needs an OpenAI CLIP ViT checkpoint (key 'visual.proj' "
             f"missing). ResNet CLIPs have no token grid for CLIP-ES's GradCAM."
         )
+    _check_clip_state(state, str(path))
+    _check_finite(state, str(path))
     return state
 
 
-def build_clip_from_state_dict(state: Dict[str, torch.Tensor], *, round_weights: bool = False) -> nn.Module:
+def _read_plain(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"the Python global {found[1]!r}" if found else "Python objects"
+        raise CheckpointError(
+            f"{path} is not a plain torch.save state dict: it asks for {what}, beyond tensors and "
+            f"containers. vpl-plugin reads checkpoints with torch.load(weights_only=True) and runs "
+            f"no code from them; re-save the weights with torch.save(model.state_dict(), path)."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(
+            f"{path} is neither a TorchScript archive nor a torch.save state dict ({err})."
+        ) from err
+
+
+def _read_torchscript(path: Path, trust_torchscript: bool) -> Dict[str, torch.Tensor]:
+    if trust_torchscript:
+        try:
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"torch.jit.load could not read {path} ({err}).") from err
+    try:
+        return _torchscript.read_torchscript_state_dict(path)
+    except _torchscript.ArchiveNotUnderstood as err:
+        raise CheckpointError(
+            f"{path}: the safe TorchScript reader did not understand this archive: {err.what}. "
+            f"{_torchscript.TRUST_HINT}"
+        ) from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path} is a damaged TorchScript archive ({err}).") from err
+
+
+_CLIP_KEYS = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+              "visual.proj", "text_projection", "positional_embedding", "token_embedding.weight",
+              "ln_final.weight", "logit_scale")
+
+
+def _check_clip_state(state: Dict[str, Any], source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has the keys and shapes of a CLIP ViT."""
+    missing = [k for k in _CLIP_KEYS if k not in state]
+    if not any(k.startswith("visual.transformer.resblocks.") for k in state):
+        missing.append("visual.transformer.resblocks.0.*")
+    if missing:
+        raise CheckpointError(f"{source} is missing the OpenAI CLIP key(s) {missing}; it is not a "
+                              f"complete CLIP ViT checkpoint.")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: the value(s) of {not_tensors[:5]} are not tensors.")
+    conv = state["visual.conv1.weight"]
+    if conv.dim() != 4 or conv.shape[-1] == 0 or conv.shape[-1] != conv.shape[-2]:
+        raise CheckpointError(
+            f"{source}: 'visual.conv1.weight' has shape {tuple(conv.shape)}; a CLIP ViT's patch "
+            f"embedding is (width, 3, p, p) with a square patch p >= 1.")
+    pos = state["visual.positional_embedding"]
+    grid = int(round(math.sqrt(max(pos.shape[0] - 1, 0)))) if pos.dim() == 2 else 0
+    if grid < 1 or grid * grid + 1 != pos.shape[0] or pos.shape[1] != conv.shape[0]:
+        raise CheckpointError(
+            f"{source}: 'visual.positional_embedding' has shape {tuple(pos.shape)}; a CLIP ViT "
+            f"with width {conv.shape[0]} needs (1 + g*g, {conv.shape[0]}) for a g x g token grid.")
+
+
+def _check_finite(state: Dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the floating-point tensors with NaN or inf values."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"{source} has non-finite (NaN or inf) weights in {bad[:5]}{more}: the checkpoint is "
+            f"corrupt or comes from a diverged training run.")
+
+
+def build_clip_from_state_dict(state: Dict[str, torch.Tensor], *, round_weights: bool = False,
+                               source: str = "the CLIP state dict") -> nn.Module:
     """Build an fp32 OpenAI ``clip.model.CLIP`` from a state dict of any ViT size and patch size.
 
     Args:
         state: checkpoint tensors (see :func:`load_state_dict_file`).
         round_weights: keep the fp16 rounding of ``clip.model.build_model`` (upstream parity);
             by default the model holds the checkpoint's values exactly.
+        source: what ``state`` came from, for error messages (e.g. the file name).
+
+    Raises:
+        CheckpointError: missing keys, a zero or non-square patch, or shapes from which no CLIP
+            can be built (the message names ``source`` and the keys).
     """
     clip_model = require("clip.model")
+    _check_clip_state(state, source)
     state = {k: v for k, v in state.items()}
     fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    model = clip_model.build_model(dict(state)).float()  # build_model rounds through fp16
-    if not round_weights:
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            fp32.pop(key, None)
-        model.load_state_dict(fp32)
+    try:
+        model = clip_model.build_model(dict(state)).float()  # build_model rounds through fp16
+        if not round_weights:
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                fp32.pop(key, None)
+            model.load_state_dict(fp32)
+    except (RuntimeError, KeyError, ValueError, AssertionError, ZeroDivisionError) as err:
+        raise CheckpointError(
+            f"{source} is not a consistent OpenAI CLIP ViT state dict: {err}") from err
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -194,6 +299,7 @@ def load_clip(
     *,
     fp16_compat: bool = False,
     download_root: Optional[str] = None,
+    trust_torchscript: bool = False,
 ) -> "CLIPDense":
     """Load an OpenAI CLIP ViT checkpoint as a :class:`CLIPDense` encoder.
 
@@ -202,13 +308,16 @@ def load_clip(
         device: where the model runs.
         fp16_compat: reproduce upstream CLIP-ES's half-precision effects (fp16-rounded weights,
             fp16 positional embedding; on CUDA the whole model runs in fp16). Off: exact fp32.
+        download_root: where OpenAI model names are downloaded (default ``~/.cache/clip``).
+        trust_torchscript: read TorchScript archives with ``torch.jit.load``, which runs the code
+            stored in them (see :func:`load_state_dict_file`); by default they are read as data.
 
     Example:
         >>> enc = load_clip("ViT-B-16.pt", "cuda")  # doctest: +SKIP
     """
     path = _resolve_checkpoint(name_or_path, download_root)
-    state = load_state_dict_file(path)
-    model = build_clip_from_state_dict(state, round_weights=fp16_compat)
+    state = load_state_dict_file(path, trust_torchscript=trust_torchscript)
+    model = build_clip_from_state_dict(state, round_weights=fp16_compat, source=str(path))
     enc = CLIPDense(model, fp16_compat=fp16_compat, device=device)
     enc.checkpoint = str(path)
     return enc

@@ -139,12 +139,26 @@ def export_training_state(state_path: Union[str, os.PathLike], out: Union[str, o
     when the run selects (``--select-every``), else the last saved one, as an fp16 state dict like
     the finished run writes. Returns ``{"step", "selected"}``.
     """
-    saved = torch.load(state_path, map_location="cpu", weights_only=False)
+    saved = _load_state(state_path, "cpu")
     model = build_demo_clip(DemoCLIPConfig(**saved["arch"]))
     model.load_state_dict(saved["model"])
     best = saved.get("best")
     _save_kept(model, best, out)
     return {"step": best["step"] if best else saved["step"], "selected": best is not None}
+
+
+def _load_state(state_path: Union[str, os.PathLike], device: Union[str, torch.device]) -> Dict:
+    """Read a ``.train.pt`` state with ``torch.load(weights_only=True)``: nothing in it is executed.
+
+    States are plain data (tensors, numbers, strings, lists, dicts); one that asks for any other
+    Python object than numpy's arrays and scalars is refused
+    (:class:`~vpl_plugin._unpickle.UnsafeFileError`).
+    """
+    from vpl_plugin._unpickle import load_weights_only
+
+    return load_weights_only(state_path, map_location=device, kind="demo-CLIP training state",
+                             hint="Delete it, or pass --no-resume (resume=False) to start over and "
+                                  "overwrite it.")
 
 
 def _save_kept(model, best: Optional[Dict], out: Union[str, os.PathLike]) -> None:
@@ -210,7 +224,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
     selection: List[Dict] = []
     best: Optional[Dict] = None  # {"step", "score", "state" (fp16 state dict)}
     if resume and state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+        saved = _load_state(state_path, device)
         free = ("steps", "checkpoint_every", "log_every")  # a resumed run may extend or log differently
         now = {k: v for k, v in asdict(config).items() if k not in free}
         # settings a state written by an older version lacks were at their defaults then
@@ -246,7 +260,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         model.eval()
         state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
                  for k, v in model.state_dict().items()}
-        score = selection_score(state, select_scenes)
+        score = float(selection_score(state, select_scenes))  # plain data in the saved state
         model.train()
         selection.append({"step": step, "text_gradcam_seed_miou": round(score, 3)})
         if best is None or score > best["score"]:

@@ -240,7 +240,8 @@ def _split_spec(spec: str):
     return "clip", spec
 
 
-def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", **kwargs: Any) -> nn.Module:
+def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", *,
+                    trust_torchscript: bool = False, **kwargs: Any) -> nn.Module:
     """Build a frozen backbone from a spec string.
 
     Args:
@@ -248,6 +249,9 @@ def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", **kwarg
             ``"timm:MODEL_NAME"`` (timm ViT, ``pretrained=True`` unless passed), or a bare OpenAI
             CLIP name / checkpoint path.
         device: where the backbone runs.
+        trust_torchscript: OpenAI CLIP only: read a TorchScript checkpoint with
+            ``torch.jit.load``, which runs the code stored in it; by default it is read as data
+            (:func:`~vpl_plugin.backbones.load_state_dict_file`).
         **kwargs: ``fp16_compat`` for OpenAI CLIP; ``pretrained``, ``checkpoint_path`` and timm
             model kwargs for timm.
 
@@ -265,17 +269,20 @@ def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", **kwarg
         if unknown:
             raise ValueError(f"OpenAI CLIP backbones take fp16_compat / download_root only; got "
                              f"{sorted(unknown)}.")
-        return OpenAICLIPBackbone(load_clip(name, device, **kwargs))
+        return OpenAICLIPBackbone(load_clip(name, device, trust_torchscript=trust_torchscript,
+                                            **kwargs))
     kwargs.setdefault("pretrained", True)
     return TimmCLIPBackbone(name, **kwargs).to(device)
 
 
-def backbone_from_description(desc: Dict[str, Any], device: Union[str, torch.device] = "cpu") -> nn.Module:
+def backbone_from_description(desc: Dict[str, Any], device: Union[str, torch.device] = "cpu", *,
+                              trust_torchscript: bool = False) -> nn.Module:
     """Rebuild a backbone from its ``describe()`` record (what :func:`save_segmenter` stores).
 
     An OpenAI CLIP backbone needs its checkpoint file at the recorded path (or an OpenAI model
     name); a timm backbone is rebuilt by name with the recorded kwargs. Random-weight backbones
-    cannot be rebuilt: pass the backbone to ``load_segmenter`` instead.
+    cannot be rebuilt: pass the backbone to ``load_segmenter`` instead. ``trust_torchscript``
+    is passed to :func:`create_backbone` (OpenAI CLIP checkpoints only).
     """
     family = desc.get("family")
     if family == "clip":
@@ -284,7 +291,8 @@ def backbone_from_description(desc: Dict[str, Any], device: Union[str, torch.dev
             raise ValueError("the segmenter's OpenAI CLIP backbone was not loaded from a checkpoint "
                              "(random weights?), so it cannot be rebuilt; pass backbone=... (or "
                              "--clip on the command line).")
-        return create_backbone(f"clip:{ckpt}", device, fp16_compat=bool(desc.get("fp16_compat")))
+        return create_backbone(f"clip:{ckpt}", device, fp16_compat=bool(desc.get("fp16_compat")),
+                               trust_torchscript=trust_torchscript)
     if family == "timm":
         return create_backbone(f"timm:{desc['name']}", device, pretrained=bool(desc.get("pretrained")),
                                checkpoint_path=desc.get("checkpoint_path"),

@@ -350,7 +350,8 @@ def save_segmenter(path: Union[str, os.PathLike], model: nn.Module,
 
 def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] = None,
                    map_location: Union[str, torch.device] = "cpu", *,
-                   check_backbone: bool = True) -> PrototypeSegmenter:
+                   check_backbone: bool = True,
+                   trust_torchscript: bool = False) -> PrototypeSegmenter:
     """Rebuild a segmenter written by :func:`save_segmenter`.
 
     Args:
@@ -359,6 +360,9 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
             (OpenAI CLIP from its checkpoint path or name, timm by name).
         map_location: where the model is placed (``"cpu"``, ``"cuda"``).
         check_backbone: raise if the backbone's weight fingerprint differs from the stored one.
+        trust_torchscript: when the backbone is rebuilt from an OpenAI CLIP TorchScript
+            checkpoint, read it with ``torch.jit.load``, which runs the code stored in it; by
+            default it is read as data.
 
     Returns:
         The model in eval mode on ``map_location``; the stored ``extra`` dict is its
@@ -376,7 +380,8 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
                       logit_scale_override=p.get("logit_scale_override"))
     desc = payload.get("backbone") or {}
     if backbone is None:
-        backbone = backbone_from_description(desc, map_location)
+        backbone = backbone_from_description(desc, map_location,
+                                             trust_torchscript=trust_torchscript)
     if check_backbone and desc.get("fingerprint") and hasattr(backbone, "fingerprint"):
         got = backbone.fingerprint()
         if got != desc["fingerprint"]:

@@ -5,7 +5,8 @@
 the deterministic batch stream of :mod:`vpl_plugin.phase2.data`, and writes under ``out``:
 
 * ``last.pt``: the training state (decoder weights, optimizer, grad scaler, iteration, RNG states,
-  curves), atomically every ``checkpoint_every`` iterations and at the end; a rerun resumes from it
+  curves; plain tensors, numbers and strings, read with ``torch.load(weights_only=True)``),
+  atomically every ``checkpoint_every`` iterations and at the end; a rerun resumes from it
   and ends with the weights an uninterrupted run would have (bit for bit on the CPU with the same
   number of threads, tested; another thread count, or CUDA kernels, change float rounding);
 * ``segmenter.pt``: the trained segmenter (:func:`~vpl_plugin.phase2.save_segmenter`), at the end;
@@ -369,16 +370,34 @@ def plot_curves(curves: Dict[str, List[Dict[str, float]]], path: Union[str, os.P
 
 # -- state ------------------------------------------------------------------------------------------------
 def _rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states as plain data (tensors, numbers, strings): loads with weights_only."""
+    algorithm, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"algorithm": str(algorithm), "key": torch.from_numpy(key.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version),
+                        "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`_rng_state`'s output (or the numpy / python tuples older states hold)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = (np_state["algorithm"], np_state["key"].numpy().astype(np.uint32),
+                    np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+    np.random.set_state(np_state)
+    py_state = state["python"]
+    if isinstance(py_state, dict):
+        py_state = (py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()),
+                    py_state["gauss_next"])
+    random.setstate(py_state)
     if "cuda" in state and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -397,8 +416,18 @@ def _describe_loss(loss_fn: nn.Module) -> Dict[str, Any]:
 
 
 def load_train_state(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a ``last.pt`` training state (for inspection; :func:`train_segmenter` resumes from it)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a ``last.pt`` training state (for inspection; :func:`train_segmenter` resumes from it).
+
+    The state is plain data read with ``torch.load(weights_only=True)``; nothing in the file is
+    executed. States written by earlier versions (numpy's RNG state as a numpy array) still load;
+    a file that asks for any other Python object is refused with
+    :class:`~vpl_plugin._unpickle.UnsafeFileError`.
+    """
+    from vpl_plugin._unpickle import load_weights_only
+
+    state = load_weights_only(path, kind="phase-2 training state",
+                              hint="Use another --out, or --no-resume (resume=False) to start over "
+                                   "and overwrite it.")
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"{path} is not a phase-2 training state (no format tag {_STATE_FORMAT!r}); "
                          f"use another --out, or --no-resume to overwrite it.")
