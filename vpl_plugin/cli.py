@@ -121,6 +121,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="VOC image-level labels: XML annotations, GT masks, or XML where present "
                         "else masks (default: auto)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--trust-torchscript", action="store_true",
+                   help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
+                        "(it can write files or hang): only for an archive from a source you trust that the "
+                        "default reader refuses. By default archives are read as data and nothing in them runs")
     g.add_argument("--fp16-compat", action="store_true",
                    help="reproduce upstream CLIP-ES's fp16 rounding (fp16-rounded weights and "
                         "positional table; fp16 model and GradCAM arithmetic on CUDA)")
@@ -372,6 +376,10 @@ the files.""")
     g.add_argument("--backbone", "--clip", dest="backbone", metavar="SPEC",
                    help="frozen encoder: OpenAI CLIP name or checkpoint (ViT-B/16, PATH.pt), "
                         "'clip:NAME_OR_PATH' or 'timm:MODEL'")
+    g.add_argument("--trust-torchscript", action="store_true",
+                   help="read a TorchScript CLIP archive (--clip, or the one recorded in the checkpoint) with torch.jit.load, which RUNS CODE STORED IN THE FILE "
+                        "(it can write files or hang): only for an archive from a source you trust that the "
+                        "default reader refuses. By default archives are read as data and nothing in them runs")
     g.add_argument("--prototypes", metavar="PROTOTYPES.pt", help="prototype set from `vpl learn` (frozen)")
     g.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
                    help="label space and list format (default: voc)")
@@ -445,6 +453,10 @@ unless --use-image-labels is given.""")
     p.add_argument("--backbone", "--clip", dest="backbone", metavar="SPEC",
                    help="frozen encoder instead of the one recorded in the checkpoint (same weights "
                         "required): OpenAI CLIP name or file, 'clip:NAME_OR_PATH' or 'timm:MODEL'")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="read a TorchScript CLIP archive (--clip, or the one recorded in the checkpoint) with torch.jit.load, which RUNS CODE STORED IN THE FILE "
+                        "(it can write files or hang): only for an archive from a source you trust that the "
+                        "default reader refuses. By default archives are read as data and nothing in them runs")
     p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
                    help="label space and list format (default: voc)")
     p.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (VOC: the VOC2012 folder)")
@@ -634,7 +646,8 @@ def _adapter(args, spec, prototypes=None):
     from vpl_plugin.adapters import create_adapter
     from vpl_plugin.backbones import load_clip
 
-    encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat)
+    encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat,
+                        trust_torchscript=args.trust_torchscript)
     overrides = {"box_clip_fix": args.box_clip_fix, "map_mode": args.map_mode}
     if args.templates:
         bad = [t for t in args.templates if "{}" not in t]
@@ -1044,7 +1057,8 @@ def cmd_train(args) -> int:
                              f"{args.dataset} has {data.num_fg}.")
         torch.manual_seed(args.seed)  # the decoder's initial weights (DDP copies rank 0's anyway)
         decoder_config = DecoderConfig(tau_seg=args.tau_seg)
-        model = build_segmenter(create_backbone(args.backbone, device), prototypes, decoder_config)
+        model = build_segmenter(create_backbone(args.backbone, device, trust_torchscript=args.trust_torchscript),
+                                prototypes, decoder_config)
         out = Path(args.out)
         if env.is_main:
             _write_config(out / "vpl_train.yaml", args, {
@@ -1092,8 +1106,9 @@ def cmd_segment(args) -> int:
     if str(device).startswith("cuda") and env.distributed:
         device = f"cuda:{env.local_rank}"
     try:
-        backbone = create_backbone(args.backbone, device) if args.backbone else None
-        model = load_segmenter(args.checkpoint, backbone=backbone, map_location=device)
+        trust = args.trust_torchscript
+        backbone = create_backbone(args.backbone, device, trust_torchscript=trust) if args.backbone else None
+        model = load_segmenter(args.checkpoint, backbone=backbone, map_location=device, trust_torchscript=trust)
         if model.num_fg != len(spec.names):
             raise UsageError(f"the segmenter in {args.checkpoint} has {model.num_fg} foreground classes "
                              f"but --dataset {args.dataset} has {len(spec.names)}; pass the dataset it "

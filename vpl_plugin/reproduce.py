@@ -127,6 +127,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
+                        "(it can write files or hang): only for an archive from a source you trust that the "
+                        "default reader refuses. By default archives are read as data and nothing in them runs")
     p.add_argument("--dry-run", action="store_true",
                    help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of each list")
@@ -371,7 +375,7 @@ def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[Dict[str, int
         try:
             from vpl_plugin.backbones import load_clip
 
-            enc = load_clip(str(args.clip), "cpu")
+            enc = load_clip(str(args.clip), "cpu", trust_torchscript=args.trust_torchscript)
         except Exception as err:  # noqa: BLE001 - any load failure is reported
             return [f"--clip {args.clip}: exists but cannot be loaded ({err})"], [], None
         geometry = {"dim": int(enc.embed_dim), "patch": int(enc.patch_size)}
@@ -524,7 +528,8 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     split = _list_path(root, args.split, args.dataset)
     learn = _list_path(root, args.learn_split, args.dataset)
     gt = _gt_dir(root, args.dataset)
-    data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device]
+    data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
+            *(["--trust-torchscript"] if args.trust_torchscript else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]

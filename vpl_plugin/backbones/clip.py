@@ -283,7 +283,7 @@ def _resolve_checkpoint(name_or_path: str, download_root: Optional[str]) -> Path
         try:
             return Path(clip.clip._download(clip.clip._MODELS[name_or_path], root))
         except Exception as err:  # noqa: BLE001 - network errors vary by platform
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not download CLIP {name_or_path!r} into {root} ({err}). Without internet, "
                 f"copy OpenAI's checkpoint file (e.g. ViT-B-16.pt) to this machine and pass its path."
             ) from err
