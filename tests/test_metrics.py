@@ -153,11 +153,12 @@ def _upstream_label(cams, keys, thr):
 def test_cams_to_label_equals_upstream_on_random_fp16(thr):
     rng = np.random.default_rng(3)
     cams = (rng.integers(0, 9, size=(3, 40, 50)) / 8).astype(F16)  # many exact ties
-    cams[0, 0, :5] = np.nan  # NaN handling as np.argmax
-    cams[1, 1, :5] = np.nan
     keys = np.array([0, 14, 19])
     np.testing.assert_array_equal(cams_to_label(cams, keys, thr, None),
                                   _upstream_label(cams, keys, thr))
+    cams[1, 1, :5] = np.nan  # upstream would label these pixels; here NaN CAMs are refused
+    with pytest.raises(ValueError, match="5 non-finite values"):
+        cams_to_label(cams, keys, thr, None)
 
 
 def test_cams_to_label_empty_and_validation():

@@ -626,13 +626,34 @@ class ContextBank:
 
 
 # -- pass 1 over a dataset --------------------------------------------------------------------------
-def _sample_image(sample):
+def _sample_image(dataset, sample):
     image = getattr(sample, "image", None)
     if image is not None:
         return image
-    from vpl_plugin.data.voc import load_image
+    from vpl_plugin.data.voc import sample_image
 
-    return load_image(sample.image_path)
+    return sample_image(dataset, sample)  # the dataset's pixel limit
+
+
+def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
+    """The resume state in ``path``, or None (with a warning naming it) if it cannot be used.
+
+    A file that does not load or lacks the expected structure (a crash mid-copy, a foreign file)
+    is ignored and the bank is rebuilt from the start; it is overwritten at the next checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(state, dict) and isinstance(state.get("settings"), dict)
+              and isinstance(state.get("ids"), list) and isinstance(state.get("records"), list)
+              and len(state["ids"]) == len(state["records"])
+              and all(isinstance(r, dict) for r in state["records"]))
+        problem = "" if ok else "not a context-bank resume file (unexpected contents)"
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        log.warning("ignoring the resume file %s and starting over: %s", path, problem)
+        return None
+    return state
 
 
 def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progress: bool = True,
@@ -652,15 +673,15 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
         limit: only the first ``limit`` samples.
         partial: resume file: the instance prototypes gathered so far are written there every
             ``checkpoint_every`` images (atomically) and a rerun continues from it; it is removed
-            when the bank is complete. A resume file of other settings is refused.
+            when the bank is complete. A resume file of other settings is refused; one that
+            cannot be read is ignored with a warning naming it (the bank is rebuilt).
         summary: a :class:`~vpl_plugin.pipeline.RunSummary` to fill (counts, skipped images).
 
     Returns:
         The :class:`ContextBank` (``adapter.set_bank`` it, or save it).
     """
     from vpl_plugin._progress import progress as progress_bar
-    from vpl_plugin.data.voc import DatasetError
-    from vpl_plugin.pipeline import RunSummary
+    from vpl_plugin.pipeline import RunSummary, _failure
 
     summary = summary if summary is not None else RunSummary()
     cfg = adapter.config
@@ -669,8 +690,8 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
     ids = list(getattr(dataset, "ids", [str(i) for i in range(len(dataset))]))[:n]
     done: Dict[str, Dict[str, torch.Tensor]] = {}
     partial_path = Path(partial) if partial is not None else None
-    if partial_path is not None and partial_path.is_file():
-        state = torch.load(partial_path, map_location="cpu", weights_only=True)
+    state = _read_partial(partial_path) if partial_path is not None and partial_path.is_file() else None
+    if state is not None:
         saved = state.get("settings", {})
         diff = {k: (saved.get(k), v) for k, v in _plain(settings).items() if saved.get(k) != v}
         if diff:
@@ -696,11 +717,12 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
         if image_id in done:
             summary.skipped_existing += 1
             continue
+        sample = None
         try:
             sample = dataset[i]
-            record = adapter.pass_one(_sample_image(sample), sample.labels)
-        except (DatasetError, OSError, ValueError) as err:
-            summary.failed.append((image_id, str(err)))
+            record = adapter.pass_one(_sample_image(dataset, sample), sample.labels)
+        except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
+            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
             continue
         done[image_id] = record
         summary.done += 1

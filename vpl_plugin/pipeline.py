@@ -1,12 +1,15 @@
 """Dataset-level stages: CAM generation, VPL learning-set collection and prototype learning.
 
 Each stage is resumable and never loses finished work: CAM files are written atomically and a
-rerun skips images whose file exists; per-image failures (unreadable image, missing annotation,
-unknown class) are recorded with the file and the reason, and the run goes on with the rest.
+rerun skips images whose file exists and is complete (an empty or truncated one is recomputed);
+a per-image failure of any kind (unreadable or oversized image, missing annotation, unknown class,
+out of memory) is recorded with the file and the reason (``TypeName: message``), and the run goes
+on with the rest. Only an interruption (Ctrl-C, ``SystemExit``) stops it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,11 +21,17 @@ import torch
 
 from vpl_plugin._io import atomic_path, save_npy_dict
 from vpl_plugin._progress import progress as progress_bar
-from vpl_plugin.data.voc import DatasetError, load_image
-from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes, region_pool, seeds_from_cams
+from vpl_plugin.data.voc import sample_image
+from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
+                                   learn_vision_prototypes, region_pool, seeds_from_cams)
 
 __all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
            "LearningSet", "merge_summaries", "subsample_rows"]
+
+log = logging.getLogger(__name__)
+
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_STOP = b"."  # the last byte of every pickle stream
 
 
 @dataclass
@@ -67,6 +76,40 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
+def _failure(err: BaseException, path: Any = None) -> str:
+    """``TypeName: message`` of a per-image failure, with the image file when it is not named."""
+    text = f"{type(err).__name__}: {err}"
+    if path is not None and str(path) not in text:
+        text += f" (image {path})"
+    return text
+
+
+def _incomplete_npy(path: Path) -> Optional[str]:
+    """Why an existing ``.npy`` output cannot be trusted as done, or None if it looks complete.
+
+    Cheap (a header read and the last byte): empty file, no ``.npy`` magic, unreadable header,
+    or a pickled (object) array whose pickle stream lacks its final STOP byte (a truncated copy).
+    """
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as fh:
+            if fh.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                return "not a .npy file (no magic bytes)"
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(fh)
+            if header[2].hasobject:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != _PICKLE_STOP:
+                    return "truncated (the pickled data does not end)"
+    except (OSError, ValueError) as err:
+        return f"unreadable header ({err})"
+    return None
+
+
 def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
                   skip_existing: bool = True, progress: bool = True, rank: int = 0,
                   world_size: int = 1, batch_size: int = 1) -> RunSummary:
@@ -74,15 +117,25 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
 
     Args:
         adapter: a :class:`~vpl_plugin.adapters.CAMAdapter`.
-        dataset: a :class:`~vpl_plugin.data.voc.VOCDataset` (or any indexable of samples).
+        dataset: a :class:`~vpl_plugin.data.voc.VOCDataset` (or any indexable of samples). Its
+            ``max_pixels`` (``VOCDataset(..., max_pixels=N)``; default
+            :data:`~vpl_plugin.data.voc.DEFAULT_MAX_PIXELS`) refuses larger images by name before
+            they are decoded (:func:`~vpl_plugin.data.voc.sample_image`).
         limit: only the first ``limit`` images of the list.
-        skip_existing: resume: images whose output exists are not recomputed.
+        skip_existing: resume: images whose output exists are not recomputed (an empty or
+            truncated output file is logged and recomputed).
         rank, world_size: process only every ``world_size``-th image starting at ``rank``.
         batch_size: with an adapter whose ``supports_batch`` is true (CLIP-ES), images of equal
             preprocessed size are gathered (in list order, per size) into batches of up to this many
             and run together; meant for GPUs. At most ``4 * batch_size`` images wait for a full
             batch (then the oldest group runs as it is). A batch that fails is retried image by
             image, so a bad image is reported alone.
+
+    Returns:
+        The :class:`RunSummary`. A failure of any kind for one image (``DatasetError``,
+        ``MemoryError``, an allocator's ``RuntimeError``, ...) is listed in ``failed`` as
+        ``(id, "TypeName: message")`` naming the image file, and the run goes on; only
+        ``KeyboardInterrupt``/``SystemExit`` stop it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
@@ -100,13 +153,13 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
         if len(items) > 1:
             try:
                 outs = adapter.call_batch([im for _, im, _ in items], [s.labels for _, _, s in items])
-            except (DatasetError, OSError, ValueError):
-                outs = None  # retried one by one below, so the failing image is named alone
+            except Exception:  # noqa: BLE001 - retried one by one below, so the failing image is named alone
+                outs = None
         for j, (image_id, image, sample) in enumerate(items):
             try:
                 out = outs[j] if outs is not None else adapter(image, sample.labels)
-            except (DatasetError, OSError, ValueError) as err:
-                summary.failed.append((image_id, str(err)))
+            except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
+                summary.failed.append((image_id, _failure(err, sample.image_path)))
                 continue
             save_npy_dict(out_dir / f"{image_id}.npy", out.to_upstream())
             summary.done += 1
@@ -119,15 +172,16 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
 
     for i in indices:
         image_id = dataset.ids[i]
-        if skip_existing and (out_dir / f"{image_id}.npy").exists():
+        if skip_existing and _done_already(out_dir / f"{image_id}.npy"):
             summary.skipped_existing += 1
             tick()
             continue
+        sample = None
         try:
             sample = dataset[i]
-            image = load_image(sample.image_path)
-        except (DatasetError, OSError, ValueError) as err:
-            summary.failed.append((image_id, str(err)))
+            image = sample_image(dataset, sample)
+        except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
+            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
             tick()
             continue
         if not batched:
@@ -151,6 +205,17 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
         bar.close()
     summary.seconds = time.time() - start
     return summary
+
+
+def _done_already(path: Path) -> bool:
+    """Whether a CAM output exists and is complete; an incomplete one is logged and redone."""
+    if not path.exists():
+        return False
+    problem = _incomplete_npy(path)
+    if problem is None:
+        return True
+    log.warning("recomputing %s: the existing file cannot be a finished CAM file (%s)", path, problem)
+    return False
 
 
 @dataclass
@@ -248,9 +313,9 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
     return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
 
 
-def _image_learning_record(adapter, text, sample, *, phi, target_mode, candidates, seed_source,
+def _image_learning_record(adapter, text, sample, image, *, phi, target_mode, candidates, seed_source,
                            tau_text, pooling="token") -> Dict[str, np.ndarray]:
-    x, _ = adapter.encoder.preprocess(load_image(sample.image_path))
+    x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
     maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
@@ -278,7 +343,9 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
         seed_source: ``gradcam`` (raw map, the default reading) or ``refined`` (CAA map at patch
             resolution).
         cache_dir: keep one ``<id>.npz`` per image here (written atomically; a rerun reuses them,
-            so an interrupted collection resumes) and assemble the set from them.
+            so an interrupted collection resumes) and assemble the set from them. A cached record
+            that cannot be read (truncated, not a zip, members missing or of the wrong shape) is
+            logged and recomputed.
         memmap: assemble into ``np.memmap`` files in ``cache_dir`` instead of memory (default: when
             the features would exceed 2 GB), so VOC train_aug-sized sets stream from disk.
         pooling: ``token`` (each patch token is a row: the paper's instance level) or ``region``
@@ -313,19 +380,25 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                              "text_prototypes": float(text.prototypes.double().sum())})
     records: Dict[str, Any] = {}
     start = time.time()
+    shape = (int(text.prototypes.shape[0]), int(text.prototypes.shape[1]))
     for i in progress_bar(range(n), desc="features", enabled=progress):
         image_id = dataset.ids[i]
         path = cache / f"{image_id}.npz" if cache is not None else None
         if path is not None and path.exists():
-            records[image_id] = path
-            summary.skipped_existing += 1
-            continue
+            problem = _record_problem(path, shape)
+            if problem is None:
+                records[image_id] = path
+                summary.skipped_existing += 1
+                continue
+            log.warning("recomputing %s: the cached record cannot be used (%s)", path, problem)
+        sample = None
         try:
-            rec = _image_learning_record(adapter, text, dataset[i], phi=phi, target_mode=target_mode,
-                                         candidates=candidates, seed_source=seed_source,
-                                         tau_text=tau_text, pooling=pooling)
-        except (DatasetError, OSError, ValueError) as err:
-            summary.failed.append((image_id, str(err)))
+            sample = dataset[i]
+            rec = _image_learning_record(adapter, text, sample, sample_image(dataset, sample), phi=phi,
+                                         target_mode=target_mode, candidates=candidates,
+                                         seed_source=seed_source, tau_text=tau_text, pooling=pooling)
+        except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
+            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
             continue
         rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
@@ -359,11 +432,52 @@ def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
         write_json(path, settings)
 
 
+_RECORD_KEYS = ("features", "targets", "candidates", "seeds")
+
+
+def _member_shape(z: Any, name: str) -> Tuple[int, ...]:
+    """Shape of an ``.npz`` member from its ``.npy`` header alone (the data is not read)."""
+    with z.zip.open(f"{name}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        return tuple(read(fh)[0])
+
+
+def _record_problem(path: Path, proto_shape: Tuple[int, int]) -> Optional[str]:
+    """Why a cached learning record cannot be used, or None.
+
+    Reads the zip directory and the members' ``.npy`` headers only (not the data, which
+    :func:`_assemble` reads once): catches empty, truncated and foreign files, missing members and
+    shapes that do not fit the prototype set ``(N, D)``.
+    """
+    n_proto, dim = proto_shape
+    try:
+        with np.load(path) as z:
+            missing = [k for k in _RECORD_KEYS if k not in z.files]
+            if missing:
+                return f"members {missing} missing"
+            feats, targets = _member_shape(z, "features"), _member_shape(z, "targets")
+            cands, seeds = _member_shape(z, "candidates"), _member_shape(z, "seeds")
+    except Exception as err:  # noqa: BLE001 - zipfile, numpy and OS errors alike mean "redo it"
+        return f"{type(err).__name__}: {err}"
+    rows = feats[0] if len(feats) == 2 else -1
+    if (len(feats) != 2 or feats[1] != dim or targets != (rows, n_proto) or cands != (n_proto,)
+            or seeds != (rows,)):
+        return (f"shapes features {feats}, targets {targets}, candidates {cands}, seeds {seeds} do "
+                f"not fit {n_proto} prototypes of dimension {dim}")
+    return None
+
+
 def _load_record(rec) -> Dict[str, np.ndarray]:
     if isinstance(rec, dict):
         return rec
-    with np.load(rec) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(rec) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 - a record damaged after its header was checked
+        raise ValueError(f"the cached learning record {rec} cannot be read ({type(err).__name__}: "
+                         f"{err}); delete it and rerun, which recomputes it.") from err
 
 
 def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool]) -> LearningSet:
@@ -375,7 +489,7 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
             sizes.append(int(rec["features"].shape[0]))
         else:
             with np.load(rec) as z:
-                sizes.append(int(z["seeds"].shape[0]))
+                sizes.append(int(_member_shape(z, "seeds")[0]))
     k = int(sum(sizes))
     n_proto, dim = int(proto_shape[0]), int(proto_shape[1])
     if memmap is None:
@@ -411,6 +525,16 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
     return LearningSet(feats, targets, cands, seed, sizes, ids)
 
 
+def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
+    """``(image id, row within the image)`` of row ``row`` of a learning set."""
+    start = 0
+    for image_id, size in zip(learning_set.ids, learning_set.sizes):
+        if row < start + size:
+            return image_id, row - start
+        start += size
+    return "?", row
+
+
 def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, str] = 0.03,
                        lr: float = 10.0, iters: int = 3000, step_rule: Optional[str] = None,
                        level: str = "instance", chunk_size: int = 65536, device: Optional[str] = None,
@@ -421,9 +545,14 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
     Args:
         tau: ``tau_I`` (0.03), or ``"clip"`` for CLIP's own temperature (then the set carries
             CLIP's exact logit scale, so zero iterations reproduce the text CAMs exactly).
+        lr: the first step (paper 10); a finite number > 0.
 
     Returns:
         the :class:`PrototypeSet` and the optimisation history.
+
+    Raises:
+        ValueError: ``tau`` or ``lr`` is not a finite number > 0, the set is empty, or a row of
+            the set holds NaN/inf (the message names the image it came from).
     """
     text = adapter.text_prototypes
     scale_override = None
@@ -433,14 +562,21 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
         scale_override = float(text.logit_scale)
         tau_value = 1.0 / scale_override
     else:
-        tau_value = float(tau)
+        tau_value = _check_positive("tau", tau)
+    _check_positive("lr", lr)
     if not learning_set.ids:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
     kwargs = {} if step_rule is None else {"step_rule": step_rule}
-    w, history = learn_vision_prototypes(
-        learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates, tau=tau_value, lr=lr,
-        iters=iters, level=level, tau_text=1.0 / float(text.logit_scale), chunk_size=chunk_size,
-        device=device, progress=progress, return_history=True, **kwargs)
+    try:
+        w, history = learn_vision_prototypes(
+            learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates,
+            tau=tau_value, lr=lr, iters=iters, level=level, tau_text=1.0 / float(text.logit_scale),
+            chunk_size=chunk_size, device=device, progress=progress, return_history=True, **kwargs)
+    except NonFiniteRowsError as err:
+        image_id, offset = _row_owner(learning_set, err.row)
+        raise ValueError(f"the learning set's {err.name} hold NaN/inf at row {err.row}, row {offset} "
+                         f"of image {image_id!r}; learning from it would give NaN prototypes. Delete "
+                         f"that image's cached record (or the cache) and collect again.") from err
     record = {
         "tau": tau_value, "lr": lr, "iters": iters, "level": level,
         "step_rule": step_rule or "default", "images": len(learning_set.ids),

@@ -48,6 +48,7 @@ from ._checks import check_choice, check_ndim, check_range, check_same
 from ._io import atomic_path
 
 __all__ = [
+    "NonFiniteRowsError",
     "STEP_RULES",
     "TARGET_MODES",
     "PrototypeSet",
@@ -72,6 +73,37 @@ RowData = Union[torch.Tensor, np.ndarray, Sequence[Any], Iterable[Any]]
 _FORMAT = "vpl_plugin.PrototypeSet"
 _FORMAT_VERSION = 1
 _UNIT_TOL = 1e-6  # init rows closer than this to unit norm are taken verbatim (not re-normalised)
+
+
+def _check_positive(name: str, value: Any) -> float:
+    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
+    test, so a plain range check lets it through)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+    return number
+
+
+class NonFiniteRowsError(ValueError):
+    """Rows of ``features`` or ``targets`` hold NaN/inf (found while streaming them).
+
+    Attributes:
+        name: ``"features"`` or ``"targets"``.
+        row: the first offending row (0-based, over all ``K`` rows).
+        count: non-finite values in the chunk holding that row.
+    """
+
+    def __init__(self, name: str, row: int, count: int, where: str = "") -> None:
+        self.name, self.row, self.count = name, int(row), int(count)
+        super().__init__(
+            f"{name} row {row}{where} holds NaN/inf ({count} non-finite value(s) in its chunk); "
+            f"learning from it would give NaN prototypes. Recompute or drop that image's rows.")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.row, self.count))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,6 +455,15 @@ def _candidate_rows(candidates: Any, n_proto: int, total: int,
     return src
 
 
+def _check_finite_chunk(name: str, chunk: torch.Tensor, start: int) -> None:
+    """Raise :class:`NonFiniteRowsError` if a streamed chunk (rows ``start..``) holds NaN/inf."""
+    finite = torch.isfinite(chunk)
+    if bool(finite.all()):
+        return
+    bad_rows = (~finite).any(dim=1).nonzero()
+    raise NonFiniteRowsError(name, start + int(bad_rows[0]), int((~finite).sum()))
+
+
 class _Problem:
     """Aligned chunked sources of features, targets and candidates (one full-batch problem)."""
 
@@ -454,14 +495,27 @@ class _Problem:
             device = first.device if isinstance(first, torch.Tensor) else "cpu"
         self.device = torch.device(device)
         self.dtype = dtype
+        self.checked = False  # set once a full pass found no NaN/inf
 
     def chunks(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Aligned ``(features, targets, candidates)`` chunks of ``chunk_size`` rows.
+
+        The first complete pass also checks every chunk for NaN/inf as it streams (so a memmap is
+        not read an extra time for it) and raises :class:`NonFiniteRowsError` at the first bad
+        one; later passes skip the check.
+        """
+        check = not self.checked
         for a in range(0, self.K, self.chunk):
             b = min(a + self.chunk, self.K)
             x = self.x.get(a, b, self.device, self.dtype)
             q = self.q.get(a, b, self.device, self.dtype)
             m = None if self.cand is None else self.cand.get(a, b, self.device, torch.bool)
+            if check:
+                _check_finite_chunk("features", x, a)
+                _check_finite_chunk("targets", q, a)
             yield x, q, m
+        if check:
+            self.checked = True
 
     def loss(self, w: torch.Tensor, tau: float) -> float:
         """Mean cross-entropy at ``w`` (``(N, D)``)."""
@@ -542,7 +596,7 @@ def prototype_loss(
         1.0986
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    check_range("tau", tau, 0.0, low_open=True)
+    tau = _check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.loss(prototypes, tau)
@@ -569,7 +623,7 @@ def prototype_gradient(
         ``(N, D)`` gradient in ``dtype`` (accumulated over chunks in float64), on ``device``.
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    check_range("tau", tau, 0.0, low_open=True)
+    tau = _check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.evaluate(prototypes, tau)[1].to(dtype)
@@ -741,6 +795,11 @@ def learn_vision_prototypes(
     Returns:
         ``(N, D)`` float32 CPU tensor of unit rows, and the history dict when ``return_history``.
 
+    Raises:
+        ValueError: ``tau``, ``lr`` or ``tau_text`` is not a finite number > 0; shapes disagree;
+            :class:`NonFiniteRowsError` (a ValueError) when a features or targets row holds
+            NaN/inf (checked chunk by chunk during the first pass over the data).
+
     Example:
         >>> X = torch.nn.functional.normalize(torch.randn(300, 8), dim=1)
         >>> Z = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
@@ -752,10 +811,10 @@ def learn_vision_prototypes(
     check_choice("step_rule", step_rule, STEP_RULES)
     check_choice("level", level, ("instance", "class"))
     check_ndim("init_prototypes", init_prototypes, 2, "(N, D)")
-    check_range("tau", tau, 0.0, low_open=True)
-    check_range("lr", lr, 0.0, low_open=True)
+    tau = _check_positive("tau", tau)
+    lr = _check_positive("lr", lr)
     check_range("iters", iters, 0)
-    check_range("tau_text", tau_text, 0.0, low_open=True)
+    tau_text = _check_positive("tau_text", tau_text)
     if tol is not None:
         check_range("tol", tol, 0.0)
 
@@ -961,6 +1020,11 @@ class PrototypeSet:
         logit_scale_override: exact logit scale to use instead of ``1/tau`` (e.g. the fp32
             ``exp(logit_scale)`` of CLIP for a text set: ``1/(1/s)`` does not round-trip in fp32).
 
+    Raises:
+        ValueError: a row holds NaN/inf or is all zeros (the message names the row's class),
+            ``tau`` or ``logit_scale_override`` is not a finite number > 0, or the names do not
+            match the rows.
+
     Example:
         >>> ps = PrototypeSet(torch.eye(3), ["cat"], ["sky", "grass"], tau=0.03)
         >>> ps.num_fg, ps.bg.shape, round(ps.logit_scale, 3)
@@ -978,8 +1042,7 @@ class PrototypeSet:
     def __post_init__(self) -> None:
         check_ndim("prototypes", self.prototypes, 2, "(N, D)")
         check_choice("kind", self.kind, ("text", "vision"))
-        self.tau = float(self.tau)
-        check_range("tau", self.tau, 0.0, low_open=True)
+        self.tau = _check_positive("tau", self.tau)
         if isinstance(self.class_names, str) or isinstance(self.background_names, str):
             raise TypeError("class_names and background_names must be sequences of names, not a "
                             "single string.")
@@ -990,10 +1053,32 @@ class PrototypeSet:
                    len(self.class_names) + len(self.background_names),
                    "Give one name per prototype row, foreground first.")
         if self.logit_scale_override is not None:
-            self.logit_scale_override = float(self.logit_scale_override)
-            check_range("logit_scale_override", self.logit_scale_override, 0.0, low_open=True)
+            self.logit_scale_override = _check_positive("logit_scale_override",
+                                                        self.logit_scale_override)
+        self._check_rows()
         if not isinstance(self.provenance, dict):
             raise TypeError(f"provenance must be a dict; got {type(self.provenance).__name__}.")
+
+    def _check_rows(self) -> None:
+        """Refuse rows holding NaN/inf or all zeros (which cannot be normalised), by name."""
+        rows = self.prototypes.detach()
+        if not rows.is_floating_point():
+            raise TypeError(f"prototypes must be floating point; got {rows.dtype}.")
+        finite = torch.isfinite(rows)
+        problems = []
+        names = self.class_names + self.background_names
+        for i in (~finite).any(dim=1).nonzero().flatten().tolist():
+            nan = int(torch.isnan(rows[i]).sum())
+            inf = int((~finite[i]).sum()) - nan
+            problems.append(f"row {i} ({names[i]!r}) holds {nan} NaN and {inf} inf values")
+        zero = (rows == 0).all(dim=1) & finite.all(dim=1)
+        for i in zero.nonzero().flatten().tolist():
+            problems.append(f"row {i} ({names[i]!r}) is all zeros and cannot be normalised")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                               else "")
+            raise ValueError(f"prototypes: {shown}. Relearn or re-export the set; a prototype "
+                             "must be a finite non-zero vector.")
 
     @property
     def num_fg(self) -> int:
@@ -1042,8 +1127,10 @@ class PrototypeSet:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: the file is not a readable prototype file, misses keys, or its names do not
-                match its rows (the message names the file).
+            ValueError: the file is not a readable prototype file, misses keys, its names do not
+                match its rows, a row holds NaN/inf or is all zeros, or ``tau`` or the logit
+                scale override is not a finite number > 0 (the message names the file and,
+                for a row, its class).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):

@@ -28,8 +28,9 @@ import numpy as np
 
 from vpl_plugin._checks import check_choice, check_ndim
 from vpl_plugin._imports import require
-from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
+from vpl_plugin.data.labels import VOC_PALETTE, read_label_png, save_label_png, voc_palette
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, load_image, read_image_header
 from vpl_plugin.metrics import _check_cams_keys, _label_lut
 
 __all__ = [
@@ -52,108 +53,69 @@ MEAN_BGR: Tuple[float, float, float] = (104.008, 116.669, 122.675)
 
 CRF_IMAGE_MODES = ("upstream_wrapped", "rgb")
 
+#: PIL modes that OpenCV's ``IMREAD_COLOR`` and PIL's RGB conversion both read as 8-bit colour.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
 
 # --------------------------------------------------------------------------------------------
-# palette and PNG I/O
+# PNG and image I/O (the palette and the label-PNG writer live in vpl_plugin.data.labels)
 # --------------------------------------------------------------------------------------------
 
 
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The standard PASCAL VOC colour map (bits of the index interleaved into R, G, B).
+def load_label_png(path: Union[str, os.PathLike],
+                   num_classes: Optional[int] = None) -> np.ndarray:
+    """Read a single-channel label PNG (P or L mode) as ``(H, W)`` uint8 class ids.
 
-    Args:
-        n: number of entries (1..256).
+    :func:`vpl_plugin.data.labels.read_label_png` with ``what="label PNG"``: content that is not
+    PNG, modes other than P/L and (with ``num_classes``) values outside the class list and 255
+    are refused by name.
 
-    Returns:
-        ``(n, 3)`` uint8 RGB colours; ``voc_palette().ravel()`` is the 768-value list that
-        ``PIL.Image.putpalette`` expects. Index 1 = (128, 0, 0), 15 = (192, 128, 128),
-        255 = (224, 224, 192).
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DatasetError: (a ValueError) see above.
     """
-    if not 1 <= int(n) <= 256:
-        raise ValueError(f"n must be in [1, 256]; got {n}.")
-    pal = np.zeros((int(n), 3), dtype=np.uint8)
-    for i in range(int(n)):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
-
-
-#: ``(256, 3)`` uint8 VOC colour map.
-VOC_PALETTE: np.ndarray = voc_palette()
-VOC_PALETTE.setflags(write=False)
-
-
-def save_label_png(
-    path: Union[str, os.PathLike], label: np.ndarray, palette: bool = True
-) -> None:
-    """Write a label map as a single-channel PNG, atomically.
-
-    The stored pixel values are the class ids. With ``palette=True`` (default) the PNG is a
-    P-mode (indexed) image with the VOC colour map, like VOC's ``SegmentationClass``, so it
-    renders in colour; read it back with Pillow (:func:`load_label_png`), which returns the
-    indices. ``cv2.imread(..., IMREAD_GRAYSCALE)`` would return the *luminance of the colours*
-    instead; loaders that read labels with OpenCV (e.g. deeplab-pytorch's ``SegmentationClassAug``
-    path) need ``palette=False``, which writes an L-mode greyscale PNG as upstream's
-    ``cv2.imwrite`` does.
-
-    Args:
-        path: output ``.png`` path (parent directories are created).
-        label: ``(H, W)`` integer labels in ``[0, 255]``.
-        palette: write the VOC palette (P mode) or plain greyscale (L mode).
-    """
-    image_mod = require("PIL.Image")
-    arr = np.asarray(label)
-    check_ndim("label", arr, 2, "(H, W)")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"label must hold integer class ids; got dtype {arr.dtype}.")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError(f"label values must be in [0, 255]; got [{arr.min()}, {arr.max()}].")
-    img = image_mod.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))  # mode "L"
-    if palette:
-        img.putpalette(VOC_PALETTE.ravel().tolist())  # L -> P, pixel values unchanged
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
-
-def load_label_png(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read a single-channel label PNG (P or L mode) as ``(H, W)`` uint8 class ids."""
-    image_mod = require("PIL.Image")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label PNG not found: {path}")
-    with image_mod.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(
-                f"{path} is a {im.mode!r} image; a label PNG must be single-channel (P or L mode) "
-                f"with class ids as pixel values."
-            )
-        return np.array(im, dtype=np.uint8)
+    return read_label_png(path, num_classes, what="label PNG")
 
 
-def read_image_bgr(path: Union[str, os.PathLike]) -> np.ndarray:
+def read_image_bgr(path: Union[str, os.PathLike], *,
+                   max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image as upstream does: ``cv2.imread(path, IMREAD_COLOR)``.
+
+    The header is read first with the CAM pipeline's rules (:func:`vpl_plugin.data.voc.
+    read_image_header`): an image over ``max_pixels`` is refused by name before it is decoded. An
+    ordinary 8-bit image is then decoded by OpenCV as upstream does (byte-identical); a 16-bit
+    greyscale one goes through :func:`vpl_plugin.data.voc.load_image` (high byte, as for the
+    CAMs), so the CRF sees the image the CAMs were made from.
 
     Note that ``IMREAD_COLOR`` applies a JPEG's EXIF orientation tag, whereas the CAM pipeline
     (PIL) does not: for an image with a rotating orientation tag the CRF image then disagrees
     with the CAMs (a size mismatch is caught by :func:`make_pseudo_masks`; a 180-degree flip is
     not). Upstream has the same behaviour; VOC/COCO images carry no such tag.
 
+    Args:
+        path: the image file.
+        max_pixels: pixel limit (None: no limit).
+
     Returns:
         ``(H, W, 3)`` uint8 BGR image.
 
     Raises:
         FileNotFoundError: the file does not exist.
+        DatasetError: (a ValueError) the header cannot be read, the image is over
+            ``max_pixels``, or its mode has no defined 8-bit range.
         ValueError: OpenCV cannot decode it.
     """
     cv2 = require("cv2")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    _, mode = read_image_header(path, max_pixels=max_pixels)
+    if mode not in EIGHT_BIT_MODES:
+        rgb = np.asarray(load_image(path, max_pixels=max_pixels).convert("RGB"), dtype=np.uint8)
+        return np.ascontiguousarray(rgb[..., ::-1])
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"OpenCV could not decode the image {path} (corrupt or unsupported).")
@@ -280,6 +242,8 @@ def cams_to_pseudo_mask(
     crf_image_mode: str = "upstream_wrapped",
     bg_power: float = 1.0,
     n_iters: int = 10,
+    num_classes: Optional[int] = None,
+    source: Optional[Union[str, os.PathLike]] = None,
 ) -> np.ndarray:
     """One image's pseudo mask from its CAMs (upstream ``eval_cam_with_crf.py``).
 
@@ -303,12 +267,19 @@ def cams_to_pseudo_mask(
         crf_image_mode: ``"upstream_wrapped"`` (Q10, default) or ``"rgb"``.
         bg_power: exponent of the background plane (upstream 1).
         n_iters: mean-field iterations.
+        num_classes: the dataset's label count including background (VOC 21); keys outside its
+            foreground classes (``0..num_classes - 2``) are refused. None: only ``0..253``.
+        source: the CAM file, named in error messages.
 
     Returns:
         ``(H, W)`` uint8 labels, 255 = ignore. With ``n == 0`` (no foreground class) all pixels
         are background (0).
+
+    Raises:
+        ValueError: CAMs holding NaN/inf (a CRF would turn them into an all-background mask),
+            keys outside the label space, or sizes that do not match.
     """
-    cams, keys = _check_cams_keys(cams, keys)
+    cams, keys = _check_cams_keys(cams, keys, num_classes, source=source)
     if conf is not None:
         conf = float(conf)
     check_choice("crf_image_mode", crf_image_mode, CRF_IMAGE_MODES)
@@ -357,7 +328,7 @@ def _pseudo_mask_one(task: Dict[str, Any]) -> Tuple[str, str, str]:
         cams, keys = np.asarray(d[task["cam_key"]]), np.asarray(d["keys"])
         image = None
         if task["crf"]:
-            image = read_image_bgr(task["image_path"])
+            image = read_image_bgr(task["image_path"], max_pixels=task["max_pixels"])
             if cams.ndim == 3 and image.shape[:2] != cams.shape[1:]:
                 raise ValueError(
                     f"size mismatch: CAM {cam_path} is {tuple(cams.shape[1:])} (H, W) but image "
@@ -366,7 +337,7 @@ def _pseudo_mask_one(task: Dict[str, Any]) -> Tuple[str, str, str]:
         label = cams_to_pseudo_mask(
             cams, keys, image, crf=task["crf"], conf=task["conf"],
             crf_image_mode=task["crf_image_mode"], bg_power=task["bg_power"],
-            n_iters=task["n_iters"],
+            n_iters=task["n_iters"], num_classes=task["num_classes"], source=cam_path,
         )
         save_label_png(task["out_path"], label, palette=task["palette"])
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
@@ -391,6 +362,8 @@ def make_pseudo_masks(
     workers: int = 1,
     skip_existing: bool = True,
     progress: bool = True,
+    num_classes: Optional[int] = None,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
 ) -> Dict[str, Any]:
     """Write ``<out_dir>/<id>.png`` pseudo masks for many images (resumable, parallel).
 
@@ -399,7 +372,9 @@ def make_pseudo_masks(
     interrupted run never leaves a truncated PNG). Ground truth is not read (fixes Q19).
     With ``skip_existing`` an id whose PNG exists is skipped, so a rerun only computes what is
     missing. A failing image (missing CAM, unreadable image, CAM/image size mismatch) is recorded
-    in ``failed`` and the run continues.
+    in ``failed`` and the run continues; so is one whose CAMs hold NaN/inf or (with
+    ``num_classes``) keys outside the dataset's classes, and one whose image is over
+    ``max_pixels``.
 
     Args:
         cam_dir: directory of ``<id>.npy`` CAM files.
@@ -414,6 +389,11 @@ def make_pseudo_masks(
         workers: processes (``ProcessPoolExecutor``) when > 1.
         skip_existing: skip ids whose output PNG already exists.
         progress: show a tqdm bar (none if tqdm is missing).
+        num_classes: the dataset's label count including background (VOC 21, COCO 81): CAM keys
+            outside its foreground classes fail that image (key 99 would otherwise become label
+            100). None: keys are only checked against ``0..253``.
+        max_pixels: pixel limit of the images read for the CRF (None: no limit); see
+            :func:`vpl_plugin.data.voc.load_image`.
 
     Returns:
         dict with ``done`` (ids written), ``skipped_existing`` (ids skipped), ``failed``
@@ -441,6 +421,7 @@ def make_pseudo_masks(
             "image_path": str(image_dir / f"{img_id}{image_ext}"), "out_path": str(out_path),
             "cam_key": cam_key, "crf": crf, "conf": conf, "crf_image_mode": crf_image_mode,
             "bg_power": bg_power, "n_iters": n_iters, "palette": palette,
+            "num_classes": num_classes, "max_pixels": max_pixels,
         })
 
     def _record(results) -> None:

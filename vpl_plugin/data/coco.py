@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from vpl_plugin.data.classes import COCO, ClassSpec
 from vpl_plugin.data.voc import (
+    DEFAULT_MAX_PIXELS,
     DatasetError,
     Sample,
-    _id_from_token,
+    _check_max_pixels,
+    _checked_id,
     _ListDataset,
     _read_list_lines,
     _resolve_split_file,
@@ -51,15 +53,16 @@ def read_coco_split(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        DatasetError: a label is not an integer or is out of range, or (unless ``allow_empty``)
-            lines carry no label (all such lines are named).
+        DatasetError: the file lists no image; a line's id cannot be a file name (see
+            :func:`~vpl_plugin.data.voc.read_split`); a label is not an integer or is out of
+            range; or (unless ``allow_empty``) lines carry no label (all such lines are named).
     """
     path = Path(path)
     n = len(class_spec.names)
     entries: List[Tuple[str, Tuple[int, ...]]] = []
     empty: List[str] = []
     for number, tokens in _read_list_lines(path, "split file"):
-        image_id = _id_from_token(tokens[0])
+        image_id = _checked_id(path, number, tokens[0])
         labels: List[int] = []
         for token in tokens[1:]:
             try:
@@ -79,6 +82,9 @@ def read_coco_split(
         if not labels:
             empty.append(f"line {number} ({image_id})")
         entries.append((image_id, tuple(labels)))
+    if not entries:
+        raise DatasetError(path, "split file lists no images",
+                           "give a CLIP-ES list with one '<id> l1 l2 ...' line per image")
     if empty and not allow_empty:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
         raise DatasetError(
@@ -116,6 +122,8 @@ class COCODataset(_ListDataset):
         image_dir: image folder under ``root`` (``train2014`` or ``val2014``, or an absolute
             path); ``"auto"`` (default) picks it from the list with :func:`coco_image_dir`.
         class_spec: the label space (default COCO, 80 classes).
+        max_pixels: pixel limit of the images the dataset-level stages read
+            (:func:`~vpl_plugin.data.voc.sample_image`); None: no limit.
 
     Raises:
         DatasetError: ``root/image_dir`` does not exist, or the list is malformed.
@@ -131,7 +139,9 @@ class COCODataset(_ListDataset):
         image_dir: str = "auto",
         *,
         class_spec: ClassSpec = COCO,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
+        self.max_pixels = _check_max_pixels(max_pixels)
         self.root = Path(root).expanduser()
         self.class_spec = class_spec
         self.split_file = _resolve_split_file(split_file, [self.root, self.root / "coco14"])

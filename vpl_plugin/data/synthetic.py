@@ -304,7 +304,7 @@ def export_voc(world: SceneWorld, root: Union[str, os.PathLike], splits: Dict[st
     """
     from vpl_plugin._imports import require
     from vpl_plugin._io import atomic_path, write_text
-    from vpl_plugin.pseudo_masks import save_label_png
+    from vpl_plugin.data.labels import save_label_png
 
     Image = require("PIL.Image")
     root = Path(root)

@@ -21,11 +21,14 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,22 +40,28 @@ if TYPE_CHECKING:  # Pillow is optional (extra 'data'); imported lazily at run t
     from PIL.Image import Image as PILImage
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DatasetError",
+    "cam_memory_estimate",
     "Sample",
     "VOCDataset",
     "image_level_label_mismatches",
     "labels_from_mask",
     "load_image",
     "parse_voc_xml",
+    "read_image_header",
     "read_split",
+    "sample_image",
 ]
 
 log = logging.getLogger(__name__)
 
 LABEL_SOURCES = ("auto", "xml", "mask")
 IGNORE_INDEX = 255
+#: Longest image id (UTF-8 bytes) a split file may hold: ``<id>.npy`` and the temporary
+#: ``.<id>.XXXXXXXX.tmp.npy`` of an atomic write must fit the usual 255-byte file-name limit.
+MAX_ID_BYTES = 200
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
 _VOC_LAYOUT = (
     "A VOC root is the VOC2012 folder itself, holding JPEGImages/<id>.jpg, "
     "Annotations/<id>.xml, SegmentationClass/<id>.png (or SegmentationClassAug/<id>.png) and "
@@ -119,6 +128,37 @@ def _id_from_token(token: str) -> str:
     return token
 
 
+def _id_problem(image_id: str) -> Optional[str]:
+    """Why ``image_id`` cannot name output files (``<id>.npy``, ``<id>.png``), or None."""
+    if not image_id:
+        return "the image id is empty"
+    if "\x00" in image_id:
+        return "the image id contains a NUL character"
+    if "/" in image_id or "\\" in image_id:
+        return "the image id contains a path separator"
+    if image_id.startswith("."):
+        return "the image id starts with '.' (a hidden file, or '.'/'..')"
+    if any(ord(ch) < 32 for ch in image_id):
+        return "the image id contains a control character"
+    size = len(image_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        return (f"the image id is {size} bytes long; at most {MAX_ID_BYTES} fit a file name "
+                "(with the output suffixes and the temporary-file prefix, within the usual "
+                "255-byte limit)")
+    return None
+
+
+def _checked_id(path: Path, number: int, token: str) -> str:
+    """The id of one list line, refused (naming the file and line) if it cannot be a file name."""
+    image_id = _id_from_token(token)
+    problem = _id_problem(image_id)
+    if problem is not None:
+        shown = image_id if len(image_id) <= 60 else image_id[:57] + "..."
+        raise DatasetError(path, f"line {number} ({shown!r}): {problem}",
+                           "outputs are written as <id>.npy / <id>.png; fix or drop that line")
+    return image_id
+
+
 def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
     """Return ``(line number, tokens)`` of the non-blank, non-comment lines of a list file."""
     path = Path(path)
@@ -158,12 +198,21 @@ def read_split(path: str | os.PathLike[str]) -> List[str]:
 
     Raises:
         FileNotFoundError: the file does not exist (the message names it).
+        DatasetError: the file lists no id, or a line's id cannot be a file name (empty, longer
+            than :data:`MAX_ID_BYTES` bytes, holding ``/``, ``\\``, NUL or a control character,
+            or starting with ``.``); the message names the file and the line.
 
     Example:
         >>> read_split("VOC2012/ImageSets/Segmentation/train.txt")[:2]  # doctest: +SKIP
         ['2007_000032', '2007_000039']
     """
-    return [_id_from_token(tokens[0]) for _, tokens in _read_list_lines(path, "split file")]
+    path = Path(path)
+    ids = [_checked_id(path, number, tokens[0])
+           for number, tokens in _read_list_lines(path, "split file")]
+    if not ids:
+        raise DatasetError(path, "split file lists no images",
+                           "give a text file with one image id per line")
+    return ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +305,7 @@ def labels_from_mask(path: str | os.PathLike[str], num_classes: int = 21) -> Tup
     """Image-level labels from a segmentation PNG: the classes present in it.
 
     Args:
-        path: a label mask (P or L mode) whose pixel values are class ids, 0 = background,
+        path: a label mask (P or L mode PNG) whose pixel values are class ids, 0 = background,
             255 = ignore (VOC ``SegmentationClass``/``SegmentationClassAug``).
         num_classes: number of labels including background (VOC: 21).
 
@@ -265,70 +314,208 @@ def labels_from_mask(path: str | os.PathLike[str], num_classes: int = 21) -> Tup
         holds only background/ignore.
 
     Raises:
-        DatasetError: the file cannot be decoded, is a colour (RGB) image, or holds a value
-            ``>= num_classes`` other than 255.
+        DatasetError: the file cannot be decoded, is not PNG, is not an 8-bit P/L image (e.g.
+            RGB or 16-bit), or holds a value ``>= num_classes`` other than 255 (see
+            :func:`vpl_plugin.data.labels.read_label_png`).
 
     Example:
         >>> labels_from_mask("VOC2012/SegmentationClass/2007_000032.png")  # doctest: +SKIP
         (0, 14)
     """
-    path = Path(path)
-    arr = _read_mask(path)
-    values = np.unique(arr)
-    bad = [int(v) for v in values if v != IGNORE_INDEX and (v < 0 or v >= num_classes)]
-    if bad:
+    from vpl_plugin.data.labels import read_label_png  # labels imports this module
+
+    arr = read_label_png(path, num_classes, what="ground-truth mask")
+    present = np.flatnonzero(np.bincount(arr.reshape(-1), minlength=256)[1:num_classes])
+    return tuple(int(v) for v in present)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+#: Default pixel limit of :func:`load_image` (width x height): 2**21 = 2,097,152 pixels, e.g.
+#: 2048 x 1024 or 1448 x 1448. The largest VOC/COCO image (640 x 640 = 409,600 pixels) is 5x
+#: inside it. Measured on the CPU with a ViT-B/16-sized CLIP (``benchmarks/NOTES.md``), one
+#: image's CLIP-ES CAMs need about 0.25 GB at 500 x 375, 0.65 GB at 640 x 640, 2.9 GB at
+#: 1000 x 1000 and 6.9 GB at 1250 x 1250 on top of the model, growing with the square of the
+#: pixel count (the attention maps): about 12 GB at this limit, so one image cannot exhaust a
+#: 16-GB machine, while doubling the limit would cost about four times the memory.
+DEFAULT_MAX_PIXELS = 2 ** 21
+
+#: PIL modes of 16-bit greyscale images, mapped to 8 bits by keeping the high byte.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _check_max_pixels(max_pixels: Optional[int]) -> Optional[int]:
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) \
+            or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive number of pixels or None (no limit); "
+                         f"got {max_pixels!r}.")
+    return int(max_pixels)
+
+
+def _open_without_pil_limit(Image, path: Path):
+    """``Image.open`` with Pillow's own decompression-bomb limit lifted (header only)."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_checked(path: Path, max_pixels: Optional[int]):
+    """Open ``path`` lazily (header only) and refuse it if it has more than ``max_pixels``.
+
+    Pillow's own limit (``Image.MAX_IMAGE_PIXELS``: a warning above it, an error above twice it)
+    is replaced by ``max_pixels``: an image over it is refused here by name, and a caller who
+    raises ``max_pixels`` past Pillow's limit gets the image.
+    """
+    Image = require("PIL.Image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if pil_limit is not None and (max_pixels is None or max_pixels > pil_limit):
+            img = _open_without_pil_limit(Image, path)
+        else:
+            try:
+                img = Image.open(path)
+            except Image.DecompressionBombError:
+                img = _open_without_pil_limit(Image, path)  # to name its size below
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
         raise DatasetError(
             path,
-            f"mask holds values {bad} outside 0..{num_classes - 1} (and {IGNORE_INDEX} = ignore)",
-            "is this mask from another dataset, or is num_classes wrong?",
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} pixels ({_cam_memory_note(width, height)})",
+            "raise the limit with --max-pixels N (max_pixels=N in Python) if the memory is "
+            "there, or downscale the image",
         )
-    return tuple(int(v) - 1 for v in values if 0 < v < num_classes)
+    return img
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    Image = require("PIL.Image")
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            if mode not in _MASK_MODES:
-                raise DatasetError(
-                    path,
-                    f"mask has mode {mode!r}; expected a single-channel label image (P or L) "
-                    "whose pixel values are class ids",
-                    "a colour-coded RGB rendering cannot be used as labels",
-                )
-            return np.asarray(img)
-    except DatasetError:
-        raise
-    except FileNotFoundError as err:
-        raise DatasetError(path, "mask file does not exist") from err
-    except (OSError, ValueError, SyntaxError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise DatasetError(path, f"cannot decode mask ({err})") from err
+#: Fit of the measured peak memory of one image's CLIP-ES CAMs beyond the model (ViT-B/16 sized
+#: CLIP, CPU, ``benchmarks/NOTES.md``): ``CAM_BYTES_PER_TOKEN * T + CAM_BYTES_PER_TOKEN_SQUARED *
+#: T**2`` bytes for ``T`` 16 x 16 patch tokens (within 10 % from 640 x 640 to 1250 x 1250).
+CAM_BYTES_PER_TOKEN = 125_000
+CAM_BYTES_PER_TOKEN_SQUARED = 171
 
 
-def load_image(path: str | os.PathLike[str]) -> PILImage:
-    """Open and decode an image with PIL, without any mode conversion.
+def cam_memory_estimate(width: int, height: int) -> float:
+    """Rough peak memory (bytes) of one image's CLIP-ES CAMs beyond the model (ViT-B/16, CPU).
 
-    CLIP-ES resizes the PIL image first and converts it to RGB afterwards (quirk Q2), so the
-    mode is left as stored.
+    Example:
+        >>> round(cam_memory_estimate(1000, 1000) / 1024 ** 3, 1)
+        3.0
+    """
+    tokens = math.ceil(width / 16) * math.ceil(height / 16)
+    return CAM_BYTES_PER_TOKEN * tokens + CAM_BYTES_PER_TOKEN_SQUARED * tokens ** 2
+
+
+def _cam_memory_note(width: int, height: int) -> str:
+    gb = cam_memory_estimate(width, height) / 1024 ** 3
+    return f"CLIP-ES CAMs with a ViT-B/16 would need roughly {gb:,.0f} GB for it"
+
+
+def read_image_header(
+    path: str | os.PathLike[str], *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+) -> Tuple[Tuple[int, int], str]:
+    """Size and mode of an image from its header, without decoding it, with the pixel limit.
 
     Args:
         path: the image file.
+        max_pixels: refuse images with more than this many pixels (None: no limit).
+
+    Returns:
+        ``((width, height), PIL mode)``.
+
+    Raises:
+        DatasetError: the file does not exist, is not an image, or is over ``max_pixels``.
+    """
+    path = Path(path)
+    max_pixels = _check_max_pixels(max_pixels)
+    try:
+        with _open_checked(path, max_pixels) as img:
+            return img.size, img.mode
+    except DatasetError:
+        raise
+    except FileNotFoundError as err:
+        raise DatasetError(path, "image file does not exist") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(path, f"cannot read image header ({err})",
+                           "the file is corrupt or not an image; re-download it or drop the id") \
+            from err
+
+
+def _to_eight_bit(img, path: Path):
+    """Map a 16-bit greyscale image to 8-bit ``L`` by its high byte; other modes unchanged.
+
+    ``value >> 8`` is what Pillow does to 16-bit colour PNGs and OpenCV to every 16-bit PNG, so
+    the CAM image and the CRF image agree; it maps ``v * 257`` (8-bit ``v`` stretched to 16 bits)
+    back to ``v`` exactly. Mode ``I`` (32-bit, how older Pillow opens 16-bit PNGs) is accepted
+    when its values lie in 0..65535. Floating-point and other 32-bit images have no defined range
+    and are refused.
+    """
+    Image = require("PIL.Image")
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        arr = np.asarray(img)
+        if mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise DatasetError(path, f"32-bit integer image with values in [{int(arr.min())}, "
+                               f"{int(arr.max())}]; cannot map it to 8-bit colour",
+                               "save it as an 8-bit or 16-bit image")
+        out = Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+        img.close()
+        return out
+    if mode in ("F", "I;16S", "I;32", "I;32S") or mode.startswith(("I;32", "F;")):
+        raise DatasetError(path, f"image has mode {mode!r} (floating-point or 32-bit), whose "
+                           "range is not defined; cannot map it to 8-bit colour",
+                           "save it as an 8-bit (or 16-bit) image")
+    return img
+
+
+def load_image(
+    path: str | os.PathLike[str], *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+) -> PILImage:
+    """Open and decode an image with PIL: the one image reader of the package.
+
+    The pixel limit is checked from the header before anything is decoded (PIL opens lazily),
+    so a huge image is refused by name instead of exhausting memory later (the ViT's attention
+    grows with the square of the token count). 16-bit greyscale images become 8-bit ``L`` by
+    their high byte (``value >> 8``; a plain RGB conversion would clip them to white). Any other
+    mode is left as stored: CLIP-ES resizes the PIL image first and converts it to RGB
+    afterwards, so an ordinary 8-bit image is returned exactly as decoded.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more than this many pixels (width x height); None: no
+            limit. Default :data:`DEFAULT_MAX_PIXELS`.
 
     Returns:
         A loaded ``PIL.Image.Image`` (the file is closed).
 
     Raises:
-        DatasetError: the file does not exist or cannot be decoded (the message names it).
+        DatasetError: the file does not exist, cannot be decoded, is over ``max_pixels`` (the
+            message gives its size, the limit and how to raise it), or has a floating-point or
+            32-bit mode (the message names the file).
         ImportError: Pillow is not installed (the message names the pip extra).
     """
-    Image = require("PIL.Image")
     path = Path(path)
+    max_pixels = _check_max_pixels(max_pixels)
     img = None
     try:
-        img = Image.open(path)
+        img = _open_checked(path, max_pixels)
         img.load()  # decode now, so a truncated file fails here and the file handle is released
-        return img
+        return _to_eight_bit(img, path)
+    except DatasetError:
+        if img is not None:
+            img.close()
+        raise
     except FileNotFoundError as err:
         raise DatasetError(path, "image file does not exist") from err
     except (OSError, ValueError, SyntaxError) as err:
@@ -365,11 +552,25 @@ def _resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path
     )
 
 
+def sample_image(dataset: Any, sample: Sample) -> PILImage:
+    """Decode ``sample``'s image with its dataset's pixel limit.
+
+    The limit is ``dataset.max_pixels`` when the dataset has one (``VOCDataset(...,
+    max_pixels=N)``, ``COCODataset(...)``), else :data:`DEFAULT_MAX_PIXELS`; every dataset-level
+    stage (CAMs, learning set, context bank, phase-2 training and inference) reads images
+    through here, so one setting governs them all.
+    """
+    return load_image(sample.image_path,
+                      max_pixels=getattr(dataset, "max_pixels", DEFAULT_MAX_PIXELS))
+
+
 class _ListDataset:
     """Shared behaviour of the map-style datasets: ids, indexing, iteration, validation."""
 
     _ids: List[str]
     _cache: Dict[int, Sample]
+    #: Pixel limit of the images read through :func:`sample_image` (None: no limit).
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     def _make_sample(self, index: int) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -464,6 +665,8 @@ class VOCDataset(_ListDataset):
         gt_dir: folder of ground-truth PNGs; default ``root/SegmentationClassAug`` if it exists,
             else ``root/SegmentationClass``. A relative path is tried from the current directory,
             then under ``root``.
+        max_pixels: pixel limit of the images the dataset-level stages read
+            (:func:`sample_image`); None: no limit. Default :data:`DEFAULT_MAX_PIXELS`.
 
     Raises:
         DatasetError: ``root`` is not a VOC root, or it lacks the folder ``label_source`` needs.
@@ -486,8 +689,10 @@ class VOCDataset(_ListDataset):
         class_spec: ClassSpec = VOC,
         label_source: str = "auto",
         gt_dir: str | os.PathLike[str] | None = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_choice("label_source", label_source, LABEL_SOURCES)
+        self.max_pixels = _check_max_pixels(max_pixels)
         self.root = _check_voc_root(root)
         self.class_spec = class_spec
         self.label_source = label_source
@@ -520,8 +725,6 @@ class VOCDataset(_ListDataset):
             self.split_file = _resolve_split_file(
                 split_file, [self.root, self.root / "ImageSets" / "Segmentation"])
         self._ids = read_split(self.split_file)
-        if not self._ids:
-            raise DatasetError(self.split_file, "split file lists no image ids")
         self._cache: Dict[int, Sample] = {}
         self._counts: Optional[Dict[str, int]] = None
 

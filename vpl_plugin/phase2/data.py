@@ -33,7 +33,8 @@ import torch
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
-from vpl_plugin.data.voc import IGNORE_INDEX
+from vpl_plugin.data.labels import read_label_png
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, IGNORE_INDEX, DatasetError, load_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -81,7 +82,7 @@ class PseudoMaskDataset:
                                     f"`vpl masks --cams CAM_DIR ... --out {self.mask_dir}`.")
         self.class_spec = samples.class_spec
         self.num_fg = len(self.class_spec.names)
-        from vpl_plugin.data.voc import DatasetError
+        self.max_pixels = getattr(samples, "max_pixels", DEFAULT_MAX_PIXELS)
 
         self._items: List[Tuple[str, Path, Path, Tuple[int, ...]]] = []
         self.skipped: List[Tuple[str, str]] = []
@@ -124,16 +125,20 @@ class PseudoMaskDataset:
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(image (H, W, 3) uint8 RGB, mask (H, W) uint8)`` of item ``index``.
 
+        The image is read by :func:`~vpl_plugin.data.voc.load_image` with the samples' pixel limit
+        (16-bit greyscale mapped to 8 bits); the mask by
+        :func:`~vpl_plugin.data.labels.read_label_png` (an 8-bit P/L PNG with values in the class
+        list or 255).
+
         Raises:
+            DatasetError: (a ValueError) the image or the mask cannot be used (the message names
+                the file and what was found).
             ValueError: the mask's size differs from the image's (the message names both files).
         """
-        Image = require("PIL.Image")
-        from vpl_plugin.pseudo_masks import load_label_png
-
         image_id, image_path, mask_path, _ = self._items[index]
-        with Image.open(image_path) as img:
-            image = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        mask = load_label_png(mask_path)
+        image = np.asarray(load_image(image_path, max_pixels=self.max_pixels).convert("RGB"),
+                           dtype=np.uint8)
+        mask = read_label_png(mask_path, self.class_spec.num_classes, what="pseudo mask")
         if mask.shape != image.shape[:2]:
             raise ValueError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; pseudo masks must "

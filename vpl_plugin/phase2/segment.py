@@ -151,12 +151,16 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
         palette: VOC-palette P-mode PNGs (default) or greyscale (see ``save_label_png``).
         rank, world_size: process every ``world_size``-th image starting at ``rank``.
 
+    Images are read by :func:`~vpl_plugin.data.voc.load_image` with the dataset's
+    ``max_pixels`` (default :data:`~vpl_plugin.data.voc.DEFAULT_MAX_PIXELS`).
+
     Returns:
-        :class:`~vpl_plugin.pipeline.RunSummary` (failed images with reasons; the run goes on).
+        :class:`~vpl_plugin.pipeline.RunSummary`: a failure of any kind for one image is listed
+        with the image and the reason (``TypeName: message``) and the run goes on.
     """
-    from vpl_plugin.data.voc import DatasetError, load_image
-    from vpl_plugin.pipeline import RunSummary
-    from vpl_plugin.pseudo_masks import save_label_png
+    from vpl_plugin.data.labels import save_label_png
+    from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image
+    from vpl_plugin.pipeline import RunSummary, _failure
 
     require("PIL.Image")
     if crf:
@@ -170,6 +174,7 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
                          "use the dataset the prototypes were learned for.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    max_pixels = getattr(dataset, "max_pixels", DEFAULT_MAX_PIXELS)
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     indices = range(int(rank), n, int(world_size))
     summary = RunSummary(total=len(indices))
@@ -180,6 +185,7 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
         if skip_existing and target.is_file():
             summary.skipped_existing += 1
             continue
+        image_path = None
         try:
             labels = None
             try:
@@ -192,11 +198,11 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
                 if use_image_labels or image_dir is None:
                     raise
                 image_path = Path(image_dir) / f"{image_id}.jpg"
-            image = load_image(image_path)
+            image = load_image(image_path, max_pixels=max_pixels)
             label = segment_image(model, image, scales=scales, flip=flip, crf=crf,
                                   labels=labels if use_image_labels else None)
-        except (DatasetError, OSError, ValueError) as err:
-            summary.failed.append((image_id, str(err)))
+        except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
+            summary.failed.append((image_id, _failure(err, image_path)))
             continue
         save_label_png(target, label, palette=palette)
         summary.done += 1
