@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 from types import SimpleNamespace

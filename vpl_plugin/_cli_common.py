@@ -11,7 +11,7 @@ import math
 from typing import Optional
 
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "ParseError",
-           "UsageError", "VplArgumentParser", "finite_float", "max_tokens_arg", "nonnegative_int",
+           "UsageError", "VplArgumentParser", "finite_float", "max_pixels_arg", "max_tokens_arg", "nonnegative_int",
            "positive_float", "positive_int", "tau_arg"]
 
 #: every image processed
@@ -74,6 +74,21 @@ def tau_arg(text: str) -> str:
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(f"must be a finite number > 0 or 'clip'; got {text!r}") from None
     return text
+
+
+def max_pixels_arg(text: str) -> Optional[int]:
+    """argparse type of ``--max-pixels``: a whole number of pixels (``4e6`` allowed); ``0`` or
+    ``none`` lifts the limit (returns None)."""
+    if text.strip().lower() in ("0", "none"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not 1 <= number < float("inf") or number != int(number):
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels such as 4000000 or 4e6, or 0 "
+                                         f"for no limit; got {text!r}")
+    return int(number)
 
 
 def _int_at_least(least: int):

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from vpl_plugin._version import __version__
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS
 
 from vpl_plugin._cli_common import (  # noqa: F401 - EXIT_* and UsageError are part of this module's API
     EXIT_FAILURE,
@@ -48,6 +49,7 @@ from vpl_plugin._cli_common import (  # noqa: F401 - EXIT_* and UsageError are p
     UsageError,
     VplArgumentParser,
     finite_float,
+    max_pixels_arg,
     max_tokens_arg,
     nonnegative_int,
     positive_float,
@@ -121,6 +123,11 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="VOC image-level labels: XML annotations, GT masks, or XML where present "
                         "else masks (default: auto)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images with more than N pixels (width x height), checked from the header before "
+                        "decoding, with the file named (default 2097152, e.g. 2048x1024; 0 = no limit). "
+                        "CLIP-ES memory grows with the square of the pixel count: with a ViT-B/16 on a "
+                        "CPU about 0.65 GB at 640x640, 2.9 GB at 1000x1000, 12 GB at the default limit")
     g.add_argument("--trust-torchscript", action="store_true",
                    help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
@@ -250,6 +257,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cams", metavar="CAM_DIR", help="folder of <id>.npy CAM files")
     p.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (images in JPEGImages/)")
     p.add_argument("--image-dir", metavar="DIR", help="image folder (default: ROOT/JPEGImages)")
+    p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
+                   help="label space of the CAM files (default: voc): a CAM key outside its classes is "
+                        "refused by name instead of becoming a label the dataset does not have")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images with more than N pixels (width x height), checked from the header before "
+                        "decoding, with the file named (default 2097152, e.g. 2048x1024; 0 = no limit). "
+                        "CLIP-ES memory grows with the square of the pixel count: with a ViT-B/16 on a "
+                        "CPU about 0.65 GB at 640x640, 2.9 GB at 1000x1000, 12 GB at the default limit")
     p.add_argument("--split-file", metavar="LIST.txt", help="image list")
     p.add_argument("--out", metavar="MASK_DIR", help="output folder of <id>.png")
     p.add_argument("--crf", dest="crf", action="store_true", default=True,
@@ -380,6 +395,11 @@ the files.""")
                    help="read a TorchScript CLIP archive (--clip, or the one recorded in the checkpoint) with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
                         "default reader refuses. By default archives are read as data and nothing in them runs")
+    g.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images with more than N pixels (width x height), checked from the header before "
+                        "decoding, with the file named (default 2097152, e.g. 2048x1024; 0 = no limit). "
+                        "CLIP-ES memory grows with the square of the pixel count: with a ViT-B/16 on a "
+                        "CPU about 0.65 GB at 640x640, 2.9 GB at 1000x1000, 12 GB at the default limit")
     g.add_argument("--prototypes", metavar="PROTOTYPES.pt", help="prototype set from `vpl learn` (frozen)")
     g.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
                    help="label space and list format (default: voc)")
@@ -457,6 +477,11 @@ unless --use-image-labels is given.""")
                    help="read a TorchScript CLIP archive (--clip, or the one recorded in the checkpoint) with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
                         "default reader refuses. By default archives are read as data and nothing in them runs")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images with more than N pixels (width x height), checked from the header before "
+                        "decoding, with the file named (default 2097152, e.g. 2048x1024; 0 = no limit). "
+                        "CLIP-ES memory grows with the square of the pixel count: with a ViT-B/16 on a "
+                        "CPU about 0.65 GB at 640x640, 2.9 GB at 1000x1000, 12 GB at the default limit")
     p.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"],
                    help="label space and list format (default: voc)")
     p.add_argument("--root", metavar="DATASET_DIR", help="dataset folder (VOC: the VOC2012 folder)")
@@ -626,12 +651,13 @@ def _dataset(args):
     if args.dataset in ("voc", "synthetic"):
         from vpl_plugin.data.voc import VOCDataset
 
-        return VOCDataset(args.root, args.split_file, class_spec=spec, label_source=args.label_source), spec
+        return VOCDataset(args.root, args.split_file, class_spec=spec, label_source=args.label_source,
+                          max_pixels=args.max_pixels), spec
     from vpl_plugin.data.coco import COCODataset
 
     if not args.split_file:
         raise UsageError("--dataset coco needs --split-file (CLIP-ES list: '<id> l1 l2 ...').")
-    return COCODataset(args.root, args.split_file, class_spec=spec), spec
+    return COCODataset(args.root, args.split_file, class_spec=spec, max_pixels=args.max_pixels), spec
 
 
 def _describe_labels(dataset) -> dict:
@@ -870,6 +896,7 @@ def _ids(args, root: Optional[Path]) -> List[str]:
 
 def cmd_masks(args) -> int:
     from vpl_plugin._io import write_json
+    from vpl_plugin.data.classes import get_class_spec
     from vpl_plugin.pipeline import RunSummary
     from vpl_plugin.pseudo_masks import make_pseudo_masks
 
@@ -883,8 +910,9 @@ def cmd_masks(args) -> int:
     start = time.time()
     result = make_pseudo_masks(args.cams, image_dir, ids, out, crf=args.crf, conf=args.conf,
                                crf_image_mode=args.crf_image, workers=args.workers,
-                               palette=args.palette,
-                               progress=args.progress)
+                               palette=args.palette, progress=args.progress,
+                               num_classes=get_class_spec(args.dataset).num_classes,
+                               max_pixels=args.max_pixels)
     summary = RunSummary(total=len(ids), done=len(result.get("done", ())),
                          skipped_existing=len(result.get("skipped_existing", ())),
                          failed=[tuple(f) if not isinstance(f, dict) else (f.get("id"), f.get("reason"))

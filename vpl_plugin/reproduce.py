@@ -37,12 +37,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from vpl_plugin._cli_common import (
     UsageError,
     finite_float,
+    max_pixels_arg,
     max_tokens_arg,
     nonnegative_int,
     positive_float,
     positive_int,
     tau_arg,
 )
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS
 
 # (seed mIoU, pseudo-mask mIoU) on VOC12 train, Table 1 of the paper.
 PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
@@ -127,6 +129,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="refuse images with more than N pixels, checked before decoding (default 2097152; 0 = no "
+                        "limit; see vpl cams --help for what raising it costs)")
     p.add_argument("--trust-torchscript", action="store_true",
                    help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
@@ -418,9 +423,7 @@ def _image_stats(args, list_path: Path, sample: int = 20) -> Tuple[float, float,
     readable images of a list."""
     import re
 
-    from PIL import Image
-
-    from vpl_plugin.data.voc import read_split
+    from vpl_plugin.data.voc import DatasetError, read_image_header, read_split
 
     root = Path(args.root)
     sample = min(sample, args.limit) if args.limit else sample
@@ -437,11 +440,11 @@ def _image_stats(args, list_path: Path, sample: int = 20) -> Tuple[float, float,
     hw, classes, sizes = [], [], []
     for i in ids:
         try:
-            with Image.open(image_dir / f"{i}.jpg") as im:
-                hw.append(im.size[0] * im.size[1])
-                sizes.append((int(im.size[0]), int(im.size[1])))
-        except OSError:
+            (width, height), _ = read_image_header(image_dir / f"{i}.jpg", max_pixels=None)
+        except DatasetError:
             continue
+        hw.append(width * height)
+        sizes.append((int(width), int(height)))
         if args.dataset == "coco":
             classes.append(labels.get(i) or 1)
             continue
@@ -528,8 +531,9 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     split = _list_path(root, args.split, args.dataset)
     learn = _list_path(root, args.learn_split, args.dataset)
     gt = _gt_dir(root, args.dataset)
+    pixels = ["--max-pixels", args.max_pixels or 0]
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
-            *(["--trust-torchscript"] if args.trust_torchscript else [])]
+            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]
@@ -562,7 +566,8 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
                                          *(["--image-dir", _image_dir(root, split, args.dataset)]
                                            if args.dataset == "coco" else []),
                                          "--split-file", split, "--out", out / f"{kind}_masks",
-                                         "--workers", args.workers, *common]))
+                                         "--dataset", args.dataset, *pixels, "--workers", args.workers,
+                                         *common]))
     for name, flag in [(f"{kind}_cams", "--cams") for kind in kinds] + [(f"{kind}_masks", "--masks")
                                                                          for kind in kinds]:
         stages.append((f"eval_{name}", ["eval", flag, out / name, "--dataset", args.dataset,

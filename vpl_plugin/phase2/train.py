@@ -289,11 +289,10 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, device: Union[str, tor
     Returns:
         ``{"miou", "images", "per_class", ...}`` (:class:`~vpl_plugin.metrics.MeanIoU`).
     """
-    from vpl_plugin._imports import require
+    from vpl_plugin.data.labels import read_label_png
+    from vpl_plugin.data.voc import sample_image
     from vpl_plugin.metrics import MeanIoU
-    from vpl_plugin.pseudo_masks import load_label_png
 
-    Image = require("PIL.Image")
     inner = getattr(model, "module", model)
     was_training = inner.training
     inner.eval()
@@ -306,7 +305,7 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, device: Union[str, tor
             sample = dataset[i]
             if sample.gt_path is None:
                 continue
-            with Image.open(sample.image_path) as img:
+            with sample_image(dataset, sample) as img:  # pixel limit, 16-bit images, named errors
                 image = np.asarray(img.convert("RGB"), dtype=np.float32)
             h, w = image.shape[:2]
             ph, pw = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
@@ -315,7 +314,7 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, device: Union[str, tor
                 logits = inner(x)["logits"]
             logits = F.interpolate(logits.float(), size=(ph, pw), mode="bilinear", align_corners=False)
             pred = logits[0, :, :h, :w].argmax(0).cpu().numpy()
-            metric.update(pred, load_label_png(sample.gt_path))
+            metric.update(pred, read_label_png(sample.gt_path, int(inner.num_classes), what="ground truth"))
             done += 1
     finally:
         inner.train(was_training)
