@@ -330,3 +330,27 @@ def test_unreadable_record_of_an_existing_cam_folder_is_refused(cam_folder, tiny
     record = json.loads(json.dumps({"kept": sorted(p.name for p in copy.iterdir())}))
     assert "2007_000032_0.npy" in record["kept"]
     assert np.load(copy / "2007_000032_0.npy", allow_pickle=True).item()["keys"].tolist() == [0, 14]
+
+
+def test_a_forked_child_does_not_keep_the_parents_lock(tmp_path):
+    from vpl_plugin._lock import OutputLocked, output_lock
+
+    out = tmp_path / "o"
+    read, write = os.pipe()
+    with output_lock(out, "parent"):
+        pid = os.fork()
+        if pid == 0:  # the child outlives the parent's lock by a few seconds
+            os.close(read)
+            os.write(write, b"x")
+            time.sleep(3)
+            os._exit(0)
+        os.close(write)
+        os.read(read, 1)
+    try:
+        with output_lock(out, "next run"):  # would be refused if the child held the lock
+            pass
+    except OutputLocked:
+        pytest.fail("a forked child kept the output locked after its parent released it")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -35,6 +35,24 @@ __all__ = ["OutputLocked", "lock_file_for", "output_lock"]
 log = logging.getLogger(__name__)
 
 
+#: descriptors of the locks this process holds; a forked child closes its copies at once, so a
+#: worker process (``vpl masks --workers``) never keeps its parent's output locked
+_HELD: set = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)  # the parent's descriptor keeps the lock; only the child's copy goes
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class OutputLocked(RuntimeError):
     """Another run is writing the same output; the message names it."""
 
@@ -85,7 +103,8 @@ def output_lock(output: os.PathLike | str, command: str, *, folder: bool = True,
         return
     path = lock_file_for(output, folder=folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    _HELD.add(fd)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     try:
         try:
@@ -111,6 +130,7 @@ def output_lock(output: os.PathLike | str, command: str, *, folder: bool = True,
                          path.parent)
         yield path
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 
