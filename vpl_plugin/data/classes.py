@@ -92,6 +92,10 @@ COCO = ClassSpec(
 )
 
 
+#: the label spaces :func:`get_class_spec` knows (the ``--dataset`` choices of the ``vpl`` command)
+DATASET_NAMES = ("voc", "coco", "synthetic")
+
+
 def get_class_spec(name: str) -> ClassSpec:
     """Return the :class:`ClassSpec` of ``'voc'``, ``'coco'`` or ``'synthetic'`` (the demo world)."""
     from vpl_plugin.data.synthetic import SYNTHETIC

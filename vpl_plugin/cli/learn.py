@@ -1,0 +1,134 @@
+"""``vpl learn``: VPL phase 1, vision prototypes from text-prototype GradCAMs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional
+
+from vpl_plugin._cli_common import UsageError, finite_float, max_tokens_arg, nonnegative_int, positive_float, \
+    positive_int, tau_arg
+from vpl_plugin.cli.arguments import FORMATTER, add_common, add_data
+from vpl_plugin.cli.shared import create_adapter_from_args, create_dataset, describe_labels, report, write_config
+
+NAME = "learn"
+#: ``--out`` is one file (held locked while the command runs)
+OUTPUT_IS_FOLDER = False
+
+EPILOG = """examples:
+  vpl learn --clip ViT-B/16 --root VOC2012 --split-file train_aug.txt --out vpl.pt
+  vpl learn ... --tau 0.03 --lr 10 --iters 3000 --phi 0.4          (the paper's values)
+  vpl learn ... --tau clip --iters 0                                  (identity: text CAMs)
+  vpl learn ... --pooling region --tau 0.1    (recommended; use with `vpl cams --map-mode dense`)
+The learning pass computes text GradCAMs, seeds them at --phi, builds target distributions and
+runs projected gradient descent on the unit sphere from the text prototypes."""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``vpl learn`` to the sub-command parsers."""
+    p = subparsers.add_parser(NAME, help="VPL phase 1: learn vision prototypes",
+                              description="Learn vision prototypes from text-prototype GradCAMs (VPL phase 1).",
+                              epilog=EPILOG, formatter_class=FORMATTER)
+    add_data(p)
+    p.add_argument("--out", required=True, metavar="PROTOTYPES.pt", help="where to save the prototype set")
+    p.add_argument("--iters", type=nonnegative_int, default=3000, help="gradient steps T_w (default 3000)")
+    p.add_argument("--tau", default="0.03", type=tau_arg,
+                   help="tau_I, the vision temperature (default 0.03); 'clip' = CLIP's own temperature")
+    p.add_argument("--lr", type=positive_float, default=10.0, help="step size alpha (default 10)")
+    p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
+    p.add_argument("--target-mode", default="seed_hardened",
+                   choices=["seed_hardened", "inmap", "cam", "kl"],
+                   help="target distribution: seed_hardened (Q-A, default), inmap (Q-B), cam (Q-C), "
+                        "kl (Q-D, Eq. 7 literally)")
+    p.add_argument("--candidates", default="image", choices=["image", "all"],
+                   help="softmax candidates: the image's classes + background (default) or all")
+    p.add_argument("--step-rule", default=None,
+                   help="optimiser step rule (see learn_vision_prototypes; default: the converging rule; "
+                        "'halving' = the paper-literal InMaP rule)")
+    p.add_argument("--level", default="instance", choices=["instance", "class"],
+                   help="instance-level (each pixel, default) or class-level (class centroids)")
+    p.add_argument("--pooling", default="token", choices=["token", "region"],
+                   help="learning rows: every patch token (the paper, default) or one pooled row per "
+                        "seed region and one for the background (the project's recommended "
+                        "configuration with --tau 0.1 and `vpl cams --map-mode dense`; see README)")
+    p.add_argument("--seed-source", default="gradcam", choices=["gradcam", "refined"],
+                   help="seeds from the raw GradCAM (default) or the CAA-refined map")
+    p.add_argument("--chunk-size", type=positive_int, default=65536, help="pixels per gradient chunk")
+    p.add_argument("--max-tokens", metavar="N",
+                   help="learn from at most N rows (e.g. 1e7 for COCO, spec vpl.md 6): each image keeps "
+                        "N // images rows drawn uniformly with --token-seed (default: every row)")
+    p.add_argument("--token-seed", type=int, default=0, help="seed of the --max-tokens draw (default 0)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="per-image features and targets (<id>.npz; a rerun reuses them, so an "
+                        "interrupted run resumes). Default: OUT without suffix + '.features/'")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="keep the learning set in memory only (nothing reused on rerun)")
+    p.add_argument("--memmap", action="store_true", default=None,
+                   help="stream features from memory-mapped files in the cache (default: automatic "
+                        "above 2 GB of features, e.g. VOC train_aug)")
+    add_common(p)
+    return p
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` that one of the files written beside the prototypes would overwrite."""
+    out = Path(args.out)
+    base = out.with_suffix("")
+    beside = [Path(f"{base}.yaml"), Path(f"{base}.history.json")]
+    if getattr(args, "cache", False) and not getattr(args, "cache_dir", None):
+        beside.append(out.with_name(out.stem + ".features"))
+    if out in beside:
+        raise UsageError(f"--out {out}: vpl learn also writes {', '.join(str(b) for b in beside)} beside "
+                         f"the prototypes, and one of them is --out itself; name the prototype file "
+                         f"{base}.pt.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vpl learn``; returns the exit status."""
+    from contextlib import nullcontext
+
+    from vpl_plugin._lock import output_lock
+
+    max_tokens = max_tokens_arg(args.max_tokens)
+    dataset, spec = create_dataset(args)
+    adapter = create_adapter_from_args(args, spec)
+    out = Path(args.out)
+    cache = None
+    if args.cache:
+        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.stem + ".features")
+    with (output_lock(cache, f"vpl learn --out {out}") if cache is not None else nullcontext()):
+        # the cache (and its memory-mapped features) is this run's until the prototypes are saved
+        return _learn(args, adapter, dataset, out, cache, max_tokens)
+
+
+def _learn(args: argparse.Namespace, adapter: Any, dataset: Any, out: Path, cache: Optional[Path],
+           max_tokens: Optional[int]) -> int:
+    from vpl_plugin._io import write_json
+    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset
+
+    tau: Any = args.tau if args.tau == "clip" else float(args.tau)  # checked by tau_arg
+    summary = RunSummary()
+    lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
+                                candidates=args.candidates, seed_source=args.seed_source,
+                                limit=args.limit, progress=args.progress, summary=summary,
+                                cache_dir=cache, memmap=args.memmap, pooling=args.pooling,
+                                max_tokens=max_tokens, token_seed=args.token_seed)
+    budget = f", at most {max_tokens} by --max-tokens" if max_tokens is not None else ""
+    print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels{budget}); "
+          f"{len(summary.failed)} skipped")
+    ps, history = learn_from_dataset(
+        adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
+        level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
+        provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
+                    "pooling": args.pooling, "max_tokens": max_tokens, "token_seed": args.token_seed,
+                    "candidates": args.candidates, "seed_source": args.seed_source,
+                    "dataset": args.dataset, "split_file": str(args.split_file)})
+    ps.save(out)
+    base = out.with_suffix("")
+    write_config(Path(f"{base}.yaml"), args, describe_labels(dataset))
+    write_json(Path(f"{base}.history.json"), {"summary": summary.as_dict(),
+                                               **{k: v for k, v in history.items()}})
+    losses = history.get("loss") or [float("nan")]
+    print(f"vpl learn: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses) - 1} steps "
+          f"(tau_I {ps.tau:.4g}); saved {out}")
+    return report(summary, "learn", out)
