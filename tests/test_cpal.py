@@ -477,7 +477,7 @@ def test_every_cpal_setting_has_exactly_one_cams_flag_and_back():
         assert value != getattr(CLIPCPALConfig(), name)
         argv += [options[name].flag] if value is True else [options[name].flag, str(value)]
     assert cpal_overrides(cli.parse_args(argv)) == values
-    assert cpal_overrides(cli.parse_args(argv[:8])) == {}  # not given: the dataclass defaults apply
+    assert cpal_overrides(cli.parse_args(argv[:9])) == {}  # not given: the dataclass defaults apply
     parser = cli.build_parser().commands["cams"]
     flags = {flag for o in parser.options for flag in o.action.option_strings if flag.startswith("--cpal-")}
     assert flags == {o.flag for o in options.values()} | {"--cpal-bank"}
