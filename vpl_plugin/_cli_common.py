@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["CLI_OPTION", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
-           "REFUSED_INPUT_ERRORS", "CLIOption", "ParseError", "RecordedOption", "UsageError",
+           "REFUSED_INPUT_ERRORS", "CLIOption", "LenientArgumentParser", "ParseError", "RecordedOption", "UsageError",
            "VplArgumentParser", "cli_option", "finite_float", "max_pixels_arg", "max_tokens_arg",
            "nonnegative_int", "positive_float", "positive_int", "tau_arg"]
 
@@ -126,6 +126,14 @@ class VplArgumentParser(argparse.ArgumentParser):
     def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["required"] = kwargs.get("required", False) and not self.lenient
         return _RecordingGroup(self, super().add_mutually_exclusive_group(**kwargs))
+
+
+class LenientArgumentParser(VplArgumentParser):
+    """A :class:`VplArgumentParser` that drops ``required`` (reads ``--config`` before the required
+    flags are complete)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, lenient=True, **kwargs)
 
 
 #: key of a dataclass field's ``metadata`` that holds its :class:`CLIOption`

@@ -579,7 +579,7 @@ def _marker(out: Path, name: str) -> Optional[dict]:
 
 def _stage_done(out: Path, name: str, key: str) -> bool:
     record = _marker(out, name)
-    return bool(record) and record.get("key") == key and record.get("exit") == 0
+    return record is not None and record.get("key") == key and record.get("exit") == 0
 
 
 def _set_aside_if_stale(out: Path, name: str, key: str) -> None:

@@ -9,12 +9,12 @@ for repeatable flags such as ``--template``). Required flags may come from the f
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from vpl_plugin._cli_common import EXIT_USAGE, ParseError, RecordedOption, UsageError, VplArgumentParser
+from vpl_plugin._cli_common import EXIT_USAGE, LenientArgumentParser, ParseError, RecordedOption, UsageError, \
+    VplArgumentParser
 from vpl_plugin._version import __version__
 
 __all__ = ["DESCRIPTION", "ConfigError", "build_parser", "parse_args"]
@@ -54,11 +54,10 @@ def build_parser(commands: Sequence[Any], *, lenient: bool = False) -> VplArgume
     """The ``vpl`` parser with one sub-command per module of ``commands`` (each has ``NAME`` and
     ``add_parser(subparsers)``); ``parser.commands`` maps the names to their parsers.
     ``lenient=True`` drops ``required`` (to read ``--config`` first)."""
-    parser = VplArgumentParser(prog="vpl", description=DESCRIPTION, lenient=lenient,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser_class = LenientArgumentParser if lenient else VplArgumentParser
+    parser = parser_class(prog="vpl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"vpl-plugin {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                parser_class=functools.partial(VplArgumentParser, lenient=lenient))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     for module in commands:
         parser.commands[module.NAME] = module.add_parser(sub)
     return parser
