@@ -169,7 +169,8 @@ def _add_cpal(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpal-kmeans-iters", type=nonnegative_int, metavar="N", help="spherical k-means iterations (10)")
     g.add_argument("--cpal-kmeans-seed", type=int, metavar="S", help="k-means++ seed (0)")
     g.add_argument("--cpal-head", action="store_const", const=True, default=None,
-                   help="the trained-head alternative (docs/clip_cpal.md): pass 1 trains a CAM head on the frozen "
+                   help="the trained-head alternative (docs/clip_cpal.md): pass 1 trains a CAM head on the "
+                        "frozen "
                         "dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
                         "the head's PA-CAM")
     g.add_argument("--cpal-head-iters", type=nonnegative_int, metavar="N", help="head training steps (200)")
@@ -239,8 +240,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=positive_int, default=65536, help="pixels per gradient chunk")
     p.add_argument("--max-tokens", metavar="N",
-                   help="learn from at most N rows (e.g. 1e7 for COCO, docs/vpl.md#learning-set-size-and-memory): each image keeps "
-                        "N // images rows drawn uniformly with --token-seed (default: every row)")
+                   help="learn from at most N rows (e.g. 1e7 for COCO): each image keeps N // images rows "
+                        "drawn uniformly with --token-seed (default: every row; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--token-seed", type=int, default=0, help="seed of the --max-tokens draw (default 0)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="per-image features and targets (<id>.npz; a rerun reuses them, so an "
@@ -454,7 +456,8 @@ the files.""")
     p = sub.add_parser(
         "segment", help="VPL phase 2: segment images with a trained decoder",
         description="Segment the images of a list with a `vpl train` segmenter: softmax averaged over "
-                    "scales and a horizontal flip (docs/vpl.md#inference), optional dense CRF on the RGB image, "
+                    "scales and a horizontal flip (docs/vpl.md#inference), optional dense CRF on the RGB "
+                    "image, "
                     "argmax. Writes OUT/<id>.png label maps (0 = background, c + 1 = class c; the "
                     "format of `vpl masks`, scored by `vpl eval --masks`), OUT/vpl_segment.yaml and "
                     "OUT/vpl_segment_summary.json.",

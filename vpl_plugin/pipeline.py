@@ -220,7 +220,9 @@ def _done_already(path: Path) -> bool:
 
 @dataclass
 class LearningSet:
-    """Pixel features, targets and candidates of VPL phase 1 (``docs/vpl.md#pixel-features``, ``docs/vpl.md#targets``).
+    """Pixel features, targets and candidates of VPL phase 1.
+
+    See ``docs/vpl.md#pixel-features`` and ``docs/vpl.md#targets``.
 
     Attributes:
         features: ``(K, D)`` float32 tensor, or a float16 ``np.memmap`` for large sets.
@@ -285,7 +287,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
 
     The choice depends only on ``(seed, key, number of rows)``, never on the order or the process
     the images are handled in, so a rerun, a resumed run and a sharded run pick the same rows. Rows
-    keep their original order. ``docs/vpl.md#learning-set-size-and-memory``: COCO learns from at most 1e7 tokens,
+    keep their original order. ``docs/vpl.md#learning-set-size-and-memory``: COCO learns from at
+    most 1e7 tokens,
     an equal count per image, with a fixed seed.
 
     Args:
@@ -353,7 +356,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             :func:`~vpl_plugin.prototypes.region_pool`).
         max_tokens: learn from at most this many rows in all: every image keeps
             ``max_tokens // images`` of its rows (all of them when it has fewer), drawn by
-            :func:`subsample_rows` with ``token_seed`` (``docs/vpl.md#learning-set-size-and-memory``: at most 1e7
+            :func:`subsample_rows` with ``token_seed``
+            (``docs/vpl.md#learning-set-size-and-memory``: at most 1e7
             tokens for COCO). ``None``: every row.
         token_seed: seed of that draw.
     """

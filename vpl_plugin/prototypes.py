@@ -680,7 +680,7 @@ def _bb_step(s: torch.Tensor, y: torch.Tensor, iteration: int, last: float) -> f
 
 def _class_level_problem(prob: _Problem, init: torch.Tensor, tau_text: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spec section 5 class-level anchors: ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
+    """Class-level anchors (``docs/vpl.md#level``): ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
     ``softmax_j(mu_n . z_j / tau_text)`` over the prototypes that are a candidate somewhere."""
     base = torch.zeros(prob.N, prob.D, dtype=torch.float64, device=prob.device)
     mass = torch.zeros(prob.N, dtype=torch.float64, device=prob.device)
@@ -743,7 +743,8 @@ def learn_vision_prototypes(
       monotone non-increasing by construction. When backtracking reaches a step whose first-order
       decrease ``eta ||G_t||^2`` is below the noise floor (or 40 halvings), no representable
       progress is possible and learning stops early with ``history['stopped'] == 'converged'``.
-    * ``"halving"`` (the paper / InMaP Algorithm 1 literally, ``docs/vpl.md#step-rule-and-what-lr-means``):
+    * ``"halving"`` (the paper / InMaP Algorithm 1 literally,
+      ``docs/vpl.md#step-rule-and-what-lr-means``):
       ``R = (P - Q)^T X``; ``alpha`` (``= lr`` at the start) is halved whenever ``||R||_F`` grew
       since the previous iteration; ``W <- normalize(W - (alpha / (K tau)) R)``; one pass per
       iteration, always ``iters`` iterations. ``alpha`` never grows back, so it can collapse long
@@ -773,7 +774,8 @@ def learn_vision_prototypes(
         iters: number of iterations (accepted steps for ``"bb"``; paper: 3000, fixed).
         step_rule: ``"bb"`` (default) or ``"halving"``.
         level: ``"instance"`` (default; anchor = each pixel) or ``"class"`` (an
-            ablation, ``docs/vpl.md#level``: anchors ``mu_n = normalize(sum_k Q[k, n] x_k)``, i.e. the seed-pixel centroid
+            ablation, ``docs/vpl.md#level``: anchors ``mu_n = normalize(sum_k Q[k, n] x_k)``, i.e.
+            the seed-pixel centroid
             for a one-hot class and the ``Q``-weighted bg centroid for a bg concept; target
             ``softmax_j(mu_n . z_j / tau_text)`` with ``Z = init_prototypes`` over the prototypes
             that are a candidate anywhere; loss = mean over anchors of the cross-entropy).
@@ -914,7 +916,7 @@ def learn_vision_prototypes(
 
 def modality_gap(features: torch.Tensor, seed_labels: torch.Tensor,
                  prototypes: torch.Tensor) -> float:
-    """Centroid gap between seed pixels and their class prototypes (``docs/vpl.md#measuring-the-modality-gap``).
+    """Centroid gap between seed pixels and their class prototypes (``docs/vpl.md``, modality gap).
 
     ``Gap = || mean_{k in F} x_k - mean_{k in F} psi_{m_k} ||_2`` over the pixels ``F`` with a
     label ``m_k >= 0`` (Liang et al.'s centroid gap on (pixel, its-class-prototype) pairs).
@@ -954,7 +956,9 @@ def modality_gap(features: torch.Tensor, seed_labels: torch.Tensor,
 
 def shift_text_prototypes(text: torch.Tensor, features: torch.Tensor,
                           lam: float = 0.5) -> torch.Tensor:
-    """The "modify gap" baseline (Liang et al. 2022; ``docs/vpl.md#measuring-the-modality-gap``): move ``Z`` toward the images.
+    """The "modify gap" baseline (Liang et al. 2022): move ``Z`` toward the images.
+
+    See ``docs/vpl.md#measuring-the-modality-gap``.
 
     ``delta = mean(x) - mean(z)``; returns ``z' = normalize(z + lam * delta / 2)`` (the features
     would move by ``-lam * delta / 2``; only the prototypes are needed for CAMs).

@@ -1,6 +1,7 @@
 """CRF post-processing and confidence-guided pseudo masks (CLIP-ES ``eval_cam_with_crf.py``).
 
-``docs/upstream_clip_es.md#crf-pseudo-masks``. Per image: background plane ``(1 - max_c cams) ** 1`` is
+``docs/upstream_clip_es.md#crf-pseudo-masks``. Per image: background plane ``(1 - max_c cams) ** 1``
+is
 prepended to the CAMs (float16, *not* normalised to sum 1, as upstream), a dense CRF (pydensecrf,
 10 mean-field iterations) refines it, the label is ``keys'[argmax Q]`` with
 ``keys' = [0, keys + 1]``, and pixels whose max marginal is below 0.95 become 255 (the ignore
@@ -130,7 +131,8 @@ def read_image_bgr(path: Union[str, os.PathLike], *,
 def crf_image(image_bgr_uint8: np.ndarray, mode: str = "upstream_wrapped") -> np.ndarray:
     """The image that the CRF's bilateral kernel sees.
 
-    ``"upstream_wrapped"`` (default, ``docs/upstream_clip_es.md#crf-image``): upstream subtracts the BGR mean
+    ``"upstream_wrapped"`` (default, ``docs/upstream_clip_es.md#crf-image``): upstream subtracts the
+    BGR mean
     ``(104.008, 116.669, 122.675)`` from the float32 BGR image and then casts the result to
     uint8 before handing it to pydensecrf. Negative values wrap around (on x86 the cast truncates
     toward zero, modulo 256: -1.008 -> 255, -104.008 -> 152), so the bilateral kernel works on a
@@ -189,7 +191,8 @@ def dense_crf(
     """Fully connected CRF (pydensecrf) over class scores, as deeplab-pytorch's ``DenseCRF``.
 
     The unary is ``-log(clip(probs, 1e-5, 1))`` computed in ``probs``' own dtype (upstream passes
-    float16) and cast to float32; the scores need not sum to 1 (``docs/upstream_clip_es.md#crf-unnormalised-scores``). Pairwise terms: a
+    float16) and cast to float32; the scores need not sum to 1
+    (``docs/upstream_clip_es.md#crf-unnormalised-scores``). Pairwise terms: a
     Gaussian kernel (``gauss_sxy``, ``gauss_compat``) and a bilateral kernel (``bi_sxy``,
     ``bi_srgb``, ``bi_compat``) on ``image_uint8``.
 

@@ -63,7 +63,8 @@ ROW_PREFIX = {"CLIP-ES": "text", "CLIP-ES + VPL": "vpl", "CLIP-CPAL": "cpal", "C
 # COCO numbers the papers give; they are not seed or pseudo-mask mIoU, so they are shown as context.
 PAPER_COCO_VAL_SEGMENTATION: Dict[str, float] = {
     "CLIP-ES": 45.4, "CLIP-ES + VPL": 49.2, "CLIP-CPAL": 46.8, "CLIP-CPAL + VPL": 49.8}
-COCO_MAX_TOKENS = 10_000_000  # at most 1e7 learning tokens on COCO (docs/vpl.md#learning-set-size-and-memory)
+# at most 1e7 learning tokens on COCO (docs/vpl.md#learning-set-size-and-memory)
+COCO_MAX_TOKENS = 10_000_000
 # passes over the learning set per step of the default "bb" rule (prototypes.py: at most 400
 # passes for 300 iterations in its measurements); the paper's "halving" rule makes exactly one
 BB_PASSES_PER_STEP = 1.33
@@ -125,7 +126,8 @@ def add_arguments(p) -> None:
                         "paper; train on COCO)")
     p.add_argument("--max-tokens", metavar="N",
                    help="learn from at most N patch tokens, an equal count per image drawn with a fixed "
-                        "seed (default: every token on VOC, 1e7 on COCO, see docs/vpl.md#learning-set-size-and-memory)")
+                        "seed (default: every token on VOC, 1e7 on COCO; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -551,8 +553,9 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     ]
     kinds = ["text", "vpl"]
     if getattr(args, "cpal", True):
-        # CLIP-CPAL (docs/clip_cpal.md#what-the-adapter-does): pass 1 builds the context bank over the same list (saved in
-        # the stage folder), pass 2 writes the CAMs; + VPL (docs/clip_cpal.md#clip-cpal--vpl): the same on the VPL maps
+        # CLIP-CPAL (docs/clip_cpal.md#what-the-adapter-does): pass 1 builds the context bank over
+        # the same list (saved in the stage folder), pass 2 writes the CAMs; + VPL
+        # (docs/clip_cpal.md#clip-cpal--vpl): the same on the VPL maps
         stages += [
             ("cpal_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
                            "--out", out / "cpal_cams", *common]),

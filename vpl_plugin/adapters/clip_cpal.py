@@ -12,11 +12,13 @@ config field):
   ``S = maxnorm(ReLU(cos(F, q)))`` and the fused map ``P = maxnorm((G + S) / 2)``, which replaces
   ``G`` for the box mask and the CAA refinement (the :meth:`fuse` hook of CLIP-ES).
 
-``head=True`` is the trained-head alternative (``docs/clip_cpal.md#the-trained-head-alternative``): pass 1 also trains a CAM head on the
+``head=True`` is the trained-head alternative (``docs/clip_cpal.md#the-trained-head-alternative``):
+pass 1 also trains a CAM head on the
 frozen dense features, pass 2 refines ``maxnorm((G + PACAM_head) / 2)``.
 
 With vision prototypes (``prototypes=`` a VPL set), ``G`` is the VPL GradCAM (or the dense map with
-``map_mode="dense"``), i.e. CLIP-CPAL + VPL (``docs/clip_cpal.md#clip-cpal--vpl``). The bank must come from the same ``G``.
+``map_mode="dense"``), i.e. CLIP-CPAL + VPL (``docs/clip_cpal.md#clip-cpal--vpl``). The bank must
+come from the same ``G``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class CPALResult(GradCAMResult):
 
 @register_adapter("clip-cpal")
 class CLIPCPALAdapter(CLIPESAdapter):
-    """CLIP-CPAL CAMs (training-free reconstruction, ``docs/clip_cpal.md``; with VPL: ``#clip-cpal--vpl``).
+    """CLIP-CPAL CAMs (training-free reconstruction, ``docs/clip_cpal.md``; with VPL:
+    ``docs/clip_cpal.md#clip-cpal--vpl``).
 
     Args:
         encoder: the CLIP encoder.

@@ -1,7 +1,8 @@
 """CLIP-ES (Lin et al., CVPR 2023) as an adapter, with text or vision prototypes.
 
 Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images
-(``docs/upstream_clip_es.md``), except where a documented switch fixes an upstream quirk, and except that all
+(``docs/upstream_clip_es.md``), except where a documented switch fixes an upstream quirk, and except
+that all
 classes of an image share one trunk forward and one backward (identical results, fewer passes).
 """
 
@@ -41,7 +42,8 @@ class CLIPESConfig:
         box_threshold: CAA box threshold; ``None`` takes the dataset's (0.4 VOC, 0.7 COCO).
         affinity_layers: attention maps of the last this-many blocks are averaged (8).
         sinkhorn_rounds: column/row normalisation rounds of the affinity (3).
-        box_clip_fix: ``True`` fixes upstream's box mask, which never includes the last row and column
+        box_clip_fix: ``True`` fixes upstream's box mask, which never includes the last row and
+            column
             (``docs/upstream_clip_es.md#box-mask-last-row-column``).
         refine: apply CAA (``False`` saves the upsampled GradCAM instead, for ablations).
         save_gradcam: also save the raw upsampled GradCAM under ``highres`` (float16).

@@ -421,7 +421,8 @@ class CLIPDense(nn.Module):
     def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
-        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream (``docs/upstream_clip_es.md#resize-then-rgb``).
+        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream
+        (``docs/upstream_clip_es.md#resize-then-rgb``).
         """
         Image = require("PIL.Image")
         w0, h0 = image.size
@@ -442,7 +443,8 @@ class CLIPDense(nn.Module):
         patch = F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
         table = torch.cat([pos[:1].float(), patch], dim=0)
-        if self.fp16_compat:  # upstream always stores the table in fp16 (docs/upstream_clip_es.md#fp16-positional-table)
+        # upstream always stores the table in fp16 (docs/upstream_clip_es.md#fp16-positional-table)
+        if self.fp16_compat:
             table = table.half()
         return table
 

@@ -1,9 +1,11 @@
 """PASCAL VOC 2012 as CLIP-ES reads it: split lists, image-level labels, images.
 
 CLIP-ES needs three things per image: the JPEG, its image-level foreground labels in
-*first-appearance order* (``docs/upstream_clip_es.md#labels-and-class-order``) and, for VOC, the original size
+*first-appearance order* (``docs/upstream_clip_es.md#labels-and-class-order``) and, for VOC, the
+original size
 ``(H0, W0)`` from the XML. Labels come from ``Annotations/<id>.xml`` exactly as upstream reads them
-(every ``<object>`` in file order, difficult and truncated ones included, ``docs/upstream_clip_es.md#voc-labels-from-xml``). Images
+(every ``<object>`` in file order, difficult and truncated ones included,
+``docs/upstream_clip_es.md#voc-labels-from-xml``). Images
 without an XML (e.g. ``train_aug`` ids from SBD) can take their labels from the ground-truth mask
 instead (``label_source="auto"`` or ``"mask"``).
 

@@ -159,7 +159,9 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
                  scale_range: Tuple[float, float] = (0.5, 2.0), flip: bool = True,
                  fill: Sequence[float] = _MEAN_PIXEL,
                  ignore_index: int = IGNORE_INDEX) -> Tuple[np.ndarray, np.ndarray]:
-    """Random rescale, pad, random crop and horizontal flip of an image and its mask (``docs/vpl.md#training-recipe``).
+    """Random rescale, pad, random crop and horizontal flip of an image and its mask.
+
+    See ``docs/vpl.md#training-recipe``.
 
     The generator is drawn from in a fixed order (scale, crop offsets, flip), so the result
     depends only on the inputs and the generator's state.

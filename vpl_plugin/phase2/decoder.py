@@ -65,11 +65,13 @@ class DecoderConfig:
         ffn_dim: feed-forward hidden width (1024).
         dropout: dropout in attention and FFN (0: none).
         final_norm: LayerNorm after the pre-norm transformer layers (default on; not in the literal
-            design, which goes from the layers straight to the projection: a pre-norm stack leaves its
+            design, which goes from the layers straight to the projection: a pre-norm stack leaves
+                its
             residual stream unnormalised, and ViTs normalise it before their head as timm's
             ``VisionTransformer.norm`` does. ``final_norm=False`` is the literal design).
         input_norm: LayerNorm on each backbone layer's tokens before its projection (off in the
-            literal design; the raw residual stream of late CLIP blocks has large-magnitude channels).
+            literal design; the raw residual stream of late CLIP blocks has large-magnitude
+            channels).
         tau_seg: temperature of the prototype logits; None = the prototype set's (``1/logit_scale``
             of the set, i.e. ``tau_I`` for vision prototypes).
     """
@@ -131,7 +133,7 @@ class DecoderConfig:
 
 
 class SegmentationDecoder(nn.Module):
-    """The trainable part: multi-layer token maps ``[(B, C, h, w)] * L`` -> ``(B, D, h, w)`` (``docs/vpl.md#network``).
+    """The trainable part: multi-layer token maps ``[(B, C, h, w)] * L`` -> ``(B, D, h, w)``.
 
     Args:
         in_channels: backbone width ``C``.
@@ -177,7 +179,7 @@ class SegmentationDecoder(nn.Module):
 
 
 class PrototypeSegmenter(nn.Module):
-    """Frozen backbone + trainable :class:`SegmentationDecoder` + frozen prototypes (``docs/vpl.md#network``).
+    """Frozen backbone + trainable :class:`SegmentationDecoder` + frozen prototypes (docs/vpl.md).
 
     Args:
         backbone: a frozen backbone (see :mod:`vpl_plugin.phase2.backbones`).

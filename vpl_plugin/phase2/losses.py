@@ -37,7 +37,7 @@ __all__ = [
 RSC_FORMS = ("pairs", "class", "literal")
 
 
-# -- segmentation logits (docs/vpl.md#loss)---------------------------------------------------------
+# -- segmentation logits (docs/vpl.md#loss) --------------------------------------------------------
 def segmentation_logits(prototype_logits: torch.Tensor, num_fg: int) -> torch.Tensor:
     """Collapse prototype logits into ``1 + N_fg`` segmentation logits (``docs/vpl.md#loss``).
 
@@ -67,7 +67,7 @@ def segmentation_logits(prototype_logits: torch.Tensor, num_fg: int) -> torch.Te
     return torch.cat([bg, prototype_logits[:, :num_fg]], dim=1)
 
 
-# -- masked average pooling (Eq. 12) -------------------------------------------------------------
+# -- masked average pooling (Eq. 12) ---------------------------------------------------------------
 def masked_average_pool(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6,
                         normalize: bool = True) -> torch.Tensor:
     """Eq. 12: ``P_k = sum_uv a_k(u,v) V(:,u,v) / (sum_uv a_k(u,v) + eps)``, then L2-normalised.
@@ -103,7 +103,7 @@ def masked_average_pool(features: torch.Tensor, weights: torch.Tensor, eps: floa
     return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
-# -- regional semantic contrast (Eq. 13) ---------------------------------------------------------
+# -- regional semantic contrast (Eq. 13) -----------------------------------------------------------
 def _check_regions(regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor) -> None:
     check_ndim("regions", regions, 2, "(R, D)")
     check_ndim("prototypes", prototypes, 2, "(R, D)")
@@ -158,7 +158,7 @@ def rsc_from_similarity(similarity: torch.Tensor, classes: torch.Tensor) -> torc
 
 def _class_form(regions: torch.Tensor, classes: torch.Tensor, all_prototypes: torch.Tensor,
                 tau: float) -> torch.Tensor:
-    """Spec 8.6 (a): row term CE over all prototypes per region; column term a multi-positive CE
+    """RSC, class form: row term CE over all prototypes per region; column term a multi-positive CE
     over the regions for each present class (mean of ``-log softmax`` over its regions)."""
     logits = regions @ all_prototypes.t() / tau  # (R, N)
     row = F.cross_entropy(logits, classes)

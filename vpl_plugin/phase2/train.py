@@ -473,7 +473,9 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
                     resume: bool = True, progress: bool = True,
                     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
                     save_final: bool = True) -> Dict[str, Any]:
-    """Train the decoder of ``model`` on pseudo masks (``docs/vpl.md#training-recipe``); resumable; DDP under torchrun.
+    """Train the decoder of ``model`` on pseudo masks; resumable; DDP under torchrun.
+
+    See ``docs/vpl.md#training-recipe``.
 
     Args:
         model: a :class:`~vpl_plugin.phase2.PrototypeSegmenter` (moved to ``device``; its decoder
