@@ -91,7 +91,8 @@ TABLE1_ROWS: Tuple[Table1Row, ...] = (
 )
 #: the adapter whose rows ``--no-cpal`` skips
 CPAL_ADAPTER = "clip-cpal"
-COCO_MAX_TOKENS = 10_000_000  # spec vpl.md section 6: at most 1e7 learning tokens on COCO
+# at most 1e7 learning tokens on COCO (docs/vpl.md#learning-set-size-and-memory)
+COCO_MAX_TOKENS = 10_000_000
 # passes over the learning set per step of the default "bb" rule (prototypes.py: at most 400
 # passes for 300 iterations in its measurements); the paper's "halving" rule makes exactly one
 BB_PASSES_PER_STEP = 1.33
@@ -803,7 +804,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 COCO_NOTE = ("The papers give no COCO seed or pseudo-mask mIoU (Table 1 is VOC train), hence \"n/a\". "
              "Their only COCO numbers are val segmentation mIoU after training a segmenter on the masks, "
              "not comparable with these columns: CLIP-ES 45.4 -> +VPL 49.2, CLIP-CPAL 46.8 -> +VPL 49.8 "
-             "(spec vpl.md section 12, cpal.md section 3).")
+             "(VPL and CPAL papers).")
 
 
 # -- command ---------------------------------------------------------------------------------------

@@ -83,14 +83,15 @@ def add_data(p: argparse.ArgumentParser) -> None:
                         "GradCAM x dense map)")
     g.add_argument("--box-threshold", type=finite_float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
     g.add_argument("--box-clip-fix", action="store_true",
-                   help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
+                   help="fix upstream's box mask, which drops the last row and column; off = upstream "
+                        "(docs/upstream_clip_es.md#box-mask-last-row-column)")
 
 
 def add_cpal(p: argparse.ArgumentParser) -> None:
     """The CLIP-CPAL group of ``vpl cams``: ``--cpal-bank`` and a flag per CPAL field of
     :class:`~vpl_plugin.adapters.CLIPCPALConfig` (generated from its metadata)."""
-    g = p.add_argument_group("CLIP-CPAL (--adapter clip-cpal; a reconstruction, spec cpal.md; "
-                             "defaults = the spec's interpretations)")
+    g = p.add_argument_group("CLIP-CPAL (--adapter clip-cpal; a reconstruction, see docs/clip_cpal.md; "
+                             "defaults = its documented interpretations)")
     g.add_argument("--cpal-bank", metavar="FILE",
                    help="context bank of pass 1: loaded when it exists (its settings must match), "
                         "else built over the same list and saved there (default: OUT/cpal_bank.pt)")

@@ -38,8 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
     p.add_argument("--target-mode", default="seed_hardened",
                    choices=["seed_hardened", "inmap", "cam", "kl"],
-                   help="target distribution: seed_hardened (Q-A, default), inmap (Q-B), cam (Q-C), "
-                        "kl (Q-D, Eq. 7 literally)")
+                   help="target distribution: seed_hardened (default), inmap, cam, "
+                        "kl (Eq. 7 literally); see docs/vpl.md#targets")
     p.add_argument("--candidates", default="image", choices=["image", "all"],
                    help="softmax candidates: the image's classes + background (default) or all")
     p.add_argument("--step-rule", default=None,
@@ -55,8 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=positive_int, default=65536, help="pixels per gradient chunk")
     p.add_argument("--max-tokens", metavar="N",
-                   help="learn from at most N rows (e.g. 1e7 for COCO, spec vpl.md 6): each image keeps "
-                        "N // images rows drawn uniformly with --token-seed (default: every row)")
+                   help="learn from at most N rows (e.g. 1e7 for COCO): each image keeps N // images rows "
+                        "drawn uniformly with --token-seed (default: every row; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--token-seed", type=int, default=0, help="seed of the --max-tokens draw (default 0)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="per-image features and targets (<id>.npz; a rerun reuses them, so an "

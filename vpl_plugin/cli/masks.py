@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="pixels with CRF confidence below this become 255 (default 0.95)")
     p.add_argument("--crf-image", default="upstream_wrapped", choices=["upstream_wrapped", "rgb"],
                    help="image the bilateral kernel sees: upstream's uint8-wrapped mean-subtracted "
-                        "BGR (quirk Q10, default) or the plain RGB image")
+                        "BGR (default) or the plain RGB image (docs/upstream_clip_es.md#crf-image)")
     p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default 1)")
     p.add_argument("--greyscale", dest="palette", action="store_false",
                    help="write L-mode PNGs like upstream's cv2.imwrite (for trainers that read masks "

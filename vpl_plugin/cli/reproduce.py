@@ -41,7 +41,7 @@ EPILOG = """examples:
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --dry-run
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --device cuda --out t1_coco
 
-The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; spec cpal.md,
+The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; docs/clip_cpal.md,
 adapters/clip_cpal/README.md); --no-cpal skips them. The paper has no COCO seed or mask numbers:
 the COCO table prints "n/a" in the paper columns.
 Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
@@ -58,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_data(p)
     _add_learning(p)
     p.add_argument("--no-cpal", dest="cpal", action="store_false",
-                   help="skip the CLIP-CPAL rows (the reconstruction of spec cpal.md; each of its rows "
+                   help="skip the CLIP-CPAL rows (the reconstruction of docs/clip_cpal.md; each of its rows "
                         "runs a bank pass and a CAM pass over --split)")
     p.add_argument("--no-projection", dest="project", action="store_false",
                    help="do not time a few images per stage before the run")
@@ -88,7 +88,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                         "paper; train on COCO)")
     p.add_argument("--max-tokens", metavar="N",
                    help="learn from at most N patch tokens, an equal count per image drawn with a fixed "
-                        "seed (default: every token on VOC, 1e7 on COCO as the spec says)")
+                        "seed (default: every token on VOC, 1e7 on COCO; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")

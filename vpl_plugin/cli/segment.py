@@ -19,7 +19,8 @@ OUTPUT_IS_FOLDER = True
 log = logging.getLogger("vpl_plugin")
 
 DESCRIPTION = ("Segment the images of a list with a `vpl train` segmenter: softmax averaged over "
-               "scales and a horizontal flip (spec 8.9), optional dense CRF on the RGB image, "
+               "scales and a horizontal flip (docs/vpl.md#inference), optional dense CRF on the RGB "
+               "image, "
                "argmax. Writes OUT/<id>.png label maps (0 = background, c + 1 = class c; the "
                "format of `vpl masks`, scored by `vpl eval --masks`), OUT/vpl_segment.yaml and "
                "OUT/vpl_segment_summary.json.")

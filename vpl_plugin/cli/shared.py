@@ -38,7 +38,7 @@ def write_config(path: Path, args: argparse.Namespace, extra: Optional[dict] = N
 
 
 def create_dataset(args: argparse.Namespace) -> Tuple[Any, Any]:
-    """``(dataset, class spec)`` of ``--dataset``, ``--root``, ``--split-file`` (and for VOC
+    """``(dataset, label space)`` of ``--dataset``, ``--root``, ``--split-file`` (and for VOC
     ``--label-source``), images refused above ``--max-pixels``."""
     from vpl_plugin.data.classes import get_class_spec
 

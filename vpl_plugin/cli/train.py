@@ -50,16 +50,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(NAME, help="VPL phase 2: train the segmentation decoder on pseudo masks",
                               description=DESCRIPTION, formatter_class=FORMATTER, epilog=EPILOG)
     _add_data_group(p)
-    g = p.add_argument_group("optimisation (defaults: the paper / spec 8.8)")
+    g = p.add_argument_group("optimisation (defaults: the paper; docs/vpl.md#training-recipe)")
     add_config_options(g, TrainConfig, ["iterations", "batch_size", "lr", "momentum", "weight_decay", "crop",
                                         "scale_range", "flip"])
     g.add_argument("--lambda-ce", type=finite_float, default=1.0, help="CE weight (1)")
     g.add_argument("--lambda-rsc", type=finite_float, default=1.0, help="RSC weight (1; 0 = CE only)")
     g.add_argument("--tau-rsc", type=positive_float, default=0.07,
-                   help="RSC temperature (0.07; the spec's reading of Eq. 13 is 0.01, which collapsed "
-                        "training to all background on the demo world: README, phase 2)")
+                   help="RSC temperature (0.07; the other reading of Eq. 13 is 0.01, which collapsed "
+                        "training to all background on the demo world: docs/vpl.md#loss)")
     g.add_argument("--rsc-form", default="pairs", choices=["pairs", "class", "literal"],
-                   help="RSC definition (spec 8.6; default pairs)")
+                   help="RSC definition (default pairs; docs/vpl.md#loss)")
     add_config_options(g, TrainConfig, ["checkpoint_every", "eval_every", "amp", "amp_dtype", "seed",
                                         "num_workers"])
     g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
