@@ -31,7 +31,6 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -150,6 +149,7 @@ def use_logit_scale(model: Any, scale: float) -> Iterator[Any]:
         scale: the scale ``exp(logit_scale)`` must give, e.g. :attr:`DropInPrototypes.logit_scale`.
 
     Example:
+        >>> from types import SimpleNamespace
         >>> m = SimpleNamespace(logit_scale=torch.nn.Parameter(torch.tensor(4.6052)))
         >>> with use_logit_scale(m, 33.333335876464844):
         ...     print(f"{float(m.logit_scale.exp()):.4f}")
@@ -319,7 +319,8 @@ def learn_vision_prototypes_for(
     and the model's exact fp32 ``logit_scale.exp()`` (one trunk forward, one backward, as
     :func:`vpl_plugin.cam.image_gradcams`), then seeds and targets
     (:func:`~vpl_plugin.build_targets` or :func:`~vpl_plugin.prototypes.region_pool`); finally
-    :func:`~vpl_plugin.learn_from_dataset` (projected gradient descent from the text features).
+    :func:`~vpl_plugin.pipeline.learn_from_text_prototypes` (projected gradient descent from the
+    text features).
 
     Args:
         model: OpenAI CLIP ViT or CLIP-ES's modified CLIP (only its modules are used; the model is
@@ -347,7 +348,7 @@ def learn_vision_prototypes_for(
     """
     from vpl_plugin.backbones.clip import CLIPDense
     from vpl_plugin.cam import image_gradcams
-    from vpl_plugin.pipeline import _assemble, learn_from_dataset, learning_rows
+    from vpl_plugin.pipeline import _assemble, learn_from_text_prototypes, learning_rows
 
     _check_model(model)
     check_ndim("fg_text_features", fg_text_features, 2, "(N_fg, D)")
@@ -403,10 +404,10 @@ def learn_vision_prototypes_for(
     provenance = {"source": "vpl_plugin.dropin", "phi": float(phi), "target_mode": target_mode,
                   "pooling": pooling, "model_class": type(model).__name__,
                   "clip_module": check_imports()["clip"]}
-    ps, history = learn_from_dataset(SimpleNamespace(text_prototypes=text), lset, tau=tau, lr=lr,
-                                     iters=iters, step_rule=step_rule,
-                                     device=device if device is not None else dev,
-                                     progress=progress, provenance=provenance)
+    ps, history = learn_from_text_prototypes(text, lset, tau=tau, lr=lr, iters=iters,
+                                             step_rule=step_rule,
+                                             device=device if device is not None else dev,
+                                             progress=progress, provenance=provenance)
     if before is not None and _model_state(model) != before:  # pragma: no cover - a bug guard
         raise RuntimeError("internal error: learn_vision_prototypes_for changed the model.")
     logit_scale = float(scale) if tau == "clip" else _scale_for_tau(float(tau))
