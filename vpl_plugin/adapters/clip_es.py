@@ -21,6 +21,7 @@ from vpl_plugin.cam import (
     GradCAMResult,
     affinity_transition,
     box_mask,
+    dense_maps,
     image_gradcams,
     minmax_scale,
     refine_cams,
@@ -175,15 +176,8 @@ class CLIPESAdapter(CAMAdapter):
                    prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
         """Per-class dense maps ``(k, h, w)`` from the patch features and the (current) prototypes."""
         ps = prototypes or self.prototypes
-        stacked = self.stacked_prototypes(labels, ps)
-        stacked = stacked / stacked.norm(dim=-1, keepdim=True)
-        sims = features.float() @ stacked.t()  # (n, k + n_bg)
-        k = len(labels)
-        if self.config.dense_kind == "softmax":
-            maps = (sims * float(ps.logit_scale)).softmax(dim=-1)[:, :k]
-        else:
-            maps = sims[:, :k]
-        return minmax_scale(maps.t().reshape(k, *grid))
+        return dense_maps(features, self.stacked_prototypes(labels, ps), len(labels), grid,
+                          float(ps.logit_scale), self.config.dense_kind)
 
     def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
         """Hook: the maps that enter refinement (``map_mode``; CLIP-ES: the GradCAMs unchanged)."""
