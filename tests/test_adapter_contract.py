@@ -247,3 +247,20 @@ def test_third_adapter_learning_set_equals_rows_from_its_text_gradcams(name, tin
     ps, _ = learn_from_dataset(adapter, lset, tau=0.1, iters=5, progress=False)
     assert ps.kind == "vision" and ps.class_names == text.class_names
     assert torch.isfinite(ps.prototypes).all()
+
+
+def test_a_clip_es_subclass_that_overrides_gradcams_does_not_batch_unless_it_says_so():
+    class OwnForward(CLIPESAdapter):
+        def gradcams(self, image, labels, prototypes=None):
+            return super().gradcams(image, labels, prototypes)
+
+    class OwnForwardBatched(OwnForward):
+        supports_batch = True
+
+    class OnlyFuse(CLIPESAdapter):
+        def fuse(self, result, labels):
+            return result.cams
+
+    assert CLIPESAdapter.supports_batch and OnlyFuse.supports_batch
+    assert not OwnForward.supports_batch and OwnForwardBatched.supports_batch
+    assert not CAMAdapter.supports_batch and not PlainGradCAMAdapter.supports_batch
