@@ -165,6 +165,7 @@ def _edited_script() -> str:
     return script.replace(dispatch, loop)
 
 
+@pytest.mark.slow  # a subprocess that loads torch and CLIP, learns, then `vpl cams`: about 30 s
 def test_edited_upstream_script_runs_and_equals_vpl_cams(setup, tmp_path):
     from vpl_plugin.prototypes import PrototypeSet
 
