@@ -110,6 +110,16 @@ class CLIPESAdapter(CAMAdapter):
     #: the configuration dataclass (a subclass adapter may extend it)
     config_class = CLIPESConfig
 
+    #: :meth:`call_batch` runs a whole batch through one trunk forward. A subclass that overrides
+    #: :meth:`gradcams` gets ``False`` (the batched forward would bypass its hook) unless it sets
+    #: the attribute itself.
+    supports_batch: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "gradcams" in vars(cls) and "supports_batch" not in vars(cls):
+            cls.supports_batch = False
+
     def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPESConfig] = None, **overrides) -> None:
         self.encoder = encoder
@@ -210,16 +220,6 @@ class CLIPESAdapter(CAMAdapter):
         # "fused" explains the image with the text prototypes and localises with the current ones
         gradcam_set = self.text_prototypes if self.config.map_mode == "fused" else None
         return self.gradcams(x, labels, prototypes=gradcam_set), size, labels
-
-    #: :meth:`call_batch` runs a whole batch through one trunk forward. A subclass that overrides
-    #: :meth:`gradcams` gets ``False`` (the batched forward would bypass its hook) unless it sets
-    #: the attribute itself.
-    supports_batch: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "gradcams" in vars(cls) and "supports_batch" not in vars(cls):
-            cls.supports_batch = False
 
     def call_batch(self, images: Sequence, labels: Sequence[Sequence[int]]) -> List[CAMOutput]:
         """CAMs of several images whose preprocessed sizes are equal, through one trunk forward and
