@@ -549,8 +549,9 @@ def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
 def learn_from_dataset(adapter: CAMAdapter, learning_set: LearningSet, *,
                        tau: Union[float, str] = 0.03, lr: float = 10.0, iters: int = 3000,
                        step_rule: Optional[str] = None, level: str = "instance",
-                       chunk_size: int = 65536, device: Optional[str] = None, progress: bool = True,
-                       provenance: Optional[dict] = None) -> Tuple[PrototypeSet, Dict[str, Any]]:
+                       chunk_size: int = 65536, device: Optional[Union[str, torch.device]] = None,
+                       progress: bool = True, provenance: Optional[dict] = None
+                       ) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the adapter's
     ``text_prototypes`` (the only hook used): :func:`learn_from_text_prototypes` with them."""
     return learn_from_text_prototypes(adapter.text_prototypes, learning_set, tau=tau, lr=lr,
@@ -562,7 +563,8 @@ def learn_from_dataset(adapter: CAMAdapter, learning_set: LearningSet, *,
 def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
                                tau: Union[float, str] = 0.03, lr: float = 10.0, iters: int = 3000,
                                step_rule: Optional[str] = None, level: str = "instance",
-                               chunk_size: int = 65536, device: Optional[str] = None,
+                               chunk_size: int = 65536,
+                               device: Optional[Union[str, torch.device]] = None,
                                progress: bool = True, provenance: Optional[dict] = None
                                ) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes

@@ -9,7 +9,7 @@ classes of an image share one trunk forward and one backward (identical results,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from vpl_plugin.cam import (
 )
 from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
+
+if TYPE_CHECKING:
+    from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
 
@@ -109,6 +112,9 @@ class CLIPESAdapter(CAMAdapter):
 
     #: the configuration dataclass (a subclass adapter may extend it)
     config_class = CLIPESConfig
+    #: CLIP-ES needs more of the encoder than the contract's ``ImageEncoder`` (text encoder,
+    #: trunk and last block, embedding size)
+    encoder: CLIPDense
 
     #: :meth:`call_batch` runs a whole batch through one trunk forward. A subclass that overrides
     #: :meth:`gradcams` gets ``False`` (the batched forward would bypass its hook) unless it sets
