@@ -859,6 +859,7 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
     budget = f", at most {max_tokens} by --max-tokens" if max_tokens is not None else ""
     print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels{budget}); "
           f"{len(summary.failed)} skipped")
+    started = time.time()
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
         level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
@@ -866,6 +867,7 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
                     "pooling": args.pooling, "max_tokens": max_tokens, "token_seed": args.token_seed,
                     "candidates": args.candidates, "seed_source": args.seed_source,
                     "dataset": args.dataset, "split_file": str(args.split_file)})
+    history["learning_seconds"] = round(time.time() - started, 3)
     ps.save(out)
     base = out.with_suffix("")
     _write_config(Path(f"{base}.yaml"), args, _describe_labels(dataset))

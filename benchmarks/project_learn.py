@@ -1,0 +1,205 @@
+"""What `vpl learn` costs a CPU-only user on VOC train_aug (10,582 images), projected from measured
+runs of the real command on scaled-down lists.
+
+For each configuration (the default: token pooling, tau_I 0.03, the `bb` step rule that stops once
+converged; and the recommended `--pooling region --tau 0.1`) and each list size (default the first
+20, 40 and 80 images of the VOC subset's train list), with a random-weight CLIP ViT-B/16 of the real
+size (`vpl random-clip --arch ViT-B/16`):
+
+1. the feature pass: `vpl learn ... --iters 0 --memmap --cache-dir C` (text GradCAMs, seeds,
+   targets; the learning set assembled into memory-mapped files as it is above 2 GB, which is the
+   case at train_aug scale with token pooling). The lists are prefixes of each other and share one
+   cache per configuration, so each run computes only the images the previous size lacked; the
+   per-image cost is fitted on those new images.
+2. the learning loop: the same command with the default `--iters 3000` (the cache is reused, so
+   this run's feature pass only reads it back); the learning seconds, passes over the data and the
+   stop reason come from the run's history file.
+
+Each run is a separate process, timed by wall clock; its memory is sampled from
+``/proc/<pid>/status`` (peak ``RssAnon``, the memory the run needs, and peak ``VmRSS``, which also
+counts resident pages of the memory-mapped files: page cache the system can reclaim).
+
+Projection: feature-pass wall time ``a + b * images`` (least squares over the runs); learning time
+= seconds per pass per row (from the largest run) x the rows train_aug would give (rows per image
+measured) x the passes of the largest run (the `bb` rule's pass count is a property of the problem,
+not of its size; the cap of 3000 iterations is reported too); memory: peak RssAnon fitted linearly
+in the rows, and the sizes of the memory-mapped files. Random weights give meaningless CAMs but the
+real arithmetic; a trained CLIP may need another number of passes. Writes
+benchmarks/results/project_learn.json and prints the projection.
+
+    OMP_NUM_THREADS=1 python benchmarks/project_learn.py [--sizes 20 40 80] [--work /tmp/vpl_project]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from _common import RESULTS, machine, voc_root
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_AUG = 10_582
+CONFIGS: Dict[str, List[str]] = {
+    "token_bb": [],  # the defaults: token pooling, tau_I 0.03, bb rule, 3000-iteration cap
+    "region_tau0.1": ["--pooling", "region", "--tau", "0.1"],
+}
+
+
+def _status_kb(pid: int) -> Dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "VmRSS"):
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def run_measured(argv: Sequence[str], log: Path) -> Dict[str, float]:
+    """Run ``argv`` to completion; its wall seconds and peak RssAnon / VmRSS (GB, sampled)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    peak = {"RssAnon": 0, "VmRSS": 0}
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                for key, value in _status_kb(proc.pid).items():
+                    peak[key] = max(peak[key], value)
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        code = proc.wait()
+        done.set()
+        thread.join()
+    wall = time.perf_counter() - start
+    if code not in (0, 3):
+        raise SystemExit(f"{' '.join(argv)} exited {code}; see {log}")
+    return {"wall_s": wall, "rss_anon_gb": peak["RssAnon"] / 1024 ** 2, "vm_rss_gb": peak["VmRSS"] / 1024 ** 2}
+
+
+def fit_line(x: Sequence[float], y: Sequence[float], *, growing: bool = False) -> Dict[str, float]:
+    """Least-squares ``y = a + b x``; ``growing``: a slope below 0 (memory that only looks like it
+    shrinks, sampling noise) is taken as 0 and ``a`` as the largest measurement."""
+    b, a = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
+    if growing and b < 0:
+        return {"a": float(max(y)), "b": 0.0}
+    return {"a": float(a), "b": float(b)}
+
+
+def _files_gb(cache: Path) -> float:
+    return sum((cache / n).stat().st_size for n in ("features.npy", "targets.npy", "candidates.npy")
+               if (cache / n).exists()) / 1024 ** 3
+
+
+def measure_config(name: str, flags: List[str], sizes: List[int], ids: List[str], ckpt: Path,
+                   work: Path) -> List[dict]:
+    cache = work / f"cache_{name}"
+    rows: List[dict] = []
+    previous = 0
+    for n in sizes:
+        split = work / f"list_{n}.txt"
+        split.write_text("\n".join(ids[:n]) + "\n")
+        out = work / f"{name}_{n}.pt"
+        base = [sys.executable, "-m", "vpl_plugin", "learn", "--clip", str(ckpt), "--root", str(voc_root()),
+                "--split-file", str(split), "--out", str(out), "--cache-dir", str(cache), "--memmap",
+                "--no-progress", *flags]
+        feat = run_measured([*base, "--iters", "0"], work / f"{name}_{n}_features.log")
+        hist = json.loads(out.with_suffix(".history.json").read_text())
+        feat["collect_s"] = hist["summary"]["seconds"]
+        feat["new_images"] = n - previous
+        learn = run_measured(base, work / f"{name}_{n}_learn.log")
+        hist = json.loads(out.with_suffix(".history.json").read_text())
+        meta = torch.load(out, weights_only=True)["provenance"]
+        learn.update(learning_s=hist["learning_seconds"], iterations=hist["iterations"],
+                     passes=hist["evaluations"][-1] if hist["evaluations"] else 1, stopped=hist["stopped"])
+        rows.append({"images": n, "rows": meta["pixels"], "memmap_gb": _files_gb(cache), "features": feat,
+                     "learning": learn})
+        print(f"{name} {n} images: {meta['pixels']} rows; features {feat['wall_s']:.1f} s "
+              f"({feat['new_images']} new), {feat['rss_anon_gb']:.2f} GB anon; learning "
+              f"{learn['learning_s']:.1f} s, {learn['passes']} passes ({learn['stopped']}), "
+              f"{learn['rss_anon_gb']:.2f} GB anon", flush=True)
+        previous = n
+    return rows
+
+
+def project(rows: List[dict], target: int) -> dict:
+    """Feature pass, learning loop and memory at ``target`` images from the measured runs."""
+    feat = fit_line([r["features"]["new_images"] for r in rows], [r["features"]["wall_s"] for r in rows])
+    rows_per_image = rows[-1]["rows"] / rows[-1]["images"]
+    target_rows = rows_per_image * target
+    last = rows[-1]
+    per_pass_row = last["learning"]["learning_s"] / max(last["learning"]["passes"], 1) / last["rows"]
+    passes = last["learning"]["passes"]
+    cap_passes = passes / max(last["learning"]["iterations"], 1) * 3000
+    anon_f = fit_line([r["images"] for r in rows], [r["features"]["rss_anon_gb"] for r in rows], growing=True)
+    anon_l = fit_line([r["rows"] for r in rows], [r["learning"]["rss_anon_gb"] for r in rows], growing=True)
+    mm = fit_line([r["rows"] for r in rows], [r["memmap_gb"] for r in rows], growing=True)
+    return {
+        "images": target, "rows_per_image": rows_per_image, "rows": target_rows,
+        "feature_fit_s": feat, "feature_pass_h": (feat["a"] + feat["b"] * target) / 3600,
+        "seconds_per_pass": per_pass_row * target_rows, "passes_measured": passes,
+        "learning_h": per_pass_row * target_rows * passes / 3600,
+        "learning_h_at_3000_iterations": per_pass_row * target_rows * cap_passes / 3600,
+        "feature_pass_rss_anon_gb": anon_f["a"] + anon_f["b"] * target, "memory_fits_gb": {
+            "feature_pass_per_image": anon_f, "learning_per_row": anon_l, "memmap_per_row": mm},
+        "learning_rss_anon_gb": anon_l["a"] + anon_l["b"] * target_rows,
+        "memmap_files_gb": mm["b"] * target_rows,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 40, 80])
+    parser.add_argument("--target", type=int, default=TRAIN_AUG, help="images to project to (train_aug)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vpl_project_learn"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = args.work / "vitb16_random.pt"
+    if not ckpt.exists():
+        subprocess.run([sys.executable, "-m", "vpl_plugin", "random-clip", "--arch", "ViT-B/16", "--out",
+                        str(ckpt)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    ids = (voc_root() / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    sizes = sorted(args.sizes)
+    if sizes[-1] > len(ids):
+        raise SystemExit(f"the train list has {len(ids)} images; --sizes asks for {sizes[-1]}")
+    start = time.time()
+    result: dict = {"sizes": sizes, "target_images": args.target, "threads": os.environ.get("OMP_NUM_THREADS"),
+                    "configs": {}}
+    for name in args.configs:
+        rows = measure_config(name, CONFIGS[name], sizes, ids, ckpt, args.work)
+        result["configs"][name] = {"flags": CONFIGS[name], "runs": rows, "projection": project(rows, args.target)}
+    result["benchmark_seconds"] = time.time() - start
+    result["machine"] = machine()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "project_learn.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nprojection to {args.target} images (one CPU process, {result['threads'] or 'default'} thread(s)):")
+    for name, entry in result["configs"].items():
+        p = entry["projection"]
+        print(f"  {name:14s} feature pass {p['feature_pass_h']:.1f} h, peak {p['feature_pass_rss_anon_gb']:.2f} GB; "
+              f"learning {p['learning_h']:.2f} h ({p['passes_measured']} passes of {p['seconds_per_pass']:.1f} s; "
+              f"{p['learning_h_at_3000_iterations']:.1f} h at 3000 iterations), peak "
+              f"{p['learning_rss_anon_gb']:.2f} GB + {p['memmap_files_gb']:.1f} GB memory-mapped files "
+              f"({p['rows']:.3g} rows)")
+
+
+if __name__ == "__main__":
+    main()
