@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -332,7 +332,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
                          memmap: Optional[bool] = None, pooling: str = "token",
-                         max_tokens: Optional[int] = None, token_seed: int = 0) -> LearningSet:
+                         max_tokens: Optional[int] = None, token_seed: int = 0, rank: int = 0,
+                         world_size: int = 1) -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
@@ -356,6 +357,12 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             :func:`subsample_rows` with ``token_seed`` (spec ``vpl.md`` section 6: at most 1e7
             tokens for COCO). ``None``: every row.
         token_seed: seed of that draw.
+        rank, world_size: this process takes every ``world_size``-th image of the list, starting
+            at ``rank`` (under torchrun), and returns the learning set of those images; ``summary``
+            counts them only. The rows an image gives do not depend on the process count, so
+            several processes share one ``cache_dir`` (and a rerun with another process count
+            reuses it); each process assembles its own memory-mapped files there
+            (``features.rank<R>-of-<W>.npy``, ...; ``features.npy`` in a single process).
     """
     if seed_source not in ("gradcam", "refined"):
         raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
@@ -369,7 +376,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                              f"{max_tokens}. Raise it or learn on fewer images (limit).")
         per_image = int(max_tokens) // max(n, 1)
     summary = summary if summary is not None else RunSummary()
-    summary.total = n
+    indices = _shard(n, rank, world_size)
+    summary.total = len(indices)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         _check_cache(cache, {"phi": phi, "target_mode": target_mode, "candidates": candidates,
@@ -381,7 +389,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
     records: Dict[str, Any] = {}
     start = time.time()
     shape = (int(text.prototypes.shape[0]), int(text.prototypes.shape[1]))
-    for i in progress_bar(range(n), desc="features", enabled=progress):
+    for i in progress_bar(indices, desc="features", enabled=progress):
         image_id = dataset.ids[i]
         path = cache / f"{image_id}.npz" if cache is not None else None
         if path is not None and path.exists():
@@ -409,7 +417,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             records[image_id] = rec
         summary.done += 1
     summary.seconds = time.time() - start
-    return _assemble(records, text.prototypes.shape, cache, memmap)
+    prefix = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
+    return _assemble(records, text.prototypes.shape, cache, memmap, prefix)
 
 
 def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
@@ -480,7 +489,8 @@ def _load_record(rec) -> Dict[str, np.ndarray]:
                          f"{err}); delete it and rerun, which recomputes it.") from err
 
 
-def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool]) -> LearningSet:
+def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool],
+              suffix: str = "") -> LearningSet:
     ids = list(records)
     sizes, seeds = [], []
     for image_id in ids:  # first pass: sizes only (npz members load lazily)
@@ -494,12 +504,14 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
     n_proto, dim = int(proto_shape[0]), int(proto_shape[1])
     if memmap is None:
         memmap = cache is not None and k * dim * 4 > 2 * 1024 ** 3
+    if memmap and cache is None:
+        raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
+    memmap = memmap and k > 0  # a process whose share gave no rows maps nothing
     if memmap:
-        if cache is None:
-            raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
-        feats = np.lib.format.open_memmap(cache / "features.npy", "w+", np.float16, (k, dim))
-        targets = np.lib.format.open_memmap(cache / "targets.npy", "w+", np.float32, (k, n_proto))
-        cands = np.lib.format.open_memmap(cache / "candidates.npy", "w+", np.bool_, (k, n_proto))
+        assert cache is not None
+        feats = np.lib.format.open_memmap(cache / f"features{suffix}.npy", "w+", np.float16, (k, dim))
+        targets = np.lib.format.open_memmap(cache / f"targets{suffix}.npy", "w+", np.float32, (k, n_proto))
+        cands = np.lib.format.open_memmap(cache / f"candidates{suffix}.npy", "w+", np.bool_, (k, n_proto))
     else:
         feats = torch.empty(k, dim, dtype=torch.float32)
         targets = torch.empty(k, n_proto, dtype=torch.float32)
@@ -538,7 +550,8 @@ def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
 def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, str] = 0.03,
                        lr: float = 10.0, iters: int = 3000, step_rule: Optional[str] = None,
                        level: str = "instance", chunk_size: int = 65536, device: Optional[str] = None,
-                       progress: bool = True, provenance: Optional[dict] = None
+                       progress: bool = True, provenance: Optional[dict] = None,
+                       reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
                        ) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes.
 
@@ -546,6 +559,9 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
         tau: ``tau_I`` (0.03), or ``"clip"`` for CLIP's own temperature (then the set carries
             CLIP's exact logit scale, so zero iterations reproduce the text CAMs exactly).
         lr: the first step (paper 10); a finite number > 0.
+        reduce_sum: ``learning_set`` is this process's share (see :func:`collect_learning_set`'s
+            ``rank``): sum over the processes with this function (see
+            :func:`~vpl_plugin.prototypes.learn_vision_prototypes`); every process gets the same set.
 
     Returns:
         the :class:`PrototypeSet` and the optimisation history.
@@ -564,9 +580,16 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
     else:
         tau_value = _check_positive("tau", tau)
     _check_positive("lr", lr)
-    if not learning_set.ids:
+    images, pixels = len(learning_set.ids), learning_set.num_pixels
+    if reduce_sum is not None:
+        counts = torch.tensor([float(images), float(pixels)], dtype=torch.float64,
+                              device=torch.device(device) if device is not None else "cpu")
+        images, pixels = (int(v) for v in reduce_sum(counts).tolist())
+    if not images:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
-    kwargs = {} if step_rule is None else {"step_rule": step_rule}
+    kwargs: Dict[str, Any] = {} if step_rule is None else {"step_rule": step_rule}
+    if reduce_sum is not None:
+        kwargs["reduce_sum"] = reduce_sum
     try:
         w, history = learn_vision_prototypes(
             learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates,
@@ -579,8 +602,8 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
                          f"that image's cached record (or the cache) and collect again.") from err
     record = {
         "tau": tau_value, "lr": lr, "iters": iters, "level": level,
-        "step_rule": step_rule or "default", "images": len(learning_set.ids),
-        "pixels": learning_set.num_pixels, "text_model": text.provenance.get("model"),
+        "step_rule": step_rule or "default", "images": images,
+        "pixels": pixels, "text_model": text.provenance.get("model"),
         "final_loss": float(history["loss"][-1]) if history.get("loss") else None,
         "initial_loss": float(history["loss"][0]) if history.get("loss") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

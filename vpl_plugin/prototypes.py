@@ -69,6 +69,9 @@ TARGET_MODES: Tuple[str, ...] = ("seed_hardened", "inmap", "cam", "kl")
 """Target constructions of :func:`build_targets` (spec section 4.3: Q-A, Q-B, Q-C, Q-D)."""
 
 RowData = Union[torch.Tensor, np.ndarray, Sequence[Any], Iterable[Any]]
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes that share a learning set (each holds some of its rows) and
+returns the sum, identical in every process (e.g. :func:`vpl_plugin.distributed.all_reduce_sum`)."""
 
 _FORMAT = "vpl_plugin.PrototypeSet"
 _FORMAT_VERSION = 1
@@ -469,7 +472,7 @@ class _Problem:
 
     def __init__(self, features: Any, targets: Any, candidates: Any, n_proto: int,
                  chunk_size: int, device: Optional[Union[str, torch.device]],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, reduce_sum: Optional[ReduceSum] = None) -> None:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}.")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -484,9 +487,6 @@ class _Problem:
                              "per image; give targets with one row per feature row.")
         sizes = self.x.sizes if self.x.per_image else (self.q.sizes if self.q.per_image else None)
         self.cand = _candidate_rows(candidates, n_proto, self.x.total, sizes)
-        if self.x.total == 0:
-            raise ValueError("features has no rows (K = 0).")
-        self.K = self.x.total
         self.D = self.x.cols
         self.N = n_proto
         self.chunk = int(chunk_size)
@@ -496,6 +496,14 @@ class _Problem:
         self.device = torch.device(device)
         self.dtype = dtype
         self.checked = False  # set once a full pass found no NaN/inf
+        self.reduce_sum = reduce_sum
+        self.K_local = self.x.total  # this process's rows; K counts every process's
+        self.K = self.K_local
+        if reduce_sum is not None:
+            count = torch.tensor([float(self.K_local)], dtype=torch.float64, device=self.device)
+            self.K = int(reduce_sum(count)[0])
+        if self.K == 0:
+            raise ValueError("features has no rows (K = 0)" + (" in any process." if reduce_sum else "."))
 
     def chunks(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Aligned ``(features, targets, candidates)`` chunks of ``chunk_size`` rows.
@@ -528,11 +536,55 @@ class _Problem:
 
     def _pass(self, w: torch.Tensor, tau: float, grad: bool
               ) -> Tuple[float, Optional[torch.Tensor]]:
+        loss, r, no_candidate, failure = self.statistics(w, tau, grad)
+        if self.reduce_sum is not None:
+            loss, r, no_candidate = self._reduce(loss, r, no_candidate, failure)
+        elif failure is not None:
+            raise failure
+        if no_candidate:
+            raise ValueError("some pixels have no candidate prototype; every row of candidates "
+                             "needs at least one True.")
+        mean = float(loss) / self.K
+        return mean, (None if r is None else r / (self.K * tau))
+
+    def _reduce(self, loss: torch.Tensor, r: Optional[torch.Tensor], no_candidate: bool,
+                failure: Optional[NonFiniteRowsError]) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+        """Sum the statistics over the processes: one collective call per pass.
+
+        A process whose rows hold NaN/inf still takes part (so no process waits forever) and then
+        raises its own error, naming its row; the others raise one that points to it."""
+        head = torch.tensor([float(loss), float(no_candidate), float(failure is not None)],
+                            dtype=torch.float64, device=self.device)
+        buf = head if r is None else torch.cat([head, r.flatten()])
+        buf = self.reduce_sum(buf)  # type: ignore[misc]
+        if failure is not None:
+            raise failure
+        if float(buf[2]) > 0:
+            raise ValueError(f"{int(buf[2])} other process(es) found NaN/inf rows in their share of the "
+                             "learning set (their error names the row); learning from them would give "
+                             "NaN prototypes.")
+        r_sum = None if r is None else buf[3:].view(self.N, self.D)
+        return buf[0], r_sum, bool(buf[1] > 0)
+
+    def statistics(self, w: torch.Tensor, tau: float, grad: bool
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool, Optional[NonFiniteRowsError]]:
+        """Sums over this process's rows: ``sum -Q log P`` (float64), the unscaled gradient
+        ``(P * sum(Q) - Q)^T X`` (``(N, D)`` float64, when ``grad``), whether a row has no
+        candidate, and the :class:`NonFiniteRowsError` of the first bad chunk (None if none).
+        Sums over disjoint row sets add up to the sums over their union."""
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         r = torch.zeros(self.N, self.D, dtype=torch.float64, device=self.device) if grad else None
         no_candidate = torch.zeros((), dtype=torch.bool, device=self.device)
         w = w.to(device=self.device, dtype=self.dtype)
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        try:
+            self._accumulate(w, tau, loss, r, no_candidate, zero)
+        except NonFiniteRowsError as err:
+            return loss, r, bool(no_candidate), err
+        return loss, r, bool(no_candidate), None
+
+    def _accumulate(self, w: torch.Tensor, tau: float, loss: torch.Tensor, r: Optional[torch.Tensor],
+                    no_candidate: torch.Tensor, zero: torch.Tensor) -> None:
         for x, q, m in self.chunks():
             # prototype-major (N, c) layout: the softmax runs along the long contiguous pixel axis
             # (on one CPU thread 2x faster than (c, N) for the demo's 15 prototypes; benchmarks/NOTES.md)
@@ -548,11 +600,6 @@ class _Problem:
                 # (N, c); equals P - Q for pixels whose target sums to one
                 resid = log_p.exp_().mul_(q.sum(dim=0, keepdim=True)).sub_(q)
                 r += torch.mm(resid, x).double()
-        if bool(no_candidate):
-            raise ValueError("some pixels have no candidate prototype; every row of candidates "
-                             "needs at least one True.")
-        mean = float(loss) / self.K
-        return mean, (None if r is None else r / (self.K * tau))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,6 +617,7 @@ def prototype_loss(
     chunk_size: int = 65536,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
+    reduce_sum: Optional[ReduceSum] = None,
 ) -> float:
     """Mean cross-entropy ``(1/K) sum -Q log P(W)`` (spec section 5), computed in chunks.
 
@@ -586,6 +634,9 @@ def prototype_loss(
         chunk_size: rows per chunk.
         device: where to compute (default: the device of a tensor ``features``, else CPU).
         dtype: compute dtype of the chunk GEMMs (sums are accumulated in float64).
+        reduce_sum: the rows are shared among processes (this one holds some of them): a function
+            summing a tensor over the processes (see :func:`learn_vision_prototypes`); the result
+            is the mean over every process's rows.
 
     Returns:
         The mean loss as a Python float.
@@ -597,7 +648,8 @@ def prototype_loss(
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
     tau = _check_positive("tau", tau)
-    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
+    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
+                    reduce_sum)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.loss(prototypes, tau)
 
@@ -612,6 +664,7 @@ def prototype_gradient(
     chunk_size: int = 65536,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
+    reduce_sum: Optional[ReduceSum] = None,
 ) -> torch.Tensor:
     """Exact Euclidean gradient ``(1/(K tau)) (P - Q)^T X`` of :func:`prototype_loss`.
 
@@ -624,7 +677,8 @@ def prototype_gradient(
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
     tau = _check_positive("tau", tau)
-    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
+    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
+                    reduce_sum)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.evaluate(prototypes, tau)[1].to(dtype)
 
@@ -689,6 +743,9 @@ def _class_level_problem(prob: _Problem, init: torch.Tensor, tau_text: float
         base += (q.T @ x).double()
         mass += q.sum(dim=0).double()
         active |= torch.ones_like(active) if m is None else m.any(dim=0)
+    if prob.reduce_sum is not None:  # every process's rows: one sum of (N, D + 2) values
+        buf = prob.reduce_sum(torch.cat([base, mass[:, None], active.double()[:, None]], dim=1))
+        base, mass, active = buf[:, :prob.D], buf[:, prob.D], buf[:, prob.D + 1] > 0
     has_anchor = (mass > 0) & active
     if not bool(has_anchor.any()):
         raise ValueError("level='class' found no prototype with target mass; targets are all zero.")
@@ -717,6 +774,7 @@ def learn_vision_prototypes(
     callback: Optional[Callable[[int, torch.Tensor], Optional[bool]]] = None,
     progress: bool = False,
     return_history: bool = False,
+    reduce_sum: Optional[ReduceSum] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]:
     """Learn vision prototypes ``W`` by full-batch gradient descent on the unit spheres (Alg. 1).
 
@@ -786,6 +844,15 @@ def learn_vision_prototypes(
         callback: ``callback(iteration, W)`` after every update (``iteration`` from 1, ``W`` the
             ``(N, D)`` current prototypes on ``device``; clone to keep). Returning True stops.
         progress: show a tqdm bar when tqdm is installed (silently none otherwise).
+        reduce_sum: several processes, each holding a share of the rows (``features``,
+            ``targets`` and ``candidates`` are this process's rows; a share may be empty): a
+            function summing a tensor over the processes, e.g.
+            :func:`vpl_plugin.distributed.all_reduce_sum` under torchrun. Every pass sums the loss
+            and gradient statistics over the processes (one call of ``(N * D + 3)`` float64 values),
+            so every process takes the same steps and returns the same ``W``: that of one process
+            holding all the rows, up to the order of float summation. Every process must call this
+            function with the same arguments apart from its rows. ``None``: this process has all
+            rows.
         return_history: also return a dict of per-iteration lists: ``loss`` (``L(W_0..W_T)``,
             length ``T + 1``), ``grad_norm`` (``||G(W_t)||_F``, Euclidean, length ``T``),
             ``lr`` (step size used at iteration ``t``), ``evaluations`` (cumulative passes over the
@@ -819,7 +886,7 @@ def learn_vision_prototypes(
         check_range("tol", tol, 0.0)
 
     prob = _Problem(features, targets, candidates, init_prototypes.shape[0], chunk_size, device,
-                    dtype)
+                    dtype, reduce_sum)
     check_same("init_prototypes.shape[1]", init_prototypes.shape[1], "features.shape[1]", prob.D,
                "Prototypes and features must live in the same (joint CLIP) space.")
     dev = prob.device
