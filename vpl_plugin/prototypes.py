@@ -513,8 +513,8 @@ class _Problem:
         one; later passes skip the check.
         """
         check = not self.checked
-        for a in range(0, self.K, self.chunk):
-            b = min(a + self.chunk, self.K)
+        for a in range(0, self.K_local, self.chunk):
+            b = min(a + self.chunk, self.K_local)
             x = self.x.get(a, b, self.device, self.dtype)
             q = self.q.get(a, b, self.device, self.dtype)
             m = None if self.cand is None else self.cand.get(a, b, self.device, torch.bool)
