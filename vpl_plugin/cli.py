@@ -82,9 +82,10 @@ _EPILOG_LEARN = """examples:
 The learning pass computes text GradCAMs, seeds them at --phi, builds target distributions and
 runs projected gradient descent on the unit sphere from the text prototypes.
 Several processes (GPUs, or CPU processes with gloo) share the learning pass under torchrun: each
-computes the features of every N-th image (one --cache-dir serves them all), every gradient step
-sums the loss and gradient over the processes (the prototypes of one process, up to float
-summation order), and rank 0 writes the files:
+computes the features of every N-th image into the one feature cache, then takes every N-th
+--chunk-size chunk of the whole set; every pass gathers the chunks' sums and adds them in order, so
+the prototypes are bit for bit those of one process with the same thread count (with --no-cache
+each keeps its images' rows: equal within float rounding). Rank 0 writes the files:
   torchrun --nproc_per_node 4 -m vpl_plugin learn --device cuda --clip ViT-B/16 --root VOC2012 \\
       --split-file train_aug.txt --out vpl.pt --pooling region --tau 0.1"""
 
@@ -866,6 +867,7 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
     from vpl_plugin import distributed
     from vpl_plugin._io import write_json
     from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset, merge_summaries
+    from vpl_plugin.prototypes import ChunkShare
 
     tau: Any = args.tau if args.tau == "clip" else float(args.tau)  # checked by tau_arg
     summary = RunSummary()
@@ -874,21 +876,29 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
                                 limit=args.limit, progress=args.progress and env.is_main, summary=summary,
                                 cache_dir=cache, memmap=args.memmap, pooling=args.pooling,
                                 max_tokens=max_tokens, token_seed=args.token_seed, rank=env.rank,
-                                world_size=env.world_size)
+                                world_size=env.world_size,
+                                chunk_size=args.chunk_size if env.distributed and cache is not None else None)
     parts = distributed.all_gather_object((summary, len(lset.ids), lset.num_pixels))
+    images, pixels = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    share = reduce_sum = None
+    if lset.chunk_size is not None:  # each rank holds chunks of the whole set: one process's sums
+        share = ChunkShare(env.rank, env.world_size, distributed.all_gather_tensor)
+        images, pixels = lset.total_images, lset.total_pixels
+    elif env.distributed:  # --no-cache: each rank holds its images' rows; sums within float rounding
+        reduce_sum = distributed.all_reduce_sum
     if env.distributed:
         summary = merge_summaries([p[0] for p in parts], dataset.ids)
     budget = f", at most {max_tokens} by --max-tokens" if max_tokens is not None else ""
     shared = f" over {env.world_size} processes" if env.distributed else ""
     if env.is_main:
-        print(f"vpl learn: features of {sum(p[1] for p in parts)} images ({sum(p[2] for p in parts)} "
-              f"pixels{budget}){shared}; {len(summary.failed)} skipped")
+        print(f"vpl learn: features of {images} images ({pixels} pixels{budget}){shared}; "
+              f"{len(summary.failed)} skipped")
     started = time.time()
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
         level=args.level, chunk_size=args.chunk_size, device=args.device,
         progress=args.progress and env.is_main,
-        reduce_sum=distributed.all_reduce_sum if env.distributed else None,
+        reduce_sum=reduce_sum, share=share,
         provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
                     "pooling": args.pooling, "max_tokens": max_tokens, "token_seed": args.token_seed,
                     "candidates": args.candidates, "seed_source": args.seed_source,

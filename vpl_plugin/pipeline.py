@@ -22,10 +22,10 @@ import torch
 from vpl_plugin._io import atomic_path, save_npy_dict
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.voc import sample_image
-from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
-                                   learn_vision_prototypes, region_pool, seeds_from_cams)
+from vpl_plugin.prototypes import (ChunkShare, NonFiniteRowsError, PrototypeSet, _check_positive,
+                                   build_targets, learn_vision_prototypes, region_pool, seeds_from_cams)
 
-__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
+__all__ = ["RunSummary", "chunk_pieces", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
            "LearningSet", "merge_summaries", "subsample_rows"]
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,11 @@ class LearningSet:
         seeds: ``(K,)`` seed labels (0 background, ``c + 1`` for class ``c``), for the gap measure.
         sizes: pixels per image, in the order of ``ids``.
         ids: image ids.
+        offsets: per entry of ``ids``, its first row within the image (all 0 unless the set is a
+            chunk share, whose first and last image may be cut).
+        chunk_size: set when the rows are this process's chunks of a set shared chunk by chunk
+            (:class:`~vpl_plugin.prototypes.ChunkShare`), of this many rows.
+        total_images, total_pixels: of the whole shared set (chunk shares only).
     """
 
     features: Any
@@ -237,6 +242,10 @@ class LearningSet:
     seeds: torch.Tensor
     sizes: List[int]
     ids: List[str]
+    offsets: Optional[List[int]] = None
+    chunk_size: Optional[int] = None
+    total_images: Optional[int] = None
+    total_pixels: Optional[int] = None
 
     @property
     def num_pixels(self) -> int:
@@ -333,7 +342,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
                          memmap: Optional[bool] = None, pooling: str = "token",
                          max_tokens: Optional[int] = None, token_seed: int = 0, rank: int = 0,
-                         world_size: int = 1) -> LearningSet:
+                         world_size: int = 1, chunk_size: Optional[int] = None) -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
@@ -363,6 +372,13 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             several processes share one ``cache_dir`` (and a rerun with another process count
             reuses it); each process assembles its own memory-mapped files there
             (``features.rank<R>-of-<W>.npy``, ...; ``features.npy`` in a single process).
+        chunk_size: with ``world_size > 1`` and a ``cache_dir`` (which every process must see):
+            once every process has finished its images, return this process's chunk share of the
+            whole set instead of the rows of its own images: the rows of all images in list order,
+            cut into chunks of ``chunk_size`` rows, chunks ``rank``, ``rank + world_size``, ...
+            (read from the cache; learn with a :class:`~vpl_plugin.prototypes.ChunkShare` and the
+            same chunk size for the prototypes of one process, bit for bit). A collective call:
+            every process must make it.
     """
     if seed_source not in ("gradcam", "refined"):
         raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
@@ -417,8 +433,49 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             records[image_id] = rec
         summary.done += 1
     summary.seconds = time.time() - start
-    prefix = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
-    return _assemble(records, text.prototypes.shape, cache, memmap, prefix)
+    suffix = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
+    sizes = _record_sizes(records)
+    if chunk_size is None or world_size == 1 or cache is None:
+        pieces = [(image_id, 0, size) for image_id, size in zip(records, sizes)]
+        return _assemble(records, pieces, text.prototypes.shape, cache, memmap, suffix)
+    from vpl_plugin import distributed
+
+    position = {image_id: i for i, image_id in enumerate(dataset.ids[:n])}
+    everyone = [entry for part in distributed.all_gather_object(list(zip(records, sizes))) for entry in part]
+    everyone.sort(key=lambda entry: position[entry[0]])
+    pieces = chunk_pieces(everyone, chunk_size, rank, world_size)
+    every_record = {image_id: cache / f"{image_id}.npz" for image_id, _ in everyone}
+    lset = _assemble(every_record, pieces, text.prototypes.shape, cache, memmap, suffix)
+    lset.chunk_size = int(chunk_size)
+    lset.total_images = len(everyone)
+    lset.total_pixels = int(sum(size for _, size in everyone))
+    return lset
+
+
+def chunk_pieces(images: Sequence[Tuple[str, int]], chunk_size: int, rank: int, world_size: int
+                 ) -> List[Tuple[str, int, int]]:
+    """The rows of chunks ``rank``, ``rank + world_size``, ... of a set made of ``images`` (``(id,
+    rows)`` in order) cut into chunks of ``chunk_size`` rows, as ``(id, first row, end row)`` pieces
+    in order.
+
+    Example:
+        >>> chunk_pieces([("a", 3), ("b", 4), ("c", 2)], 4, 1, 2)
+        [('b', 1, 4), ('c', 0, 1)]
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
+    pieces: List[Tuple[str, int, int]] = []
+    start = 0
+    for image_id, size in images:
+        a = start
+        while a < start + size:
+            chunk = a // chunk_size
+            b = min(start + size, (chunk + 1) * chunk_size)
+            if chunk % world_size == rank:
+                pieces.append((image_id, a - start, b - start))
+            a = b
+        start += size
+    return pieces
 
 
 def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
@@ -489,17 +546,23 @@ def _load_record(rec) -> Dict[str, np.ndarray]:
                          f"{err}); delete it and rerun, which recomputes it.") from err
 
 
-def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool],
-              suffix: str = "") -> LearningSet:
-    ids = list(records)
-    sizes, seeds = [], []
-    for image_id in ids:  # first pass: sizes only (npz members load lazily)
-        rec = records[image_id]
+def _record_sizes(records: Dict[str, Any]) -> List[int]:
+    """Rows of each record (an in-memory dict or a cached ``.npz``, whose header alone is read)."""
+    sizes = []
+    for rec in records.values():
         if isinstance(rec, dict):
             sizes.append(int(rec["features"].shape[0]))
         else:
             with np.load(rec) as z:
                 sizes.append(int(_member_shape(z, "seeds")[0]))
+    return sizes
+
+
+def _assemble(records: Dict[str, Any], pieces: Sequence[Tuple[str, int, int]], proto_shape,
+              cache: Optional[Path], memmap: Optional[bool], suffix: str = "") -> LearningSet:
+    """The learning set of ``pieces`` (``(image id, first row, end row)`` of ``records``), in order."""
+    sizes = [b - a for _, a, b in pieces]
+    seeds = []
     k = int(sum(sizes))
     n_proto, dim = int(proto_shape[0]), int(proto_shape[1])
     if memmap is None:
@@ -517,32 +580,34 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
         targets = torch.empty(k, n_proto, dtype=torch.float32)
         cands = torch.empty(k, n_proto, dtype=torch.bool)
     pos = 0
-    for image_id, size in zip(ids, sizes):
+    for image_id, a, b in pieces:
         rec = _load_record(records[image_id])
-        sl = slice(pos, pos + size)
+        sl = slice(pos, pos + b - a)
         if memmap:
-            feats[sl] = rec["features"]
-            targets[sl] = rec["targets"]
+            feats[sl] = rec["features"][a:b]
+            targets[sl] = rec["targets"][a:b]
             cands[sl] = rec["candidates"][None, :]
         else:
-            feats[sl] = torch.from_numpy(rec["features"].astype(np.float32))
-            targets[sl] = torch.from_numpy(rec["targets"])
+            feats[sl] = torch.from_numpy(rec["features"][a:b].astype(np.float32))
+            targets[sl] = torch.from_numpy(rec["targets"][a:b])
             cands[sl] = torch.from_numpy(rec["candidates"])[None, :]
-        seeds.append(torch.from_numpy(rec["seeds"].astype(np.int64)))
-        pos += size
+        seeds.append(torch.from_numpy(rec["seeds"][a:b].astype(np.int64)))
+        pos += b - a
     if memmap:
         for arr in (feats, targets, cands):
             arr.flush()
     seed = torch.cat(seeds) if seeds else torch.zeros(0, dtype=torch.long)
-    return LearningSet(feats, targets, cands, seed, sizes, ids)
+    return LearningSet(feats, targets, cands, seed, sizes, [p[0] for p in pieces],
+                       offsets=[p[1] for p in pieces])
 
 
 def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
     """``(image id, row within the image)`` of row ``row`` of a learning set."""
     start = 0
-    for image_id, size in zip(learning_set.ids, learning_set.sizes):
+    offsets = learning_set.offsets or [0] * len(learning_set.ids)
+    for image_id, size, offset in zip(learning_set.ids, learning_set.sizes, offsets):
         if row < start + size:
-            return image_id, row - start
+            return image_id, row - start + offset
         start += size
     return "?", row
 
@@ -551,8 +616,8 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
                        lr: float = 10.0, iters: int = 3000, step_rule: Optional[str] = None,
                        level: str = "instance", chunk_size: int = 65536, device: Optional[str] = None,
                        progress: bool = True, provenance: Optional[dict] = None,
-                       reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                       ) -> Tuple[PrototypeSet, Dict[str, Any]]:
+                       reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       share: Optional[ChunkShare] = None) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes.
 
     Args:
@@ -562,6 +627,9 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
         reduce_sum: ``learning_set`` is this process's share (see :func:`collect_learning_set`'s
             ``rank``): sum over the processes with this function (see
             :func:`~vpl_plugin.prototypes.learn_vision_prototypes`); every process gets the same set.
+        share: ``learning_set`` is this process's chunk share (``collect_learning_set(...,
+            chunk_size=C)`` with ``chunk_size`` equal to ``C``): every process gets the set of one
+            process, bit for bit.
 
     Returns:
         the :class:`PrototypeSet` and the optimisation history.
@@ -581,7 +649,12 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
         tau_value = _check_positive("tau", tau)
     _check_positive("lr", lr)
     images, pixels = len(learning_set.ids), learning_set.num_pixels
-    if reduce_sum is not None:
+    if share is not None:
+        if learning_set.chunk_size != chunk_size:
+            raise ValueError(f"the learning set is not a share of {chunk_size}-row chunks (chunk size "
+                             f"{learning_set.chunk_size}); collect it with chunk_size={chunk_size}.")
+        images, pixels = int(learning_set.total_images or 0), int(learning_set.total_pixels or 0)
+    elif reduce_sum is not None:
         counts = torch.tensor([float(images), float(pixels)], dtype=torch.float64,
                               device=torch.device(device) if device is not None else "cpu")
         images, pixels = (int(v) for v in reduce_sum(counts).tolist())
@@ -590,6 +663,8 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
     kwargs: Dict[str, Any] = {} if step_rule is None else {"step_rule": step_rule}
     if reduce_sum is not None:
         kwargs["reduce_sum"] = reduce_sum
+    if share is not None:
+        kwargs["share"] = share
     try:
         w, history = learn_vision_prototypes(
             learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates,
