@@ -871,6 +871,7 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
 
     tau: Any = args.tau if args.tau == "clip" else float(args.tau)  # checked by tau_arg
     summary = RunSummary()
+    cpu_start = time.process_time()
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
                                 limit=args.limit, progress=args.progress and env.is_main, summary=summary,
@@ -893,7 +894,7 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
     if env.is_main:
         print(f"vpl learn: features of {images} images ({pixels} pixels{budget}){shared}; "
               f"{len(summary.failed)} skipped")
-    started = time.time()
+    started, cpu_features = time.time(), time.process_time() - cpu_start
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
         level=args.level, chunk_size=args.chunk_size, device=args.device,
@@ -904,6 +905,8 @@ def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens:
                     "candidates": args.candidates, "seed_source": args.seed_source,
                     "dataset": args.dataset, "split_file": str(args.split_file)})
     history["learning_seconds"] = round(time.time() - started, 3)
+    history["cpu_seconds"] = {"features": round(cpu_features, 3),  # this process's CPU time
+                              "learning": round(time.process_time() - cpu_start - cpu_features, 3)}
     if not env.is_main:
         distributed.barrier()  # rank 0 writes the files
         return _cams_status(summary)
