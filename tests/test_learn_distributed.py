@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Tuple
 import pytest
 import torch
 
+from vpl_plugin.pipeline import chunk_pieces
 from vpl_plugin.prototypes import (ChunkShare, NonFiniteRowsError, learn_vision_prototypes,
                                    prototype_gradient, prototype_loss)
 
@@ -244,3 +245,19 @@ def test_chunk_share_refuses_rows_that_are_not_whole_chunks():
 
     _, errors = group.run(rank)
     assert all(isinstance(e, ValueError) and "global chunks" in str(e) for e in errors)
+
+
+@pytest.mark.parametrize("chunk,world", [(1, 2), (4, 2), (5, 3), (7, 2), (100, 2)])
+def test_chunk_pieces_give_each_rank_every_world_th_chunk_of_the_rows(chunk, world):
+    images = [("a", 3), ("b", 0), ("c", 9), ("d", 1), ("e", 6)]
+    # oracle: label every row of the concatenated set, row by row
+    rows = [(image_id, r) for image_id, n in images for r in range(n)]
+    covered = []
+    for rank in range(world):
+        pieces = chunk_pieces(images, chunk, rank, world)
+        got = [(image_id, r) for image_id, a, b in pieces for r in range(a, b)]
+        expected = [row for k, row in enumerate(rows) if (k // chunk) % world == rank]
+        assert got == expected
+        assert all(b > a for _, a, b in pieces)
+        covered += got
+    assert sorted(covered) == sorted(rows)
