@@ -456,6 +456,11 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
     everyone.sort(key=lambda entry: position[entry[0]])
     pieces = chunk_pieces(everyone, chunk_size, rank, world_size)
     every_record = {image_id: cache / f"{image_id}.npz" for image_id, _ in everyone}
+    unseen = [str(path) for path in every_record.values() if not path.is_file()]
+    if unseen:
+        raise ValueError(f"process {rank} cannot see {len(unseen)} record(s) the other processes wrote "
+                         f"into the feature cache {cache} (first: {unseen[0]}); every process must see one "
+                         f"cache folder (a shared file system across machines), or pass --no-cache.")
     lset = _assemble(every_record, text.prototypes.shape, cache, memmap, suffix, pieces)
     lset.chunk_size = int(chunk_size)
     lset.total_images = len(everyone)
