@@ -261,3 +261,22 @@ def test_chunk_pieces_give_each_rank_every_world_th_chunk_of_the_rows(chunk, wor
         assert all(b > a for _, a, b in pieces)
         covered += got
     assert sorted(covered) == sorted(rows)
+
+
+def test_a_feature_cache_other_processes_cannot_see_is_refused_by_name(voc_root, tiny_encoder, tmp_path,
+                                                                        monkeypatch):
+    """Chunk shares read every process's records from the one cache: a process that does not see
+    them (no shared file system) is told so, not handed a confusing unreadable-record error."""
+    pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
+    from vpl_plugin import distributed
+    from vpl_plugin.adapters import CLIPESAdapter
+    from vpl_plugin.data.voc import VOCDataset
+    from vpl_plugin.pipeline import collect_learning_set
+
+    dataset = VOCDataset(voc_root, "train.txt")
+    # rank 1 (simulated) reports the second image, written into a cache this process cannot see
+    monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [mine, [(dataset.ids[1], 500)]])
+    with pytest.raises(ValueError, match="cannot see 1 record.*every process must see one cache"):
+        collect_learning_set(CLIPESAdapter(tiny_encoder), dataset, limit=2, progress=False,
+                             cache_dir=tmp_path / "cache", rank=0, world_size=2, chunk_size=100)
+    assert (tmp_path / "cache" / f"{dataset.ids[0]}.npz").is_file()  # its own image was done
