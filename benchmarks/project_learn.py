@@ -138,10 +138,12 @@ def measure_config(name: str, flags: List[str], sizes: List[int], ids: List[str]
                      passes=hist["evaluations"][-1] if hist["evaluations"] else 1, stopped=hist["stopped"])
         rows.append({"images": n, "rows": meta["pixels"], "memmap_gb": _files_gb(cache), "features": feat,
                      "learning": learn})
+        rows[-1]["cache_npz_gb"] = sum(p.stat().st_size for p in cache.glob("*.npz")) / 1024 ** 3
         print(f"{name} {n} images: {meta['pixels']} rows; feature run {feat['cpu_s']:.1f} CPU s "
-              f"({feat['wall_s']:.1f} s wall, {feat['new_images']} new images), {feat['rss_anon_gb']:.2f} GB "
-              f"anon; learning {learn['learning_cpu_s']:.1f} CPU s ({learn['learning_s']:.1f} s wall), "
-              f"{learn['passes']} passes ({learn['stopped']}), {learn['rss_anon_gb']:.2f} GB anon", flush=True)
+              f"({feat['wall_s']:.1f} s wall, {feat['new_images']} new images), "
+              f"{feat['rss_anon_gb']:.2f} GB anon; learning {learn['learning_cpu_s']:.1f} CPU s "
+              f"({learn['learning_s']:.1f} s wall), {learn['passes']} passes ({learn['stopped']}), "
+              f"{learn['rss_anon_gb']:.2f} GB anon", flush=True)
         previous = n
     return rows
 
@@ -173,7 +175,8 @@ def project(rows: List[dict], target: int) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20],
                         help="list sizes (default 5 10 20: about 15 min on a loaded 2-core machine; "
                              "20 40 80 on a quiet one)")
@@ -192,20 +195,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if sizes[-1] > len(ids):
         raise SystemExit(f"the train list has {len(ids)} images; --sizes asks for {sizes[-1]}")
     start = time.time()
-    result: dict = {"sizes": sizes, "target_images": args.target, "threads": os.environ.get("OMP_NUM_THREADS"),
-                    "configs": {}}
+    result: dict = {"sizes": sizes, "target_images": args.target,
+                    "threads": os.environ.get("OMP_NUM_THREADS"), "configs": {}}
     for name in args.configs:
         rows = measure_config(name, CONFIGS[name], sizes, ids, ckpt, args.work)
-        result["configs"][name] = {"flags": CONFIGS[name], "runs": rows, "projection": project(rows, args.target)}
+        result["configs"][name] = {"flags": CONFIGS[name], "runs": rows,
+                                   "projection": project(rows, args.target)}
     result["benchmark_seconds"] = time.time() - start
     result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "project_learn.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nprojection to {args.target} images (one CPU process, {result['threads'] or 'default'} thread(s)):")
+    print_projection(result)
+
+
+def print_projection(result: dict) -> None:
+    print(f"\nprojection to {result['target_images']} images (one CPU process, "
+          f"{result['threads'] or 'default'} thread(s)):")
     for name, entry in result["configs"].items():
         p = entry["projection"]
-        print(f"  {name:14s} feature pass {p['feature_pass_h']:.1f} h, peak {p['feature_pass_rss_anon_gb']:.2f} GB; "
-              f"learning {p['learning_h']:.2f} h ({p['passes_measured']} passes of {p['seconds_per_pass']:.1f} s; "
+        print(f"  {name:14s} feature pass {p['feature_pass_h']:.1f} h, peak "
+              f"{p['feature_pass_rss_anon_gb']:.2f} GB; learning {p['learning_h']:.2f} h "
+              f"({p['passes_measured']} passes of {p['seconds_per_pass']:.1f} s; "
               f"{p['learning_h_at_3000_iterations']:.1f} h at 3000 iterations), peak "
               f"{p['learning_rss_anon_gb']:.2f} GB + {p['memmap_files_gb']:.1f} GB memory-mapped files "
               f"({p['rows']:.3g} rows)")
