@@ -148,30 +148,60 @@ def measure_config(name: str, flags: List[str], sizes: List[int], ids: List[str]
     return rows
 
 
-def project(rows: List[dict], target: int) -> dict:
-    """Feature pass, learning loop and memory at ``target`` images from the measured runs."""
-    # CPU seconds: what a dedicated core takes as wall time (the measuring machine may be shared)
-    feat = fit_line([r["features"]["new_images"] for r in rows], [r["features"]["cpu_s"] for r in rows])
-    rows_per_image = rows[-1]["rows"] / rows[-1]["images"]
-    target_rows = rows_per_image * target
+# Anonymous memory that grows with the rows (the feature files themselves are memory-mapped):
+# the seeds (int64, once as per-image pieces and once concatenated) in every run, and in the
+# learning loop the working set of one chunk, which the small runs here never fill (their sets are
+# one short chunk): 0.46 GB for a full 65,536 x 512 chunk with 45 prototypes (measured:
+# benchmarks/bench_learning.py, NOTES.md), i.e. about 7.5 kB per chunk row.
+SEED_BYTES_PER_ROW = 16
+CHUNK_BYTES_PER_ROW = 0.46 * 1024 ** 3 / 65536
+CHUNK_ROWS = 65536
+
+
+def project(rows: List[dict], target: int, feature_runs: Optional[List[dict]] = None) -> dict:
+    """Feature pass, learning loop and memory at ``target`` images from the measured runs.
+
+    Times: CPU seconds, what a dedicated core takes as wall time (the measuring machine may be
+    shared). The feature pass is fitted as ``a + b * images`` over ``feature_runs`` (default: this
+    configuration's runs; the configurations do the same work per image). Memory is not fitted:
+    the peaks of these runs are set by the largest image and the model, not by the list length
+    (a straight line through them extrapolates sampling noise), so the projection is the largest
+    measured peak plus what grows with the rows (see ``SEED_BYTES_PER_ROW``)."""
+    runs = feature_runs or rows
+    feat = fit_line([r["features"]["new_images"] for r in runs], [r["features"]["cpu_s"] for r in runs])
     last = rows[-1]
+    rows_per_image = last["rows"] / last["images"]
+    target_rows = rows_per_image * target
     per_pass_row = last["learning"]["learning_cpu_s"] / max(last["learning"]["passes"], 1) / last["rows"]
     passes = last["learning"]["passes"]
     cap_passes = passes / max(last["learning"]["iterations"], 1) * 3000
-    anon_f = fit_line([r["images"] for r in rows], [r["features"]["rss_anon_gb"] for r in rows], growing=True)
-    anon_l = fit_line([r["rows"] for r in rows], [r["learning"]["rss_anon_gb"] for r in rows], growing=True)
+    grown = (target_rows - last["rows"]) * SEED_BYTES_PER_ROW / 1024 ** 3
+    chunk = (min(target_rows, CHUNK_ROWS) - min(last["rows"], CHUNK_ROWS)) * CHUNK_BYTES_PER_ROW / 1024 ** 3
     mm = fit_line([r["rows"] for r in rows], [r["memmap_gb"] for r in rows], growing=True)
+    npz = [r.get("cache_npz_gb") for r in rows]
     return {
         "images": target, "rows_per_image": rows_per_image, "rows": target_rows,
         "feature_fit_s": feat, "feature_pass_h": (feat["a"] + feat["b"] * target) / 3600,
+        "feature_cpu_s_per_image": feat["b"],
         "seconds_per_pass": per_pass_row * target_rows, "passes_measured": passes,
         "learning_h": per_pass_row * target_rows * passes / 3600,
         "learning_h_at_3000_iterations": per_pass_row * target_rows * cap_passes / 3600,
-        "feature_pass_rss_anon_gb": anon_f["a"] + anon_f["b"] * target, "memory_fits_gb": {
-            "feature_pass_per_image": anon_f, "learning_per_row": anon_l, "memmap_per_row": mm},
-        "learning_rss_anon_gb": anon_l["a"] + anon_l["b"] * target_rows,
+        "feature_pass_rss_anon_gb": max(r["features"]["rss_anon_gb"] for r in rows) + grown,
+        "learning_rss_anon_gb": max(r["learning"]["rss_anon_gb"] for r in rows) + grown + chunk,
         "memmap_files_gb": mm["b"] * target_rows,
+        "cache_npz_gb": (npz[-1] / last["rows"] * target_rows) if npz[-1] else None,
     }
+
+
+def reproject(path: Path, target: Optional[int] = None) -> dict:
+    """Recompute the projections of a results file (e.g. after changing the model above)."""
+    result = json.loads(path.read_text())
+    result["target_images"] = target or result["target_images"]
+    pooled = [r for entry in result["configs"].values() for r in entry["runs"]]
+    for entry in result["configs"].values():
+        entry["projection"] = project(entry["runs"], result["target_images"], pooled)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -183,7 +213,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--target", type=int, default=TRAIN_AUG, help="images to project to (train_aug)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vpl_project_learn"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--reproject", action="store_true",
+                        help="only recompute and print the projection of results/project_learn.json")
     args = parser.parse_args(argv)
+    if args.reproject:
+        print_projection(reproject(RESULTS / "project_learn.json", args.target))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / "vitb16_random.pt"
     if not ckpt.exists():
@@ -199,13 +234,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "threads": os.environ.get("OMP_NUM_THREADS"), "configs": {}}
     for name in args.configs:
         rows = measure_config(name, CONFIGS[name], sizes, ids, ckpt, args.work)
-        result["configs"][name] = {"flags": CONFIGS[name], "runs": rows,
-                                   "projection": project(rows, args.target)}
+        result["configs"][name] = {"flags": CONFIGS[name], "runs": rows}
     result["benchmark_seconds"] = time.time() - start
     result["machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "project_learn.json").write_text(json.dumps(result, indent=2) + "\n")
-    print_projection(result)
+    print_projection(reproject(RESULTS / "project_learn.json"))
 
 
 def print_projection(result: dict) -> None:
@@ -213,12 +247,13 @@ def print_projection(result: dict) -> None:
           f"{result['threads'] or 'default'} thread(s)):")
     for name, entry in result["configs"].items():
         p = entry["projection"]
-        print(f"  {name:14s} feature pass {p['feature_pass_h']:.1f} h, peak "
+        print(f"  {name:14s} feature pass {p['feature_pass_h']:.1f} h "
+              f"({p['feature_cpu_s_per_image']:.2f} s per image), peak "
               f"{p['feature_pass_rss_anon_gb']:.2f} GB; learning {p['learning_h']:.2f} h "
               f"({p['passes_measured']} passes of {p['seconds_per_pass']:.1f} s; "
               f"{p['learning_h_at_3000_iterations']:.1f} h at 3000 iterations), peak "
               f"{p['learning_rss_anon_gb']:.2f} GB + {p['memmap_files_gb']:.1f} GB memory-mapped files "
-              f"({p['rows']:.3g} rows)")
+              f"({p['rows']:.3g} rows; per-image cache {p['cache_npz_gb'] or 0:.1f} GB)")
 
 
 if __name__ == "__main__":
