@@ -1,0 +1,267 @@
+"""Every reader and every `vpl` command over the crafted corpus of :mod:`crafted_files`.
+
+For each crafted file and each reader or command that takes it: nothing from the file runs (its
+marker file never appears), no traceback is printed, the refusal names the culprit file and the
+problem, the exit status is the documented one (2: the input is refused; 3: some images were
+skipped and the others processed; 0: a file a rerun must redo was redone), and where the file sits
+among good ones the good outputs exist. Commands run in-process through ``vpl_plugin.cli.main``
+on a tiny random-weight CLIP and 32-pixel synthetic scenes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
+pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
+pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is needed")
+pytest.importorskip("PIL.Image", reason="Pillow is needed")
+
+import crafted_files as cf  # noqa: E402
+
+from vpl_plugin.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GOOD = ["syn_0000000", "syn_0000001"]
+SIZE = 32  # scene side in pixels
+
+
+# ------------------------------------------------------------------------------------------------
+# the good inputs the crafted files sit among
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Two 32-pixel synthetic scenes in VOC layout (images, XML, ground truth, train.txt)."""
+    from vpl_plugin.data.synthetic import SceneWorld, export_voc
+
+    return export_voc(SceneWorld(size=SIZE, seed=3), tmp_path_factory.mktemp("corpus") / "world",
+                      {"train": (0, len(GOOD))})
+
+
+@pytest.fixture(scope="module")
+def inputs(world, tiny_checkpoint, tmp_path_factory):
+    """Good files every command needs: the tiny CLIP, prototypes, the good CAMs, a segmenter."""
+    from phase2_helpers import random_prototypes
+
+    from conftest import TINY_CLIP
+
+    folder = tmp_path_factory.mktemp("inputs")
+    protos = folder / "protos.pt"
+    random_prototypes(dim=TINY_CLIP["embed_dim"]).save(protos)
+    cams = folder / "cams"
+    assert _run(["cams", "--clip", tiny_checkpoint, *_data(world, "train.txt"), "--out", cams]) == EXIT_OK
+    train_out = folder / "train"
+    assert _run(_train(world, tiny_checkpoint, protos, train_out, world / "SegmentationClass")) == EXIT_OK
+    return {"clip": tiny_checkpoint, "protos": protos, "cams": cams, "segmenter": train_out / "segmenter.pt"}
+
+
+def _run(argv: Sequence) -> int:
+    return main([str(a) for a in argv])
+
+
+def _data(root: Path, split, *extra) -> List:
+    return ["--dataset", "synthetic", "--root", root, "--split-file", split, "--no-progress", *extra]
+
+
+def _train(root: Path, clip, protos, out: Path, masks: Path, split="train.txt", *extra) -> List:
+    return ["train", "--clip", clip, *_data(root, split), "--masks", masks, "--prototypes", protos,
+            "--out", out, "--crop", "32", "--iters", "1", "--batch-size", "2", "--workers", "0", *extra]
+
+
+def _copy_world(world: Path, dest: Path, new_id: str = "") -> Path:
+    """A copy of ``world`` whose list is the good ids plus ``new_id`` (a copy of the first scene,
+    image, annotation and ground truth, for a test to replace one of them with a crafted file)."""
+    root = dest / "world"
+    shutil.copytree(world, root)
+    if new_id:
+        for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("SegmentationClass", ".png")):
+            shutil.copy(root / sub / f"{GOOD[0]}{ext}", root / sub / f"{new_id}{ext}")
+    ids = GOOD[:1] + ([new_id] if new_id else []) + GOOD[1:]
+    (root / "ImageSets/Segmentation/list.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def _check(capsys, code: int, expected: int, crafted: "cf.Crafted", why: bool = True) -> str:
+    """The common assertions: exit status, no traceback, culprit (and reason) named, no marker."""
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text, text
+    assert not crafted.marker.exists(), f"{crafted.case.name}: the payload ran"
+    assert code == expected, f"{crafted.case.name}: exit {code}, expected {expected}\n{text}"
+    assert crafted.culprit.name in text, f"{crafted.case.name}: culprit not named\n{text}"
+    if why and crafted.case.why:
+        assert crafted.case.why in text, f"{crafted.case.name}: reason {crafted.case.why!r} not given\n{text}"
+    return text
+
+
+def _ids(case: "cf.Case") -> str:
+    return case.name
+
+
+# ------------------------------------------------------------------------------------------------
+# readers (the Python API)
+# ------------------------------------------------------------------------------------------------
+
+
+def _refused(call, crafted: "cf.Crafted", error=ValueError) -> str:
+    with pytest.raises(error) as info:
+        call()
+    text = str(info.value)
+    assert str(crafted.culprit) in text, text
+    assert crafted.case.why in text, text
+    assert not crafted.marker.exists()
+    return text
+
+
+@pytest.mark.parametrize("case", cf.CAM_CASES, ids=_ids)
+def test_cam_readers(case, tmp_path):
+    from vpl_plugin.data.cam_files import read_cam_file
+    from vpl_plugin.metrics import evaluate_cams
+    from vpl_plugin.pseudo_masks import make_pseudo_masks
+
+    cams, gt = tmp_path / "cams", tmp_path / "gt"
+    crafted = case.make(cams, tmp_path / "MARKER", filename=f"{case.name}.npy")
+    cf.Case("good", lambda p, m, b: np.save(open(p, "wb"), cf.good_cams((SIZE, SIZE)))).make(
+        cams, tmp_path / "MARKER", filename="good.npy")
+    if case.refused_by_reader:
+        _refused(lambda: read_cam_file(crafted.path), crafted)
+    else:
+        read_cam_file(crafted.path)
+    gt.mkdir()
+    from PIL import Image
+
+    for name in ("good", case.name):
+        Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(gt / f"{name}.png")
+    ids = ["good", case.name]
+    result = evaluate_cams(cams, gt, ids, bg_thresholds=1, progress=False)
+    assert result["n_images"] == 1 and [m["id"] for m in result["missing"]] == [case.name]
+    assert crafted.path.name in result["missing"][0]["reason"] + result["missing"][0].get("path", "")
+    masks = make_pseudo_masks(cams, tmp_path / "no_images", ids, tmp_path / "masks", crf=False,
+                              num_classes=21, progress=False)
+    if case.name == "cam_wrong_size":  # without the image (no CRF) the CAM's own size is the mask's
+        assert masks["done"] == ids
+    else:
+        assert masks["done"] == ["good"] and [f[0] for f in masks["failed"]] == [case.name]
+        assert crafted.path.name in masks["failed"][0][1] and case.why in masks["failed"][0][1]
+    assert not crafted.marker.exists()
+
+
+@pytest.mark.parametrize("case", cf.IMAGE_CASES, ids=_ids)
+def test_image_readers(case, tmp_path):
+    from vpl_plugin.data.voc import DatasetError, load_image
+    from vpl_plugin.pseudo_masks import read_image_bgr
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", filename=f"{case.name}.jpg")
+    if case.accepted:
+        img = load_image(crafted.path)
+        assert img.mode == "L" and np.asarray(img).max() == 255 and np.asarray(img).min() == 0
+        assert read_image_bgr(crafted.path).shape == (SIZE, SIZE, 3)
+        return
+    _refused(lambda: load_image(crafted.path), crafted, DatasetError)
+    _refused(lambda: read_image_bgr(crafted.path), crafted, DatasetError)
+
+
+@pytest.mark.parametrize("case", cf.ANNOTATION_CASES, ids=_ids)
+def test_annotation_reader(case, tmp_path):
+    from vpl_plugin.data.synthetic import SYNTHETIC
+    from vpl_plugin.data.voc import DatasetError, parse_voc_xml
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", filename=f"{case.name}.xml")
+    _refused(lambda: parse_voc_xml(crafted.path, SYNTHETIC), crafted, DatasetError)
+
+
+@pytest.mark.parametrize("case", cf.LABEL_CASES, ids=_ids)
+def test_label_readers(case, tmp_path):
+    from vpl_plugin.data.labels import read_label_png
+    from vpl_plugin.data.voc import labels_from_mask
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", filename=f"{case.name}.png")
+    _refused(lambda: read_label_png(crafted.path, 21), crafted)
+    _refused(lambda: labels_from_mask(crafted.path, 21), crafted)
+
+
+@pytest.fixture(scope="module")
+def good_state(tiny_checkpoint):
+    return torch.load(tiny_checkpoint, weights_only=True)
+
+
+@pytest.mark.parametrize("case", cf.CLIP_CASES, ids=_ids)
+def test_clip_readers(case, tmp_path, good_state, monkeypatch):
+    from vpl_plugin.backbones import load_clip
+    from vpl_plugin.phase2.backbones import create_backbone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", good_state)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    _refused(lambda: load_clip(str(crafted.path)), crafted)
+    _refused(lambda: create_backbone(f"clip:{crafted.path}"), crafted)
+
+
+@pytest.mark.parametrize("case", cf.PROTOTYPE_CASES, ids=_ids)
+def test_prototype_reader(case, tmp_path, inputs):
+    from vpl_plugin.prototypes import PrototypeSet
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", inputs["protos"])
+    _refused(lambda: PrototypeSet.load(crafted.path), crafted)
+
+
+@pytest.mark.parametrize("case", cf.SEGMENTER_CASES, ids=_ids)
+def test_segmenter_reader(case, tmp_path, inputs, monkeypatch):
+    from vpl_plugin.phase2.decoder import load_segmenter
+
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    crafted = case.make(tmp_path, tmp_path / "MARKER", inputs["segmenter"])
+    _refused(lambda: load_segmenter(crafted.path), crafted)
+
+
+@pytest.mark.parametrize("case", cf.STATE_CASES, ids=_ids)
+def test_training_state_readers(case, tmp_path):
+    from vpl_plugin.demo.train_clip import export_training_state
+    from vpl_plugin.phase2.train import load_train_state
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", filename="last.pt")
+    for call in (lambda: load_train_state(crafted.path), lambda: export_training_state(crafted.path, tmp_path / "o.pt")):
+        text = _refused(call, crafted)
+        assert "--no-resume" in text
+    assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("case", cf.BANK_CASES, ids=_ids)
+def test_context_bank_reader(case, tmp_path):
+    from vpl_plugin.cpal import ContextBank
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER")
+    _refused(lambda: ContextBank.load(crafted.path), crafted)
+
+
+@pytest.mark.parametrize("case", cf.CONFIG_CASES, ids=_ids)
+def test_yaml_reader(case, tmp_path):
+    from vpl_plugin._yaml import read_yaml_mapping
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER")
+    if case.refused_by_reader:
+        _refused(lambda: read_yaml_mapping(crafted.path), crafted)
+    else:
+        assert isinstance(read_yaml_mapping(crafted.path), dict)
+    assert not crafted.marker.exists()
+
+
+@pytest.mark.parametrize("case", cf.SPLIT_CASES, ids=_ids)
+def test_split_readers(case, tmp_path):
+    from vpl_plugin.data.coco import read_coco_split
+    from vpl_plugin.data.voc import DatasetError, read_split
+
+    crafted = case.make(tmp_path, tmp_path / "MARKER", GOOD[0])
+    _refused(lambda: read_split(crafted.path), crafted, DatasetError)
+    _refused(lambda: read_coco_split(crafted.path), crafted, DatasetError)
