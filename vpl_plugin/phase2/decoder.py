@@ -375,9 +375,13 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
     path = os.fspath(path)
     payload = read_segmenter_checkpoint(path)
     p = payload["prototypes"]
-    ps = PrototypeSet(p["prototypes"], p["class_names"], p["background_names"], p["tau"],
-                      kind=p["kind"], provenance=p.get("provenance") or {},
-                      logit_scale_override=p.get("logit_scale_override"))
+    try:
+        ps = PrototypeSet(p["prototypes"], p["class_names"], p["background_names"], p["tau"],
+                          kind=p["kind"], provenance=p.get("provenance") or {},
+                          logit_scale_override=p.get("logit_scale_override"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"segmenter checkpoint {path!r}: its prototype set is invalid "
+                         f"({type(err).__name__}: {err}).") from err
     desc = payload.get("backbone") or {}
     if backbone is None:
         backbone = backbone_from_description(desc, map_location,
@@ -418,4 +422,20 @@ def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     missing = [k for k in ("decoder", "config", "prototypes", "backbone") if k not in payload]
     if missing:
         raise ValueError(f"segmenter checkpoint {path!r} is missing keys {missing}.")
+    _check_finite_weights(payload, path)
     return payload
+
+
+def _check_finite_weights(payload: Dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint whose decoder weights or prototypes hold NaN/inf (they would segment
+    every image into one class, reported as done), naming the file and the tensors."""
+    tensors = dict(payload["decoder"]) if isinstance(payload["decoder"], dict) else {}
+    protos = payload["prototypes"].get("prototypes") if isinstance(payload["prototypes"], dict) else None
+    if isinstance(protos, torch.Tensor):
+        tensors["prototypes"] = protos
+    bad = [name for name, t in tensors.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"segmenter checkpoint {path!r} holds non-finite values (NaN/inf) in {shown}; "
+                         "it cannot segment anything. Retrain or use an earlier checkpoint.")
