@@ -460,6 +460,18 @@ def _seg_records_evil_clip(path: Path, marker: Path, base: Path) -> Path:
     return clip
 
 
+def _seg_timm_weights_pickle(path: Path, marker: Path, base: Path) -> Path:
+    """A segmenter whose backbone description sends timm to a pickled payload as its weights."""
+    weights = path.with_name(path.stem + "_weights.pth")
+    torch.save({"x": Shell(marker)}, weights)
+    payload = torch.load(base, weights_only=True)
+    payload["backbone"] = {"family": "timm", "name": "vit_tiny_patch16_224", "pretrained": False,
+                           "checkpoint_path": str(weights),
+                           "model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 1}}
+    torch.save(payload, path)
+    return weights
+
+
 def _seg_nan_decoder(payload: Dict[str, Any], marker: Path) -> None:
     name = next(k for k, v in payload["decoder"].items() if v.is_floating_point() and v.numel() > 1)
     payload["decoder"][name] = payload["decoder"][name].clone()
@@ -469,6 +481,7 @@ def _seg_nan_decoder(payload: Dict[str, Any], marker: Path) -> None:
 SEGMENTER_CASES: List[Case] = [
     Case("seg_pickle.pt", _proto_edit(lambda p, m: {**p, "x": Shell(m)}), "not a readable", runs_code=True),
     Case("seg_records_torchscript_code.pt", _seg_records_evil_clip, "__setstate__", runs_code=True),
+    Case("seg_timm_weights_pickle.pt", _seg_timm_weights_pickle, SYSTEM, runs_code=True),
     Case("seg_nan_decoder.pt", _proto_edit(_seg_nan_decoder), "non-finite"),
     Case("seg_nan_prototypes.pt", _proto_edit(lambda p, m: p["prototypes"].update(
         {"prototypes": p["prototypes"]["prototypes"] * float("nan")})), "NaN"),

@@ -218,6 +218,8 @@ def test_prototype_reader(case, tmp_path, inputs):
 
 @pytest.mark.parametrize("case", cf.SEGMENTER_CASES, ids=_ids)
 def test_segmenter_reader(case, tmp_path, inputs, monkeypatch):
+    if "timm" in case.name:
+        pytest.importorskip("timm", reason="the timm backbone needs timm")
     from vpl_plugin.phase2.decoder import load_segmenter
 
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
@@ -450,6 +452,8 @@ def test_cli_on_crafted_prototype_files(case, command, world, inputs, tmp_path, 
 
 @pytest.mark.parametrize("case", cf.SEGMENTER_CASES, ids=_ids)
 def test_cli_on_crafted_segmenter_checkpoints(case, world, inputs, tmp_path, capsys, caplog, monkeypatch):
+    if "timm" in case.name:
+        pytest.importorskip("timm", reason="the timm backbone needs timm")
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
     crafted = case.make(tmp_path, tmp_path / "MARKER", inputs["segmenter"])
     out = tmp_path / "out"

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -384,8 +385,7 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
                          f"({type(err).__name__}: {err}).") from err
     desc = payload.get("backbone") or {}
     if backbone is None:
-        backbone = backbone_from_description(desc, map_location,
-                                             trust_torchscript=trust_torchscript)
+        backbone = _rebuild_backbone(desc, path, map_location, trust_torchscript)
     if check_backbone and desc.get("fingerprint") and hasattr(backbone, "fingerprint"):
         got = backbone.fingerprint()
         if got != desc["fingerprint"]:
@@ -403,6 +403,24 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
     model.eval()
     model.checkpoint_extra = dict(payload.get("extra") or {})
     return model
+
+
+def _rebuild_backbone(desc: Dict[str, Any], path: str, map_location: Union[str, torch.device],
+                      trust_torchscript: bool) -> nn.Module:
+    """The backbone a checkpoint describes. timm reports a weights file it refuses to unpickle
+    (``torch.load(weights_only=True)``) as a bare RuntimeError without the file's name; that
+    becomes a ValueError naming the checkpoint and the files its description points to."""
+    try:
+        return backbone_from_description(desc, map_location, trust_torchscript=trust_torchscript)
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if desc.get("family") != "timm":
+            raise
+        overlay = (desc.get("model_kwargs") or {}).get("pretrained_cfg_overlay") or {}
+        overlay_file = overlay.get("file") if isinstance(overlay, dict) else None
+        files = [f for f in (desc.get("checkpoint_path"), overlay_file) if f]
+        where = f" from {', '.join(map(str, files))}" if files else ""
+        raise ValueError(f"segmenter checkpoint {path!r}: its timm backbone {desc.get('name')!r} could "
+                         f"not be rebuilt{where} ({type(err).__name__}: {' '.join(str(err).split())}).") from err
 
 
 def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
