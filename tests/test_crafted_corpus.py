@@ -380,7 +380,7 @@ def test_cli_on_crafted_images(case, command, world, inputs, tmp_path, capsys, c
         _good_outputs_exist(command, out, case.name, processed=case.accepted)
 
 
-@pytest.mark.parametrize("command", ["cams", "learn", "train"])
+@pytest.mark.parametrize("command", ["cams", "learn", pytest.param("train", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", cf.ANNOTATION_CASES, ids=_ids)
 def test_cli_on_crafted_annotations(case, command, world, inputs, tmp_path, capsys, caplog):
     root = _copy_world(world, tmp_path, case.name)
@@ -547,3 +547,74 @@ def test_cli_on_crafted_split_files(case, command, world, inputs, tmp_path, caps
             "segment": ["segment", "--checkpoint", inputs["segmenter"], *data, "--out", out]}[command]
     _cli_check(_run(argv), EXIT_USAGE, _text_of(capsys, caplog), crafted)
     assert not list(out.glob("*.npy")) and not list(out.glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole corpus of a kind in one run: every culprit named, every good file processed
+# ------------------------------------------------------------------------------------------------
+
+
+def _corpus_world(world: Path, tmp_path: Path, groups) -> tuple:
+    """A copy of ``world`` holding every case of ``groups`` (``(cases, folder, suffix)``; a
+    folder name is under the copy) as its own image id, between the good ids; returns (root,
+    crafted files)."""
+    root = _copy_world(world, tmp_path)
+    crafted, ids = [], []
+    for cases, sub, suffix in groups:
+        for case in cases:
+            for s, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("SegmentationClass", ".png")):
+                shutil.copy(root / s / f"{GOOD[0]}{ext}", root / s / f"{case.name}{ext}")
+            crafted.append(case.make(root / sub, tmp_path / f"MARKER_{case.name}", filename=case.name + suffix))
+            ids.append(case.name)
+    (root / "ImageSets/Segmentation/list.txt").write_text("\n".join(GOOD[:1] + ids + GOOD[1:]) + "\n")
+    return root, crafted
+
+
+@pytest.mark.parametrize("command", ["cams", "learn", "segment"])
+def test_cli_whole_image_corpus_in_one_run(command, world, inputs, tmp_path, capsys, caplog):
+    groups = [(cf.IMAGE_CASES, "JPEGImages", ".jpg")]
+    if command != "segment":  # segment does not read annotations
+        groups.append((cf.ANNOTATION_CASES, "Annotations", ".xml"))
+    root, crafted = _corpus_world(world, tmp_path, groups)
+    code, out = _image_run(command, root, inputs, tmp_path, "")
+    text = _text_of(capsys, caplog)
+    assert code == EXIT_PARTIAL and "Traceback" not in text, text
+    refused = [c for c in crafted if not c.case.accepted]
+    for c in crafted:
+        assert not c.marker.exists()
+    for c in refused:
+        assert c.culprit.name in text and c.case.why in text, (c.case.name, text)
+    accepted = sorted(c.case.name for c in crafted if c.case.accepted)
+    if command == "learn":
+        assert out.is_file()
+    else:
+        assert _outputs(out, ".npy" if command == "cams" else ".png") == sorted(GOOD + accepted)
+
+
+@pytest.mark.parametrize("command", ["masks_workers", "eval"])
+def test_cli_whole_cam_corpus_in_one_run(command, world, inputs, tmp_path, capsys, caplog):
+    """Every crafted CAM file in one folder; `vpl masks --workers 2` sends the refusals from its
+    worker processes."""
+    cams = tmp_path / "cams"
+    shutil.copytree(inputs["cams"], cams)
+    root, crafted = _corpus_world(world, tmp_path, [(cf.CAM_CASES, cams, ".npy")])
+    out = tmp_path / "out"
+    if command == "eval":
+        code = _run(["eval", "--cams", cams, "--gt-root", root / "SegmentationClass", "--dataset", "synthetic",
+                     "--split-file", root / "ImageSets/Segmentation/list.txt", "--no-progress",
+                     "--json", out / "r.json"])
+        import json
+
+        result = json.loads((out / "r.json").read_text())
+        assert result["n_images"] == len(GOOD)
+        text = _text_of(capsys, caplog)
+        assert f"... and {len(crafted) - 10} more (--json FILE writes the full list)" in text
+        text += json.dumps(result["missing"])  # stderr lists the first ten
+    else:
+        code = _run(["masks", "--cams", cams, *_data(root, "list.txt"), "--out", out, "--workers", "2"])
+        assert _outputs(out, ".png") == GOOD
+        text = _text_of(capsys, caplog)
+    assert code == EXIT_PARTIAL and "Traceback" not in text, text
+    for c in crafted:
+        assert not c.marker.exists()
+        assert c.culprit.name in text and c.case.why in text, (c.case.name, text)
