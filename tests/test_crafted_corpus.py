@@ -621,3 +621,50 @@ def test_cli_whole_cam_corpus_in_one_run(command, world, inputs, tmp_path, capsy
     for c in crafted:
         assert not c.marker.exists()
         assert c.culprit.name in text and c.case.why in text, (c.case.name, text)
+
+
+# ------------------------------------------------------------------------------------------------
+# the oracle: each payload does run under the loader the package does not use
+# ------------------------------------------------------------------------------------------------
+
+
+def _unsafe_load(group: str, crafted: "cf.Crafted") -> None:
+    """Open ``crafted`` the way the package never does (what the payload was written against)."""
+    import pickle
+    import zipfile
+
+    path = crafted.culprit
+    if group == "cam":
+        np.load(path, allow_pickle=True)
+    elif group == "config":
+        import yaml
+
+        yaml.unsafe_load(path.read_text())
+    elif "torchscript" in crafted.case.name and "code" in crafted.case.name:
+        torch.jit.load(str(path))
+    elif "torchscript" in crafted.case.name:  # a Python reader of the archive's data.pkl record
+        with zipfile.ZipFile(path) as zf:
+            pickle.loads(zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl"))))
+    else:
+        torch.load(path, weights_only=False)
+
+
+_PAYLOADS = [pytest.param(group, case, id=case.name) for group, cases in cf.all_cases().items()
+             for case in cases if case.runs_code]
+
+
+@pytest.mark.parametrize("group, case", _PAYLOADS)
+def test_every_payload_runs_under_an_unsafe_loader(group, case, tmp_path, good_state, inputs):
+    """Without this the marker assertions above could not fail: each payload, opened with
+    ``np.load(allow_pickle=True)``, ``torch.load(weights_only=False)``, ``torch.jit.load`` or
+    ``yaml.unsafe_load``, creates its marker."""
+    if "timm" in case.name:
+        pytest.importorskip("timm")
+    base = {"clip": good_state, "prototypes": inputs["protos"], "segmenter": inputs["segmenter"]}.get(group)
+    crafted = case.make(tmp_path, tmp_path / "MARKER", base, filename=case.name + (".npy" if group == "cam" else ""))
+    assert not crafted.marker.exists()
+    try:
+        _unsafe_load(group, crafted)
+    except Exception:  # noqa: BLE001 - the payload ran before the loader noticed anything
+        pass
+    assert crafted.marker.exists(), f"{case.name}: the payload did not run even under an unsafe loader"

@@ -425,7 +425,13 @@ def _rebuild_backbone(desc: Dict[str, Any], path: str, map_location: Union[str, 
 
 def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The raw payload of a :func:`save_segmenter` file (keys ``decoder``, ``config``,
-    ``prototypes``, ``backbone``, ``extra``), validated, on the CPU."""
+    ``prototypes``, ``backbone``, ``extra``), validated, on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable segmenter checkpoint (nothing in it is executed), keys
+            missing, or NaN/inf in the decoder weights or the prototypes (the tensors are named).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"segmenter checkpoint {path!r} does not exist.")
