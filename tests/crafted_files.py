@@ -279,11 +279,22 @@ def _cam_huge_plain(path: Path, marker: Path, base: Any) -> None:
                                                "shape": (20000, 20000, 10000)})
 
 
+class UninitialisedArray:
+    """Pickles as a direct call ``numpy.ndarray((1, 3000, 3000), "f4")``: 36 MB of uninitialised
+    memory from a 150-byte file (any size, with another shape). ``np.save`` never writes that: it
+    passes the class to ``_reconstruct`` and fills the array from bytes stored in the file."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1, 3000, 3000), "f4"))
+
+
 CAM_CASES: List[Case] = [
     Case("cam_pickle_system", _np_save(_cams_with({"extra": Shell})), SYSTEM, runs_code=True),
     Case("cam_pickle_eval", _np_save(_cams_with({"extra": Eval})), "builtins.eval", runs_code=True),
     Case("cam_pickle_numpy_runstring", _np_save(_cams_with({"extra": NumpyRunstring})), "runstring",
          runs_code=True),
+    Case("cam_uninitialised_array", _np_save(_cams_with({"attn_highres": lambda m: UninitialisedArray()})),
+         "numpy.ndarray"),
     Case("cam_zero_bytes", _bytes(b""), "not a .npy file"),
     Case("cam_truncated", _cam_truncated, "truncated or corrupt"),
     Case("cam_garbage", _bytes(b"\x00\xffnot a numpy file" * 4), "not a .npy file"),

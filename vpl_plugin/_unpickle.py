@@ -152,11 +152,32 @@ def _numpy_core():
     return core, multiarray, numeric
 
 
+class _ArrayClass:
+    """What a CAM pickle gets for the global ``numpy.ndarray``.
+
+    numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by its shape, dtype
+    and bytes: the class is an argument and never called. Called directly, ``ndarray(shape,
+    dtype)`` returns an *uninitialised* array of any size, so a few bytes of pickle would stand
+    for gigabytes of whatever memory held (an allocation bomb, and a clean-looking CAM of
+    leftover memory). This stand-in is accepted where numpy passes the class and refuses the call.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            f"the pickle calls numpy.ndarray{args!r} directly, which makes an uninitialised array of "
+            f"that size out of nothing; np.save never writes that")
+
+
+_ARRAY_CLASS = _ArrayClass()
+
+
 def _checked_reconstruct(real: Callable[..., Any]) -> Callable[..., Any]:
     import numpy as np
 
     def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
         # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') followed by its state
+        if subtype is _ARRAY_CLASS:
+            subtype = np.ndarray
         if subtype is not np.ndarray or not (isinstance(shape, tuple) and all(
                 isinstance(n, int) and 0 <= n <= 1 for n in shape)):
             raise pickle.UnpicklingError(f"unexpected numpy array reconstruction arguments "
@@ -173,12 +194,14 @@ def numpy_globals() -> Dict[str, Any]:
     Returns:
         ``{"numpy._core.multiarray._reconstruct": ..., "numpy.core.multiarray.scalar": ...,
         "numpy.ndarray": ..., "numpy.dtype": ..., ...}``; the functions are numpy's own
-        (``_reconstruct`` checks its arguments first). Cached: do not modify it.
+        (``_reconstruct`` checks its arguments first), and ``numpy.ndarray`` is a stand-in that
+        ``_reconstruct`` accepts but that cannot be called (see :class:`_ArrayClass`). Cached: do
+        not modify it.
     """
     import numpy as np
 
     _, multiarray, numeric = _numpy_core()
-    out: Dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    out: Dict[str, Any] = {"numpy.ndarray": _ARRAY_CLASS, "numpy.dtype": np.dtype}
     reconstruct = _checked_reconstruct(multiarray._reconstruct)
     for prefix in _NUMPY_MODULES:
         out[f"{prefix}.multiarray._reconstruct"] = reconstruct
