@@ -496,6 +496,12 @@ SEGMENTER_CASES: List[Case] = [
     Case("seg_nan_decoder.pt", _proto_edit(_seg_nan_decoder), "non-finite"),
     Case("seg_nan_prototypes.pt", _proto_edit(lambda p, m: p["prototypes"].update(
         {"prototypes": p["prototypes"]["prototypes"] * float("nan")})), "NaN"),
+    Case("seg_huge_config.pt", _proto_edit(lambda p, m: p.update({"config": {**p["config"], "dim": 10 ** 6}})),
+         "do not fit its configuration"),
+    Case("seg_unknown_config_key.pt", _proto_edit(lambda p, m: p.update({"config": {**p["config"], "x": 1}})),
+         "configuration is invalid"),
+    Case("seg_weight_shapes.pt", _proto_edit(lambda p, m: p.update({"decoder": {
+        k: (v[..., :1] if v.ndim else v) for k, v in p["decoder"].items()}})), "do not fit its configuration"),
     Case("seg_missing_keys.pt", _proto_edit(lambda p, m: {k: v for k, v in p.items() if k != "decoder"}),
          "missing keys"),
     Case("seg_garbage.pt", _bytes(b"not a checkpoint"), "not a readable"),

@@ -264,13 +264,7 @@ class PrototypeSegmenter(nn.Module):
     def load_decoder_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True):
         """Load weights written by :meth:`decoder_state_dict` (a ``decoder.`` / ``module.`` prefix
         is stripped)."""
-        clean = {}
-        for k, v in state.items():
-            for prefix in ("module.", "decoder."):
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-            clean[k] = v
-        return self.decoder.load_state_dict(clean, strict=strict)
+        return self.decoder.load_state_dict(_strip_prefixes(state), strict=strict)
 
     # -- forward -----------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -293,6 +287,17 @@ class PrototypeSegmenter(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_fg={self.num_fg}, num_prototypes={self.prototypes.shape[0]}, "
                 f"layers={list(self.layers)}, tau_seg={self.tau_seg:.4g}")
+
+
+def _strip_prefixes(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` with a leading ``module.`` / ``decoder.`` dropped from each key."""
+    clean = {}
+    for k, v in state.items():
+        for prefix in ("module.", "decoder."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        clean[k] = v
+    return clean
 
 
 def build_segmenter(backbone: nn.Module, prototypes: PrototypeSet,
@@ -397,12 +402,42 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
         if key in desc and int(getattr(backbone, key)) != int(desc[key]):
             raise ValueError(f"backbone {key} {getattr(backbone, key)} differs from the one the "
                              f"decoder was trained on ({desc[key]}).")
-    model = PrototypeSegmenter(backbone, ps, DecoderConfig.from_dict(payload["config"]))
+    model = PrototypeSegmenter(backbone, ps, _checked_config(payload, backbone, ps, path))
     model.load_decoder_state_dict(payload["decoder"])
     model.to(map_location)
     model.eval()
     model.checkpoint_extra = dict(payload.get("extra") or {})
     return model
+
+
+def _checked_config(payload: Dict[str, Any], backbone: nn.Module, ps: PrototypeSet,
+                    path: str) -> DecoderConfig:
+    """The checkpoint's decoder configuration, refused (naming the file) unless it is valid and
+    the stored decoder weights have exactly the shapes it implies. The decoder is first built on
+    PyTorch's ``meta`` device (no memory), so a configuration edited to ask for an enormous
+    decoder is refused before anything is allocated."""
+    try:
+        if not isinstance(payload["config"], dict):
+            raise TypeError(f"the configuration is a {type(payload['config']).__name__}, not a dict")
+        config = DecoderConfig.from_dict(payload["config"])
+        layers = config.resolve_layers(int(backbone.num_layers))
+        with torch.device("meta"):
+            decoder = SegmentationDecoder(int(backbone.width), len(layers), int(ps.prototypes.shape[1]),
+                                          config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"segmenter checkpoint {path!r}: its decoder configuration is invalid "
+                         f"({err}).") from err
+    expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    stored = payload["decoder"] if isinstance(payload["decoder"], dict) else {}
+    got = {k: tuple(v.shape) for k, v in _strip_prefixes(stored).items() if isinstance(v, torch.Tensor)}
+    wrong = [f"{k} missing" for k in expected if k not in got]
+    wrong += [f"{k} unexpected" for k in got if k not in expected]
+    wrong += [f"{k} {got[k]} instead of {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if wrong:
+        shown = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise ValueError(f"segmenter checkpoint {path!r}: its decoder weights do not fit its configuration "
+                         f"and backbone ({shown}); the file is damaged or was edited.")
+    return config
 
 
 def _rebuild_backbone(desc: Dict[str, Any], path: str, map_location: Union[str, torch.device],
