@@ -388,6 +388,16 @@ def _state_edit(edit: Callable[[Dict[str, torch.Tensor], Path], None]) -> Writer
     return write
 
 
+def expanded(shape: Tuple[int, ...], value: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    """A tensor of ``shape`` stored as one element (stride 0): ``torch.save`` writes 4 bytes of
+    data for it, whatever its shape; used, it takes its full size (``(50000, 50000)`` = 10 GB)."""
+    return torch.full((1,), value, dtype=dtype).expand(*shape)
+
+
+def _expand_key(state: Dict[str, torch.Tensor], key: str) -> None:
+    state[key] = expanded(tuple(state[key].shape), 0.01, state[key].dtype)
+
+
 def _poison(state: Dict[str, torch.Tensor], marker: Path) -> None:
     state["visual.proj"].view(-1)[3] = float("nan")
 
@@ -419,6 +429,7 @@ CLIP_CASES: List[Case] = [
     Case("clip_zero_patch.pt", _state_edit(lambda s, m: s.update({"visual.conv1.weight": torch.zeros(
         s["visual.conv1.weight"].shape[0], 3, 0, 0)})), "visual.conv1.weight"),
     Case("clip_nan_weights.pt", _state_edit(_poison), "non-finite"),
+    Case("clip_expanded_view.pt", _state_edit(lambda s, m: _expand_key(s, "visual.proj")), "expanded or overlapping"),
     Case("clip_garbage.pt", _bytes(b"PK\x03\x04 not really a zip" * 3), ""),
     Case("clip_zero_bytes.pt", _bytes(b""), ""),
 ]
@@ -454,6 +465,8 @@ PROTOTYPE_CASES: List[Case] = [
     Case("proto_row_count.pt", _proto_edit(lambda p, m: p.update({"prototypes": p["prototypes"][:-1]})),
          "prototype rows"),
     Case("proto_missing_keys.pt", _proto_edit(lambda p, m: {k: v for k, v in p.items() if k != "tau"}), "tau"),
+    Case("proto_expanded_view.pt", _proto_edit(lambda p, m: p.update({"prototypes": expanded(
+        tuple(p["prototypes"].shape), 0.2)})), "expanded or overlapping"),
     Case("proto_garbage.pt", _bytes(b"\x80\x02garbage"), "not a readable"),
 ]
 
@@ -502,6 +515,9 @@ SEGMENTER_CASES: List[Case] = [
          "configuration is invalid"),
     Case("seg_weight_shapes.pt", _proto_edit(lambda p, m: p.update({"decoder": {
         k: (v[..., :1] if v.ndim else v) for k, v in p["decoder"].items()}})), "do not fit its configuration"),
+    Case("seg_expanded_view.pt", _proto_edit(lambda p, m: p.update({"decoder": {
+        k: (expanded(tuple(v.shape), 0.01, v.dtype) if v.is_floating_point() else v) for k, v in p["decoder"].items()}})),
+         "expanded or overlapping"),
     Case("seg_missing_keys.pt", _proto_edit(lambda p, m: {k: v for k, v in p.items() if k != "decoder"}),
          "missing keys"),
     Case("seg_garbage.pt", _bytes(b"not a checkpoint"), "not a readable"),
@@ -513,11 +529,20 @@ SEGMENTER_CASES: List[Case] = [
 # ------------------------------------------------------------------------------------------------
 
 
+def _shared_views() -> Dict[str, Any]:
+    """40 views of one 1 MB storage: ``torch.save`` stores the data once (1 MB); used, 40 MB."""
+    data = torch.zeros(1 << 18)
+    return {"iteration": 1, "views": [data.view(-1) for _ in range(40)]}
+
+
 STATE_CASES: List[Case] = [
     Case("state_pickle_system", _torch_save(lambda m, b: {"iteration": 1, "rng": Shell(m)}), SYSTEM,
          runs_code=True),
     Case("state_pickle_eval", _torch_save(lambda m, b: {"iteration": 1, "curve": [Eval(m)]}), "builtins.eval",
          runs_code=True),
+    Case("state_expanded_view", _torch_save(lambda m, b: {"iteration": 1, "x": expanded((1000, 1000))}),
+         "expanded or overlapping"),
+    Case("state_shared_views", _torch_save(lambda m, b: _shared_views()), "many views of the same data"),
     Case("state_garbage", _bytes(b"\x00 not a training state"), ""),
     Case("state_zero_bytes", _bytes(b""), ""),
 ]

@@ -34,6 +34,7 @@ from torch import nn
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path
+from vpl_plugin._unpickle import check_tensor_sizes
 from vpl_plugin.phase2.backbones import backbone_from_description
 from vpl_plugin.phase2.losses import segmentation_logits
 from vpl_plugin.prototypes import PrototypeSet
@@ -481,6 +482,7 @@ def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     missing = [k for k in ("decoder", "config", "prototypes", "backbone") if k not in payload]
     if missing:
         raise ValueError(f"segmenter checkpoint {path!r} is missing keys {missing}.")
+    check_tensor_sizes(payload, path, "segmenter checkpoint")
     _check_finite_weights(payload, path)
     return payload
 
