@@ -35,15 +35,16 @@ import struct
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 
 #: a Case's ``write(path, marker, base)``; returns the culprit's path when it is another file
-Writer = Callable[[Path, Path, Any], Optional[Path]]
+Writer = Callable[[Path, Path, Any], Path | None]
 
 #: how ``os.system`` pickles on this platform ("posix.system" on Linux and macOS)
 SYSTEM = f"{os.system.__module__}.system"
@@ -72,7 +73,7 @@ class Case:
     refused_by_reader: bool = True
     accepted: bool = False
 
-    def make(self, folder: Path, marker: Path, base: Any = None, *, filename: str = "") -> "Crafted":
+    def make(self, folder: Path, marker: Path, base: Any = None, *, filename: str = "") -> Crafted:
         """Write the file into ``folder`` (as ``filename``, default ``<name>``) and describe it."""
         path = Path(folder) / (filename or self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,11 +141,11 @@ class SetstateRunsCode(torch.nn.Module):
         self.marker = marker
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
         return (self.w, self.marker, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
         touched = torch.from_file(state[1], True, 1, dtype=torch.uint8)
         self.w = state[0] + touched.float().sum() * 0  # used, so the call is not optimised away
         self.marker = state[1]
@@ -189,7 +190,7 @@ def _np_save(make: Callable[[Path], Any]) -> Writer:
     return write
 
 
-def good_cams(size: Tuple[int, int] = (32, 32), keys=(0,), seed: int = 0) -> Dict[str, np.ndarray]:
+def good_cams(size: tuple[int, int] = (32, 32), keys=(0,), seed: int = 0) -> dict[str, np.ndarray]:
     """A well-formed CAM dict (upstream's keys and dtypes) for an image of ``size`` (H, W)."""
     rng = np.random.default_rng(seed)
     return {"keys": np.asarray(keys, np.int64),
@@ -209,7 +210,7 @@ def png_header_only(width: int, height: int, bit_depth: int = 1, colour: int = 0
             + png_chunk(b"IEND", b""))
 
 
-def small_jpeg(size: Tuple[int, int] = (32, 32), seed: int = 0) -> bytes:
+def small_jpeg(size: tuple[int, int] = (32, 32), seed: int = 0) -> bytes:
     """A real small RGB JPEG (``size`` = W, H)."""
     from PIL import Image
 
@@ -244,17 +245,17 @@ def _grey_ramp(size: int = 32) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cams_with(extra: Dict[str, Any]) -> Callable[[Path], Any]:
+def _cams_with(extra: dict[str, Any]) -> Callable[[Path], Any]:
     return lambda marker: {**good_cams(), **{k: (v(marker) if callable(v) else v) for k, v in extra.items()}}
 
 
-def _cam_nan(marker: Path) -> Dict[str, np.ndarray]:
+def _cam_nan(marker: Path) -> dict[str, np.ndarray]:
     cams = good_cams()
     cams["attn_highres"][0, 3:5, 3:7] = np.nan
     return cams
 
 
-def _cam_inf(marker: Path) -> Dict[str, np.ndarray]:
+def _cam_inf(marker: Path) -> dict[str, np.ndarray]:
     cams = good_cams()
     cams["attn_highres"][0, 0, 0] = np.inf
     return cams
@@ -288,7 +289,7 @@ class UninitialisedArray:
         return (np.ndarray, ((1, 3000, 3000), "f4"))
 
 
-CAM_CASES: List[Case] = [
+CAM_CASES: list[Case] = [
     Case("cam_pickle_system", _np_save(_cams_with({"extra": Shell})), SYSTEM, runs_code=True),
     Case("cam_pickle_eval", _np_save(_cams_with({"extra": Eval})), "builtins.eval", runs_code=True),
     Case("cam_pickle_numpy_runstring", _np_save(_cams_with({"extra": NumpyRunstring})), "runstring",
@@ -324,7 +325,7 @@ def _truncated_jpeg(path: Path, marker: Path, base: Any) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-IMAGE_CASES: List[Case] = [
+IMAGE_CASES: list[Case] = [
     Case("img_bomb_png", _bytes(png_header_only(14000, 14000)), "14000x14000"),
     Case("img_huge_jpeg", _huge_jpeg, "7000x7000"),
     Case("img_truncated_jpeg", _truncated_jpeg, ""),
@@ -343,7 +344,7 @@ _LAUGHS = ('<?xml version="1.0"?>\n<!DOCTYPE a [\n <!ENTITY l0 "lollollollolloll
            + "".join(f' <!ENTITY l{i} "' + f"&l{i - 1};" * 10 + '">\n' for i in range(1, 10))
            + ']>\n<annotation><object><name>&l9;</name></object></annotation>\n')
 
-ANNOTATION_CASES: List[Case] = [
+ANNOTATION_CASES: list[Case] = [
     Case("xml_billion_laughs", _xml(_LAUGHS), "malformed XML"),
     Case("xml_malformed", _xml("<annotation><object><name>cat</name></annotation>"), "malformed XML"),
     Case("xml_no_object", _xml("<annotation><size><width>32</width></size></annotation>"), "no <object>"),
@@ -366,7 +367,7 @@ def _label_77(size: int = 32) -> np.ndarray:
     return arr
 
 
-LABEL_CASES: List[Case] = [
+LABEL_CASES: list[Case] = [
     Case("label_value_77", _label(_label_77()), "77 (6 pixels)"),
     Case("label_16bit", _label(np.ones((32, 32), np.uint16) * 257), "mode 'I;16'"),
     Case("label_jpeg_data", _label(np.zeros((32, 32), np.uint8), "JPEG"), "JPEG data"),
@@ -379,8 +380,8 @@ LABEL_CASES: List[Case] = [
 # ------------------------------------------------------------------------------------------------
 
 
-def _state_edit(edit: Callable[[Dict[str, torch.Tensor], Path], None]) -> Writer:
-    def write(path: Path, marker: Path, base: Dict[str, torch.Tensor]) -> None:
+def _state_edit(edit: Callable[[dict[str, torch.Tensor], Path], None]) -> Writer:
+    def write(path: Path, marker: Path, base: dict[str, torch.Tensor]) -> None:
         state = {k: v.clone() for k, v in base.items()}
         edit(state, marker)
         torch.save(state, path)
@@ -388,17 +389,17 @@ def _state_edit(edit: Callable[[Dict[str, torch.Tensor], Path], None]) -> Writer
     return write
 
 
-def expanded(shape: Tuple[int, ...], value: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+def expanded(shape: tuple[int, ...], value: float = 0.0, dtype=torch.float32) -> torch.Tensor:
     """A tensor of ``shape`` stored as one element (stride 0): ``torch.save`` writes 4 bytes of
     data for it, whatever its shape; used, it takes its full size (``(50000, 50000)`` = 10 GB)."""
     return torch.full((1,), value, dtype=dtype).expand(*shape)
 
 
-def _expand_key(state: Dict[str, torch.Tensor], key: str) -> None:
+def _expand_key(state: dict[str, torch.Tensor], key: str) -> None:
     state[key] = expanded(tuple(state[key].shape), 0.01, state[key].dtype)
 
 
-def _poison(state: Dict[str, torch.Tensor], marker: Path) -> None:
+def _poison(state: dict[str, torch.Tensor], marker: Path) -> None:
     state["visual.proj"].view(-1)[3] = float("nan")
 
 
@@ -421,7 +422,7 @@ def _torchscript_data_pickle(path: Path, marker: Path, base: Any) -> None:
     plain.unlink()
 
 
-CLIP_CASES: List[Case] = [
+CLIP_CASES: list[Case] = [
     Case("clip_torchscript_code.pt", _torchscript_code, "__setstate__", runs_code=True),
     Case("clip_torchscript_pickle.pt", _torchscript_data_pickle, SYSTEM, runs_code=True),
     Case("clip_state_pickle.pt", _state_edit(lambda s, m: s.update({"x": Shell(m)})), "", runs_code=True),
@@ -440,7 +441,7 @@ CLIP_CASES: List[Case] = [
 # ------------------------------------------------------------------------------------------------
 
 
-def _proto_edit(edit: Callable[[Dict[str, Any], Path], Any]) -> Writer:
+def _proto_edit(edit: Callable[[dict[str, Any], Path], Any]) -> Writer:
     def write(path: Path, marker: Path, base: Path) -> None:
         payload = torch.load(base, weights_only=True)
         payload = edit(payload, marker) or payload
@@ -449,15 +450,15 @@ def _proto_edit(edit: Callable[[Dict[str, Any], Path], Any]) -> Writer:
     return write
 
 
-def _proto_row(row: int, value: float) -> Callable[[Dict[str, Any], Path], None]:
-    def edit(payload: Dict[str, Any], marker: Path) -> None:
+def _proto_row(row: int, value: float) -> Callable[[dict[str, Any], Path], None]:
+    def edit(payload: dict[str, Any], marker: Path) -> None:
         payload["prototypes"] = payload["prototypes"].clone()
         payload["prototypes"][row] = value
 
     return edit
 
 
-PROTOTYPE_CASES: List[Case] = [
+PROTOTYPE_CASES: list[Case] = [
     Case("proto_pickle.pt", _proto_edit(lambda p, m: {**p, "x": Shell(m)}), "not a readable", runs_code=True),
     Case("proto_nan_row.pt", _proto_edit(_proto_row(1, float("nan"))), "NaN"),
     Case("proto_zero_row.pt", _proto_edit(_proto_row(0, 0.0)), "all zeros"),
@@ -496,13 +497,13 @@ def _seg_timm_weights_pickle(path: Path, marker: Path, base: Path) -> Path:
     return weights
 
 
-def _seg_nan_decoder(payload: Dict[str, Any], marker: Path) -> None:
+def _seg_nan_decoder(payload: dict[str, Any], marker: Path) -> None:
     name = next(k for k, v in payload["decoder"].items() if v.is_floating_point() and v.numel() > 1)
     payload["decoder"][name] = payload["decoder"][name].clone()
     payload["decoder"][name].view(-1)[0] = float("nan")
 
 
-SEGMENTER_CASES: List[Case] = [
+SEGMENTER_CASES: list[Case] = [
     Case("seg_pickle.pt", _proto_edit(lambda p, m: {**p, "x": Shell(m)}), "not a readable", runs_code=True),
     Case("seg_records_torchscript_code.pt", _seg_records_evil_clip, "__setstate__", runs_code=True),
     Case("seg_timm_weights_pickle.pt", _seg_timm_weights_pickle, SYSTEM, runs_code=True),
@@ -529,13 +530,13 @@ SEGMENTER_CASES: List[Case] = [
 # ------------------------------------------------------------------------------------------------
 
 
-def _shared_views() -> Dict[str, Any]:
+def _shared_views() -> dict[str, Any]:
     """40 views of one 1 MB storage: ``torch.save`` stores the data once (1 MB); used, 40 MB."""
     data = torch.zeros(1 << 18)
     return {"iteration": 1, "views": [data.view(-1) for _ in range(40)]}
 
 
-STATE_CASES: List[Case] = [
+STATE_CASES: list[Case] = [
     Case("state_pickle_system", _torch_save(lambda m, b: {"iteration": 1, "rng": Shell(m)}), SYSTEM,
          runs_code=True),
     Case("state_pickle_eval", _torch_save(lambda m, b: {"iteration": 1, "curve": [Eval(m)]}), "builtins.eval",
@@ -559,7 +560,7 @@ def _npz_truncated(path: Path, marker: Path, base: Any) -> None:
     path.write_bytes(buf.getvalue()[:60])
 
 
-RESUME_CASES: List[Case] = [
+RESUME_CASES: list[Case] = [
     Case("partial_garbage", _bytes(b"\x00garbage, not a torch file"), "starting over"),
     Case("partial_pickle", _torch_save(lambda m, b: {"ids": [], "records": [], "settings": {}, "x": Shell(m)}),
          "starting over", runs_code=True),
@@ -568,7 +569,7 @@ RESUME_CASES: List[Case] = [
     Case("output_zero_bytes", _bytes(b""), "empty file"),
 ]
 
-BANK_CASES: List[Case] = [
+BANK_CASES: list[Case] = [
     Case("bank_pickle.pt", _torch_save(lambda m, b: {"format": "vpl_plugin.cpal.ContextBank", "x": Shell(m)}),
          "not a readable context bank", runs_code=True),
     Case("bank_garbage.pt", _bytes(b"garbage"), "not a readable context bank"),
@@ -603,7 +604,7 @@ def _sparse(size: int) -> Writer:
     return write
 
 
-CONFIG_CASES: List[Case] = [
+CONFIG_CASES: list[Case] = [
     Case("cfg_alias_bomb.yaml", _text(lambda m: _alias_bomb()), "alias"),
     Case("cfg_python_tag.yaml", _text(lambda m: f"limit: !!python/object/apply:os.system [\"touch '{m}'\"]\n"),
          "not valid YAML", runs_code=True),
@@ -625,7 +626,7 @@ def _split(make: Callable[[str], bytes]) -> Writer:
     return write
 
 
-SPLIT_CASES: List[Case] = [
+SPLIT_CASES: list[Case] = [
     Case("split_nul.txt", _split(lambda good: f"{good}\nab\x00c\n".encode()), "NUL character"),
     Case("split_empty.txt", _split(lambda good: b"# nothing\n\n"), "lists no images"),
     Case("split_dotdot.txt", _split(lambda good: f"{good}\n..\n".encode()), "starts with '.'"),
@@ -634,7 +635,7 @@ SPLIT_CASES: List[Case] = [
 ]
 
 
-def all_cases() -> Dict[str, List[Case]]:
+def all_cases() -> dict[str, list[Case]]:
     """Every group by name (for listing the corpus)."""
     return {"cam": CAM_CASES, "image": IMAGE_CASES, "annotation": ANNOTATION_CASES, "label": LABEL_CASES,
             "clip": CLIP_CASES, "prototypes": PROTOTYPE_CASES, "segmenter": SEGMENTER_CASES,
