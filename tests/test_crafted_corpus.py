@@ -665,3 +665,31 @@ def test_every_payload_runs_under_an_unsafe_loader(group, case, tmp_path, good_s
     with contextlib.suppress(Exception):  # the payload runs before the loader notices anything
         _unsafe_load(group, crafted)
     assert crafted.marker.exists(), f"{case.name}: the payload did not run even under an unsafe loader"
+
+
+def test_the_truncated_jpeg_check_of_the_crf_reader(tmp_path):
+    """A JPEG is complete when an end-of-image marker follows its last start-of-scan marker:
+    cut anywhere inside its scans it is refused, with trailing bytes after the marker it is not
+    (oracle: Pillow's decoder, which refuses every cut file and reads the others)."""
+    from PIL import Image
+
+    from vpl_plugin.data.voc import DatasetError, load_image
+    from vpl_plugin.pseudo_masks import read_image_bgr
+
+    rng = np.random.default_rng(0)
+    for progressive in (False, True):
+        buf = tmp_path / "full.jpg"
+        Image.fromarray(rng.integers(0, 256, (64, 96, 3), np.uint8)).save(buf, progressive=progressive)
+        data = buf.read_bytes()
+        first_scan = data.index(b"\xff\xda")
+        for cut in np.linspace(first_scan + 20, len(data) - 2, 6).astype(int):
+            path = tmp_path / f"cut_{progressive}_{cut}.jpg"
+            path.write_bytes(data[:cut])
+            with pytest.raises(DatasetError):
+                load_image(path)  # the oracle
+            with pytest.raises(DatasetError, match="truncated"):
+                read_image_bgr(path)
+        padded = tmp_path / f"padded_{progressive}.jpg"
+        padded.write_bytes(data + bytes(5000))  # beyond the 4 KB tail the check reads first
+        assert read_image_bgr(padded).shape == (64, 96, 3)
+        assert np.asarray(load_image(padded)).shape == (64, 96, 3)

@@ -136,13 +136,18 @@ def _jpeg_truncation(path: Path) -> Optional[str]:
     ``00``, so the marker cannot appear there by chance.
     """
     with open(path, "rb") as fh:
-        data = fh.read()
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    scan = data.rfind(b"\xff\xda")
-    if scan >= 0 and data.find(b"\xff\xd9", scan) < 0:
-        return (f"JPEG data ends before its end-of-image marker ({len(data):,} bytes; the file is "
-                f"truncated)")
+        if fh.read(2) != b"\xff\xd8":
+            return None
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - 4096))
+        tail = fh.read()  # a complete JPEG ends with FF D9: the last 4 KB nearly always decide
+        end, scan = tail.rfind(b"\xff\xd9"), tail.rfind(b"\xff\xda")
+        if end < 0 and scan < 0:  # inside compressed data, or long trailing bytes: read it all
+            fh.seek(0)
+            tail = fh.read()
+            end, scan = tail.rfind(b"\xff\xd9"), tail.rfind(b"\xff\xda")
+    if scan >= 0 and end < scan:
+        return f"JPEG data ends before its end-of-image marker ({size:,} bytes; the file is truncated)"
     return None
 
 
