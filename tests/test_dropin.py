@@ -264,6 +264,7 @@ def test_example_runs(voc_root):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "logit scale: text" in proc.stdout and "mean |GradCAM change|" in proc.stdout
+    assert proc.stdout.count("recommended maps float16") == 4
 
 
 def test_mixed_fp16_model_like_clip_load_on_gpu(samples):
