@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from vpl_plugin._progress import progress as progress_bar
 from ._checks import check_choice, check_ndim, check_range, check_same
 from ._io import atomic_path
+from ._unpickle import check_tensor_sizes
 
 __all__ = [
     "ChunkShare",
@@ -1291,6 +1292,7 @@ class PrototypeSet:
         except Exception as err:  # torch raises several types for a corrupt / foreign file
             raise ValueError(f"{path!r} is not a readable PrototypeSet file "
                              f"({type(err).__name__}: {err}).") from err
+        check_tensor_sizes(payload, path, "prototype file")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{path!r} is not a PrototypeSet file (no format tag {_FORMAT!r}); "
                              "write it with PrototypeSet.save.")
