@@ -92,5 +92,8 @@ def _print_eval(result: Dict[str, Any]) -> None:
         for name, value in per_class.items():
             if value is not None and value == value:
                 print(f"  {name:<14s} {100 * value:6.2f}")
-    for item in (result.get("missing") or [])[:10]:
+    missing = result.get("missing") or []
+    for item in missing[:10]:
         print(f"  missing: {item}", file=sys.stderr)
+    if len(missing) > 10:
+        print(f"  ... and {len(missing) - 10} more (--json FILE writes the full list)", file=sys.stderr)

@@ -33,7 +33,7 @@ Stages, each resumable and each writing its resolved configuration beside its ou
     vpl demo    -> the embedded default: CLIP-ES vs CLIP-ES + VPL on the synthetic world
     vpl train-clip / random-clip          (the demo CLIP / a random-weight CLIP checkpoint)
 
-`vpl cams`, `vpl segment` and `vpl train` run under torchrun too (list sharding; DDP).
+`vpl cams`, `vpl learn`, `vpl segment` and `vpl train` run under torchrun too (list sharding; DDP).
 
 Recommended VPL configuration (measured on the demo world, see README): learn with
 `--pooling region --tau 0.1`, then `vpl cams --prototypes P --map-mode dense`. The
