@@ -28,6 +28,7 @@ __all__ = [
     "GradCAMResult",
     "affinity_transition",
     "box_mask",
+    "choose_backward",
     "gradcam",
     "image_gradcams",
     "minmax_scale",
@@ -77,7 +78,7 @@ def gradcam(activation: torch.Tensor, gradient: torch.Tensor, grid: Tuple[int, i
         activation: ``(L, B, C)`` target-layer tokens (CLS first).
         gradient: ``(L, B, C)`` gradient of each copy's score with respect to ``activation``.
         grid: token grid ``(h, w)``.
-        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path, quirk Q1).
+        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path).
 
     Returns:
         ``(B, h, w)`` float32 maps in ``[0, 1)``.
@@ -183,6 +184,12 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (width, height)) for m in arr])
 
 
+def choose_backward(device: Union[str, torch.device]) -> str:
+    """The per-class backward :func:`image_gradcams` uses with ``backward="auto"``: ``"batched"``
+    on CUDA, ``"shared"`` elsewhere (tests call it with ``"cuda"`` to run the GPU branch on a CPU)."""
+    return "batched" if torch.device(device).type == "cuda" else "shared"
+
+
 @dataclass
 class GradCAMResult:
     """Everything one image's forward gives.
@@ -229,7 +236,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     p = encoder.patch_size
     grid = (image.shape[-2] // p, image.shape[-1] // p)
     if backward == "auto":
-        backward = "batched" if encoder.device.type == "cuda" else "shared"
+        backward = choose_backward(encoder.device)
     if backward not in ("batched", "shared"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'shared'; got {backward!r}.")
     tokens, maps = encoder.trunk(image[None], keep_attention=affinity_layers)
