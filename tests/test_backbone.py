@@ -168,8 +168,9 @@ def test_preprocess_resizes_before_rgb_conversion(tiny_encoder):
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (expect - mean) / std, rtol=0, atol=1e-6)
 
 
-def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_encoder):
+def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_exact_encoder):
     """At the pretraining resolution our split forward's CLS embedding is CLIP's own embedding."""
+    tiny_encoder = tiny_exact_encoder
     torch.manual_seed(0)
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -185,9 +186,14 @@ def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_encod
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 17))
 
 
-def test_text_prototypes_match_encode_text(tiny_clip, tiny_encoder):
+@pytest.mark.parametrize("exact_fp32", [False, True])
+def test_text_prototypes_match_encode_text(tiny_clip, exact_fp32):
     import clip
+    import clip.model
 
+    tiny_encoder = CLIPDense(tiny_clip, exact_fp32=exact_fp32)
+    if not exact_fp32:  # upstream's text encoder runs on build_model's rounded weights
+        tiny_clip = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
     templates = ["a clean origami {}.", "a photo of a {}."]
     protos = tiny_encoder.encode_text_prototypes(["cat", "person with clothes,people,human"], templates)
     with torch.no_grad():
@@ -220,7 +226,7 @@ def test_vit_b16_sized_random_model_runs_and_matches_encode_image():
     model = build_random_clip(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                               patch_size=16, transformer_width=512, transformer_heads=8,
                               transformer_layers=12)
-    enc = CLIPDense(model)
+    enc = CLIPDense(model, exact_fp32=True)
     assert (enc.patch_size, enc.pretrain_grid, enc.num_layers, enc.embed_dim) == (16, 14, 12, 512)
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
