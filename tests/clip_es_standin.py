@@ -1,5 +1,5 @@
-"""A stand-in for upstream CLIP-ES's modified CLIP model, written from the published description
-(spec ``clip_es.md`` section 4), not copied from CLIP-ES.
+"""A stand-in for upstream CLIP-ES's modified CLIP model, written from the published description,
+not copied from CLIP-ES.
 
 It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same names: ``visual.conv1``,
 ``visual.transformer.resblocks[i].ln_1`` ..., ``logit_scale``) and adds upstream's interface:
@@ -10,8 +10,8 @@ It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same name
   last block (with gradient), ``ln_post`` on all tokens, mean of the patch tokens, ``proj``, both
   sides L2-normalised, ``logit_scale.exp() * f`` times the text features, softmax.
 
-The positional table is interpolated bilinearly to the token grid (spec 4.1) without upstream's
-fp16 cast. Calls of ``encode_image`` / ``forward_last_layer`` are counted (``calls``) so tests can
+The positional table is interpolated bilinearly to the token grid and stored in fp16, as upstream
+does on every device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` / ``forward_last_layer`` are counted (``calls``) so tests can
 check that the drop-in API never uses them.
 """
 
@@ -31,10 +31,12 @@ class CLIPESStandIn(nn.Module):
     Args:
         clip_model: a ``clip.model.CLIP`` ViT; its submodules and parameters are shared, so the
             stand-in's ``state_dict`` has CLIP's keys.
+        pos_fp16: store the interpolated positional table in fp16 (upstream).
     """
 
-    def __init__(self, clip_model: nn.Module) -> None:
+    def __init__(self, clip_model: nn.Module, pos_fp16: bool = True) -> None:
         super().__init__()
+        self.pos_fp16 = pos_fp16
         for name, child in clip_model.named_children():
             setattr(self, name, child)
         for name, param in clip_model.named_parameters(recurse=False):
@@ -52,7 +54,8 @@ class CLIPESStandIn(nn.Module):
         patch = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
-        return torch.cat([pos[:1].float(), patch], dim=0)
+        table = torch.cat([pos[:1].float(), patch], dim=0)
+        return table.half() if self.pos_fp16 else table
 
     @staticmethod
     def _run_block(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
