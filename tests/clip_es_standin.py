@@ -11,8 +11,9 @@ It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same name
   sides L2-normalised, ``logit_scale.exp() * f`` times the text features, softmax.
 
 The positional table is interpolated bilinearly to the token grid and stored in fp16, as upstream
-does on every device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` / ``forward_last_layer`` are counted (``calls``) so tests can
-check that the drop-in API never uses them.
+does on every device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` /
+``forward_last_layer`` are counted (``calls``) so tests can check that the drop-in API never uses
+them.
 """
 
 from __future__ import annotations
