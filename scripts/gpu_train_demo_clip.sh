@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 3's GPU path: train the demo CLIP with the GPU recipe in one device call (sized for one
+# The GPU path of the demo CLIP: train the demo CLIP with the GPU recipe in one device call (sized
+# for one
 # H100/H200 inside 9 minutes), scoring the second gate every 250 steps on held-out scenes of the
 # training world and keeping the best-scored state.
 # Here, first:   bash scripts/prepare_device.sh            (wheels into .device/)

@@ -1,5 +1,5 @@
-"""A stand-in for upstream CLIP-ES's modified CLIP model, written from the published description,
-not copied from CLIP-ES.
+"""A stand-in for upstream CLIP-ES's modified CLIP model, written from the published description
+(``docs/upstream_clip_es.md#the-image-forward``), not copied from CLIP-ES.
 
 It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same names: ``visual.conv1``,
 ``visual.transformer.resblocks[i].ln_1`` ..., ``logit_scale``) and adds upstream's interface:
@@ -10,8 +10,9 @@ It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same name
   last block (with gradient), ``ln_post`` on all tokens, mean of the patch tokens, ``proj``, both
   sides L2-normalised, ``logit_scale.exp() * f`` times the text features, softmax.
 
-The positional table is interpolated bilinearly to the token grid and stored in fp16, as upstream
-does on every device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` /
+The positional table is interpolated bilinearly to the token grid
+(``docs/upstream_clip_es.md#positional-table``) and stored in fp16, as upstream does on every
+device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` /
 ``forward_last_layer`` are counted (``calls``) so tests can check that the drop-in API never uses
 them.
 """

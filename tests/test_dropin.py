@@ -92,7 +92,7 @@ def voc_text(small_voc):
 
 
 def _script_style_cams(model, image, fg, bg, labels, thr=0.4):
-    """Upstream ``generate_cams_voc12.py``'s per-image loop on the stand-in (spec sections 4-8):
+    """Upstream ``generate_cams_voc12.py``'s per-image loop on the stand-in (docs/upstream_clip_es.md):
     ``encode_image``, then per class ``forward_last_layer`` + GradCAM through a forward hook on
     ``resblocks[-1].ln_1`` with a tensor hook for the gradient, numpy GradCAM normalised twice,
     CAA with the affinity of the last 8 layers."""

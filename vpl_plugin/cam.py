@@ -1,11 +1,13 @@
 """GradCAM over any prototype set and CLIP-ES's class-aware attention-affinity (CAA) refinement.
 
-Functional pieces, each faithful to upstream CLIP-ES (spec ``clip_es.md`` sections 6 and 7):
+Functional pieces, each faithful to upstream CLIP-ES (``docs/upstream_clip_es.md#gradcam`` and
+``docs/upstream_clip_es.md#class-aware-attention-affinity-caa``):
 
 * :func:`prototype_probabilities` - softmax of ``scale * normalise(f) @ normalise(T)^T``.
 * :func:`gradcam` - channel weights = spatial mean of the gradient, ReLU of the weighted sum,
-  min-max normalised twice (quirk Q6).
-* :func:`box_mask` - the ``scoremap2bbox`` box mask (quirk Q7 switchable).
+  min-max normalised twice (``docs/upstream_clip_es.md#double-min-max``).
+* :func:`box_mask` - the ``scoremap2bbox`` box mask (upstream's dropped last row and column
+  switchable, ``box_clip_fix``).
 * :func:`affinity_transition` - attention affinity: last layers' patch attention averaged, three
   Sinkhorn rounds, symmetrised, squared. It does not depend on the class, so it is computed once
   per image.
@@ -78,7 +80,8 @@ def gradcam(activation: torch.Tensor, gradient: torch.Tensor, grid: Tuple[int, i
         activation: ``(L, B, C)`` target-layer tokens (CLS first).
         gradient: ``(L, B, C)`` gradient of each copy's score with respect to ``activation``.
         grid: token grid ``(h, w)``.
-        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path).
+        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path,
+            docs/upstream_clip_es.md#fp16-on-gpu).
 
     Returns:
         ``(B, h, w)`` float32 maps in ``[0, 1)``.
@@ -106,7 +109,8 @@ def box_mask(cam: Union[np.ndarray, torch.Tensor], threshold: float, clip_fix: b
         cam: ``(h, w)`` float32 map in ``[0, 1)``.
         threshold: relative threshold (0.4 VOC, 0.7 COCO) of the uint8 map's maximum.
         clip_fix: ``False`` reproduces upstream (box ends clamped to ``size - 1`` and used as
-            exclusive ends, so the last row and column are never in the mask, quirk Q7).
+            exclusive ends, so the last row and column are never in the mask,
+            docs/upstream_clip_es.md#box-mask-last-row-column).
 
     Returns:
         ``(h, w)`` float32 0/1 mask.

@@ -1,9 +1,9 @@
-"""VPL as a drop-in for an existing CLIP-ES checkout (issue 7).
+"""VPL as a drop-in for an existing CLIP-ES checkout.
 
 Users who keep upstream's ``generate_cams_voc12.py`` already hold a loaded ``model``, the
 ``fg_text_features`` ``(N_fg, D)`` / ``bg_text_features`` ``(N_bg, D)`` tensors they pass to
 GradCAM, and an image list. Three changed lines give them VPL's paper-literal substitution
-(spec ``vpl.md`` section 7):
+(``docs/vpl.md#the-method``):
 
 >>> dp = learn_vision_prototypes_for(  # doctest: +SKIP
 ...     model, fg_text_features, bg_text_features, samples)

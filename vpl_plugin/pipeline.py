@@ -220,7 +220,9 @@ def _done_already(path: Path) -> bool:
 
 @dataclass
 class LearningSet:
-    """Pixel features, targets and candidates of VPL phase 1 (spec ``vpl.md`` sections 3-4).
+    """Pixel features, targets and candidates of VPL phase 1.
+
+    See ``docs/vpl.md#pixel-features`` and ``docs/vpl.md#targets``.
 
     Attributes:
         features: ``(K, D)`` float32 tensor, or a float16 ``np.memmap`` for large sets.
@@ -285,7 +287,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
 
     The choice depends only on ``(seed, key, number of rows)``, never on the order or the process
     the images are handled in, so a rerun, a resumed run and a sharded run pick the same rows. Rows
-    keep their original order. Spec ``vpl.md`` section 6: COCO learns from at most 1e7 tokens,
+    keep their original order. ``docs/vpl.md#learning-set-size-and-memory``: COCO learns from at
+    most 1e7 tokens,
     an equal count per image, with a fixed seed.
 
     Args:
@@ -318,7 +321,7 @@ def _image_learning_record(adapter, text, sample, image, *, phi, target_mode, ca
     x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
-    maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
+    maps = result.cams  # seeds come from the text-prototype GradCAMs (docs/vpl.md#seeds)
     if seed_source == "refined":
         maps = adapter.refine(result, maps)
     return learning_rows(result.features, maps.reshape(len(labels), -1).float(), labels, text, phi=phi,
@@ -338,7 +341,7 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
     Args:
         adapter: a CLIP-ES-style adapter (its text prototypes are used, whatever it holds).
         phi: seed threshold on the GradCAM (0.4).
-        target_mode: ``seed_hardened`` (Q-A), ``inmap`` (Q-B), ``cam`` (Q-C), ``kl`` (Q-D).
+        target_mode: ``seed_hardened``, ``inmap``, ``cam`` or ``kl`` (``docs/vpl.md#targets``).
         candidates: ``image`` (GT classes + background, like CLIP-ES's softmax) or ``all``.
         seed_source: ``gradcam`` (raw map, the default reading) or ``refined`` (CAA map at patch
             resolution).
@@ -353,7 +356,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             :func:`~vpl_plugin.prototypes.region_pool`).
         max_tokens: learn from at most this many rows in all: every image keeps
             ``max_tokens // images`` of its rows (all of them when it has fewer), drawn by
-            :func:`subsample_rows` with ``token_seed`` (spec ``vpl.md`` section 6: at most 1e7
+            :func:`subsample_rows` with ``token_seed``
+            (``docs/vpl.md#learning-set-size-and-memory``: at most 1e7
             tokens for COCO). ``None``: every row.
         token_seed: seed of that draw.
     """

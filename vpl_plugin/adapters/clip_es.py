@@ -1,7 +1,8 @@
 """CLIP-ES (Lin et al., CVPR 2023) as an adapter, with text or vision prototypes.
 
-Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images (spec
-``clip_es.md``), except where a documented switch fixes an upstream quirk, and except that all
+Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images
+(``docs/upstream_clip_es.md``), except where a documented switch fixes an upstream quirk, and except
+that all
 classes of an image share one trunk forward and one backward (identical results, fewer passes).
 """
 
@@ -41,7 +42,9 @@ class CLIPESConfig:
         box_threshold: CAA box threshold; ``None`` takes the dataset's (0.4 VOC, 0.7 COCO).
         affinity_layers: attention maps of the last this-many blocks are averaged (8).
         sinkhorn_rounds: column/row normalisation rounds of the affinity (3).
-        box_clip_fix: ``True`` fixes quirk Q7 (last row/column never in the box mask).
+        box_clip_fix: ``True`` fixes upstream's box mask, which never includes the last row and
+            column
+            (``docs/upstream_clip_es.md#box-mask-last-row-column``).
         refine: apply CAA (``False`` saves the upsampled GradCAM instead, for ablations).
         save_gradcam: also save the raw upsampled GradCAM under ``highres`` (float16).
         templates: prompt templates averaged per class (CLIP-ES: one).
@@ -153,7 +156,8 @@ class CLIPESAdapter(CAMAdapter):
         return torch.tensor(self.prototypes.logit_scale, dtype=torch.float32)
 
     def stacked_prototypes(self, labels: Sequence[int], prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
-        """``[fg[labels]; bg]`` rows, the per-image softmax candidates (quirk Q12)."""
+        """``[fg[labels]; bg]`` rows, the per-image softmax candidates
+        (``docs/upstream_clip_es.md#per-image-softmax``)."""
         ps = prototypes or self.prototypes
         idx = torch.as_tensor(list(labels), dtype=torch.long)
         return torch.cat([ps.fg[idx], ps.bg], dim=0).float()

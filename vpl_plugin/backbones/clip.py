@@ -5,7 +5,8 @@ by path (OpenAI's TorchScript archives and plain state dicts both work, ``module
 stripped, and no code stored in a checkpoint is ever run), then run :class:`CLIPDense`: no-crop
 preprocessing at sizes rounded up to the patch size, positional embeddings interpolated to the
 token grid, the first ``L-1`` blocks without gradient (keeping head-averaged attention maps), and
-the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES.
+the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES
+(``docs/upstream_clip_es.md#how-upstream-computes-a-cam``).
 
 Numerics (:class:`Numerics`, ``docs/upstream_clip_es.md#numerics``): by default the encoder
 computes what upstream CLIP-ES computes on the same device (weights rounded through fp16, the
@@ -593,7 +594,8 @@ class CLIPDense(nn.Module):
     def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
-        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream.
+        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream
+        (``docs/upstream_clip_es.md#resize-then-rgb``).
         """
         Image = require("PIL.Image")
         w0, h0 = image.size
@@ -614,7 +616,8 @@ class CLIPDense(nn.Module):
         patch = F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
         table = torch.cat([pos[:1].float(), patch], dim=0)
-        if self.numerics.half_table:  # upstream stores the table in fp16 on every device
+        # upstream always stores the table in fp16 (docs/upstream_clip_es.md#fp16-positional-table)
+        if self.numerics.half_table:
             table = table.half()
         return table
 
