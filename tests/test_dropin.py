@@ -264,6 +264,21 @@ def test_model_without_proj_names_the_loaded_clip(voc_text, samples):
     assert "visual.proj" in str(info.value) and "vendored" in str(info.value)
 
 
+def test_readme_lines_fit_inside_the_main_block():
+    """The README's lines for generate_cams_voc12.py are indented for upstream's
+    ``if __name__ == "__main__":`` block and compile there; they pass the iteration count."""
+    readme = (Path(__file__).resolve().parent.parent / "adapters" / "clip_es" / "README.md").read_text()
+    section = readme.split("## The lines to add")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        lines = [line.removeprefix("   ") for line in block.splitlines() if line.strip()]  # list indent
+        assert all(line.startswith("    ") for line in lines), block
+        compile('if __name__ == "__main__":\n' + "\n".join(lines) + "\n", "README", "exec")
+    assert "iters=args.vpl_iters" in section and "pip install -e /path/to/vpl-plugin" in section
+    assert "No numerics flag is needed" in section
+
+
 def test_example_runs(voc_root):
     import subprocess
     import sys
