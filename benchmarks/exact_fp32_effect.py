@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> dict:
     return {"arch": args.arch, "factor": args.factor, "images": ids, "max_abs_diff": largest,
             "mean_abs_diff": float(np.mean(means)),
             "miou_default": float(miou["default"]["miou"]), "miou_exact_fp32": float(miou["exact_fp32"]["miou"]),
-            "threshold_default": miou["default"].get("threshold"),
-            "threshold_exact_fp32": miou["exact_fp32"].get("threshold")}
+            "threshold_default": miou["default"].get("best_threshold"),
+            "threshold_exact_fp32": miou["exact_fp32"].get("best_threshold")}
 
 
 def parse_args() -> argparse.Namespace:

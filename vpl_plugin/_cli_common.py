@@ -133,8 +133,9 @@ EXACT_FP32_HELP = (
     "table on every device; on CUDA an fp16 model with upstream's fp16 GradCAM arithmetic). Not "
     "upstream's numbers: EXACT_FP32_EFFECT. Earlier versions' default; resumes their outputs")
 
-#: measured effect (see benchmarks/exact_fp32_effect.py)
-EXACT_FP32_EFFECT = "MEASURE"
+#: measured effect (benchmarks/exact_fp32_effect.py: random ViT-B/16 with q / k x8, 8 VOC train images, CPU)
+EXACT_FP32_EFFECT = ("on a ViT-B/16 with peaked attention and 8 VOC images its CAMs differed from the "
+                     "default by up to 0.85 per pixel (mean 0.05) and the seed mIoU by 2.2 points")
 
 FP16_COMPAT_CONFLICT = ("--fp16-compat (upstream's numerics, now the default) contradicts --exact-fp32; "
                         "drop one of them.")
