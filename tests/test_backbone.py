@@ -235,3 +235,24 @@ def test_vit_b16_sized_random_model_runs_and_matches_encode_image():
     out = enc.last_block(tokens)
     torch.testing.assert_close(out.cls_embedding.detach(), expected, rtol=1e-4, atol=1e-4)
     assert len(maps) == 7
+
+
+def test_phase2_backbone_follows_the_numerics_and_rebuilds_earlier_records(tmp_path, tiny_clip):
+    """`vpl train`'s OpenAI CLIP backbone takes the default numerics (or exact_fp32=True); a
+    description records them and rebuilds the same backbone, and a record of an earlier version
+    (fp16_compat false or absent: exact fp32 then) rebuilds the exact-fp32 backbone."""
+    from vpl_plugin.phase2.backbones import backbone_from_description, create_backbone
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_clip, path)
+    default = create_backbone(f"clip:{path}")
+    exact = create_backbone(f"clip:{path}", exact_fp32=True)
+    assert default.describe()["fp16_compat"] is True and exact.describe()["fp16_compat"] is False
+    assert default.fingerprint() != exact.fingerprint()
+    for bb in (default, exact):
+        again = backbone_from_description(bb.describe())
+        assert again.fingerprint() == bb.fingerprint() and again.encoder.exact_fp32 == bb.encoder.exact_fp32
+    earlier = {k: v for k, v in exact.describe().items() if k != "fp16_compat"}
+    assert backbone_from_description(earlier).encoder.exact_fp32
+    with pytest.raises(ValueError, match="timm"):
+        create_backbone("timm:vit_tiny_patch16_224", exact_fp32=True)
