@@ -98,7 +98,7 @@ def test_default_is_upstreams_rounding_and_exact_fp32_keeps_the_checkpoint(tmp_p
     upstream = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
     for enc in (load_clip(str(path)), CLIPDense(tiny_clip)):
         _same_state(enc.model, upstream)
-        assert not enc.exact_fp32 and enc.fp16_compat and not enc.half  # CPU: fp32 arithmetic
+        assert not enc.exact_fp32 and enc.fp16_compat and not enc.half_arithmetic  # CPU: fp32 arithmetic
         assert enc.positional_embedding(5, 6).dtype == torch.float16
     for enc in (load_clip(str(path), exact_fp32=True), CLIPDense(tiny_clip, exact_fp32=True)):
         _same_state(enc.model, tiny_clip)

@@ -77,7 +77,7 @@ def test_half_model_path_runs_on_the_cpu_with_upstreams_dtypes(half_setup, voc_i
     assert v.conv1.weight.dtype == v.proj.dtype == torch.float16
     assert v.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float16
     assert v.ln_pre.weight.dtype == v.class_embedding.dtype == half.model.logit_scale.dtype == torch.float32
-    assert half.half and half.positional_embedding(3, 4).dtype == torch.float16
+    assert half.half_arithmetic and half.positional_embedding(3, 4).dtype == torch.float16
     x, _ = half.preprocess(voc_image)
     tokens, maps = half.trunk(x[None])
     assert tokens.dtype == torch.float16 and maps[0].dtype == torch.float16
@@ -258,7 +258,7 @@ def test_default_on_cuda_is_the_half_path_checked_on_the_cpu(half_setup, voc_ima
 
     model, half_cpu, full = half_setup
     cuda = CLIPDense(model, device="cuda")
-    assert cuda.half and cuda.visual.conv1.weight.dtype == torch.float16
+    assert cuda.half_arithmetic and cuda.visual.conv1.weight.dtype == torch.float16
     assert next(model.parameters()).device.type == "cpu"  # the caller's model stayed where it was
     labels = [0, 14]
     a = CLIPESAdapter(cuda)(voc_image, labels)

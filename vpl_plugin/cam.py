@@ -260,7 +260,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
             grad = torch.cat(grads, dim=1)
             activation = activation.expand(-1, k, -1)
     if k:
-        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half)
+        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half_arithmetic)
     else:
         cams = torch.zeros(0, *grid)
     feats = out.patch_features[0].detach().float()
@@ -325,7 +325,7 @@ def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[tor
     for i in range(b):
         rows = slice(starts[i], starts[i] + counts[i])
         if targets[i]:
-            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half)
+            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half_arithmetic)
         else:
             cams = torch.zeros(0, *grid)
         feats = out.patch_features[starts[i]].detach().float()

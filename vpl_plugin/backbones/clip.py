@@ -533,8 +533,14 @@ class CLIPDense(nn.Module):
         return not self.numerics.exact_fp32
 
     @property
-    def half(self) -> bool:
+    def half_arithmetic(self) -> bool:
         """Upstream's fp16 GradCAM arithmetic (its GPU path)."""
+        return self.numerics.half_arithmetic
+
+    @property
+    def half(self) -> bool:  # type: ignore[override]  # the flag of earlier versions, not Module.half()
+        """The former name of :attr:`half_arithmetic`. The numerics are fixed at construction; build
+        another encoder (``numerics=...``) instead of converting this one."""
         return self.numerics.half_arithmetic
 
     # -- geometry ---------------------------------------------------------------------------------
