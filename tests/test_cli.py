@@ -137,6 +137,20 @@ def test_cams_of_the_former_exact_fp32_default_resume_only_with_exact_fp32(small
     assert "contradicts --exact-fp32" in capsys.readouterr().err
 
 
+def test_learn_cache_of_the_former_exact_fp32_default_is_reused_only_with_exact_fp32(small_voc, tiny_checkpoint,
+                                                                                     tmp_path, capsys):
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress",
+            "--limit", "1", "--iters", "1", "--cache-dir", tmp_path / "cache"]
+    assert _run(["learn", *data, "--out", tmp_path / "a.pt", "--exact-fp32"]) == EXIT_OK
+    assert "numerics" not in json.loads((tmp_path / "cache" / "settings.json").read_text())  # as written before
+    capsys.readouterr()
+    assert _run(["learn", *data, "--out", tmp_path / "b.pt"]) == EXIT_USAGE
+    assert "rerun with --exact-fp32" in capsys.readouterr().err
+    assert _run(["learn", *data, "--out", tmp_path / "c.pt", "--exact-fp32"]) == EXIT_OK
+    summary = json.loads((tmp_path / "c.history.json").read_text())["summary"]
+    assert summary["skipped_existing"] == 1
+
+
 def test_interrupted_run_resumes_to_identical_files(small_voc, tiny_checkpoint, tmp_path):
     from vpl_plugin.adapters import CLIPESAdapter
     from vpl_plugin.backbones import load_clip
