@@ -466,6 +466,9 @@ def _describe_model(model: nn.Module) -> Dict[str, Any]:
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "fingerprint"):
         out["backbone"] = backbone.fingerprint()
+    numerics = getattr(getattr(backbone, "encoder", None), "numerics", None)
+    if numerics is not None:  # absent from states of earlier versions: not compared there
+        out["backbone_numerics"] = numerics.name
     return out
 
 
@@ -480,8 +483,13 @@ def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, los
             diff[f"model {k}"] = (state["model"][k], v)
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        hint = ""
+        if "model backbone" in diff and model_desc.get("backbone_numerics") == "upstream" \
+                and "backbone_numerics" not in state.get("model", {}):
+            hint = (" A run of an earlier version computed its CLIP backbone in exact fp32 (then the "
+                    "default): `vpl train --exact-fp32` continues it.")
         raise ValueError(f"{path} was written by a run with other settings ({text}); resuming would "
-                         f"not continue that run. Use another --out, delete it, or pass resume=False "
+                         f"not continue that run.{hint} Use another --out, delete it, or pass resume=False "
                          f"(`vpl train --no-resume`) to start over.")
 
 
