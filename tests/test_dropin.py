@@ -268,15 +268,18 @@ def test_readme_lines_fit_inside_the_main_block():
     """The README's lines for generate_cams_voc12.py are indented for upstream's
     ``if __name__ == "__main__":`` block and compile there; they pass the iteration count."""
     readme = (Path(__file__).resolve().parent.parent / "adapters" / "clip_es" / "README.md").read_text()
-    section = readme.split("## The lines to add")[1].split("\n## ")[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 4
-    for block in blocks:
-        lines = [line.removeprefix("   ") for line in block.splitlines() if line.strip()]  # list indent
-        assert all(line.startswith("    ") for line in lines), block
-        compile('if __name__ == "__main__":\n' + "\n".join(lines) + "\n", "README", "exec")
-    assert "iters=args.vpl_iters" in section and "pip install -e /path/to/vpl-plugin" in section
-    assert "No numerics flag is needed" in section
+    setup = readme.split("## Setup")[1].split("\n## ")[0]
+    assert "No numerics flag is needed" in setup and "pip install -e /path/to/vpl-plugin" in setup
+    for title in ("## The recommended configuration", "## The lines to add"):
+        section = readme.split(title)[1].split("\n## ")[0]
+        blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+        assert len(blocks) >= 4, title
+        for block in blocks:
+            lines = [line.removeprefix("   ") for line in block.splitlines() if line.strip()]  # list indent
+            assert all(line.startswith("    ") for line in lines), block
+            compile('if __name__ == "__main__":\n' + "\n".join(lines) + "\n", "README", "exec")
+        assert "[Setup](#setup)" in section
+    assert "iters=args.vpl_iters" in readme.split("## The lines to add")[1]
 
 
 def test_example_runs(voc_root):
@@ -288,6 +291,7 @@ def test_example_runs(voc_root):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "logit scale: text" in proc.stdout and "mean |GradCAM change|" in proc.stdout
+    assert proc.stdout.count("recommended maps float16") == 4
 
 
 def test_mixed_fp16_model_like_clip_load_on_gpu(samples):

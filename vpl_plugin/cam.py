@@ -31,6 +31,7 @@ __all__ = [
     "affinity_transition",
     "box_mask",
     "choose_backward",
+    "dense_maps",
     "gradcam",
     "image_gradcams",
     "minmax_scale",
@@ -51,6 +52,33 @@ def minmax_scale(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     flat = flat - flat.min(dim=-1, keepdim=True).values
     flat = flat / (eps + flat.max(dim=-1, keepdim=True).values)
     return flat.reshape(x.shape)
+
+
+def dense_maps(features: torch.Tensor, stacked: torch.Tensor, k: int, grid: Tuple[int, int],
+               logit_scale: float, kind: str = "softmax") -> torch.Tensor:
+    """Per-class dense maps ``(k, h, w)`` of the first ``k`` rows of ``stacked`` (VPL's per-token
+    map, ``--map-mode dense``; ``docs/vpl.md``).
+
+    Args:
+        features: ``(h*w, D)`` unit patch features.
+        stacked: ``(k + n_bg, D)`` prototypes, the image's classes first, then the background.
+        k: how many leading rows are the image's classes.
+        grid: ``(h, w)``.
+        logit_scale: the set's scale (``1/tau``) for the softmax.
+        kind: ``"softmax"`` (per-token posterior over the ``stacked`` rows) or ``"cosine"``.
+
+    Returns:
+        float32 maps, min-max normalised per class (:func:`minmax_scale`).
+    """
+    stacked = stacked / stacked.norm(dim=-1, keepdim=True)
+    sims = features.float() @ stacked.t()  # (n, k + n_bg)
+    if kind == "softmax":
+        maps = (sims * float(logit_scale)).softmax(dim=-1)[:, :k]
+    elif kind == "cosine":
+        maps = sims[:, :k]
+    else:
+        raise ValueError(f"kind must be 'softmax' or 'cosine'; got {kind!r}.")
+    return minmax_scale(maps.t().reshape(k, *grid))
 
 
 def prototype_probabilities(image_embedding: torch.Tensor, prototypes: torch.Tensor,

@@ -24,7 +24,7 @@ come from the same ``G``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,6 +120,8 @@ class CLIPCPALAdapter(CLIPESAdapter):
     """
 
     config_class = CLIPCPALConfig
+    #: one image at a time: the ``ln_1`` tokens are captured inside :meth:`gradcams`
+    supports_batch: ClassVar[bool] = False
 
     def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPCPALConfig] = None, bank: Optional[ContextBank] = None,

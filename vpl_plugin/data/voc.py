@@ -30,7 +30,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -116,6 +116,24 @@ class Sample:
     label_source: str
     gt_path: Optional[Path] = None
     size: Optional[Tuple[int, int]] = None
+
+
+class SampleDataset(Protocol):
+    """What the dataset stages (CAMs, learning set, context bank) use of a dataset:
+    :class:`VOCDataset` and :class:`~vpl_plugin.data.coco.COCODataset` provide it, and so does
+    any indexable with ``ids`` whose items carry ``image_path`` and ``labels``.
+
+    An optional ``max_pixels`` attribute sets the pixel limit of :func:`sample_image`.
+    """
+
+    @property
+    def ids(self) -> List[str]:
+        """Image ids in list order; output files are named ``<id>.npy``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample:
+        """The ``index``-th sample (raises :class:`DatasetError` for a broken one)."""
 
 
 # --------------------------------------------------------------------------------------------
