@@ -149,6 +149,22 @@ def test_clipdense_never_changes_the_callers_model(tiny_clip, exact_fp32, source
     assert CLIPDense(fitting, exact_fp32=exact_fp32).model is fitting  # nothing to convert: no copy
 
 
+def test_a_fitting_model_changed_afterwards_is_checked_again(tiny_clip):
+    """The 'already fits' answer is remembered per model, but not across a change of its weights
+    (in place, or written through .data)."""
+    import clip.model
+
+    rounded = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
+    assert CLIPDense(rounded).model is rounded
+    assert CLIPDense(rounded).model is rounded  # remembered
+    w = rounded.visual.proj
+    w.data[0, 0] = float(w[0, 0]) + 1e-4  # not an fp16 value any more
+    enc = CLIPDense(rounded)
+    assert enc.model is not rounded and float(enc.visual.proj[0, 0]) == float(w[0, 0].half())
+    rounded.visual.conv1.weight.data.mul_(1.0001)  # writes through .data bump no version counter
+    assert CLIPDense(rounded).model is not rounded
+
+
 @pytest.mark.parametrize("size", [(281, 500), (16, 16), (17, 33), (375, 500)])
 def test_padded_sizes_are_multiples_of_the_patch_and_cover_the_image(tiny_encoder, size):
     h, w = tiny_encoder.padded_size(*size)
