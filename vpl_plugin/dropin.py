@@ -474,7 +474,8 @@ def dense_cams_for(model: Any, image: Any, labels: Sequence[int], prototypes: Dr
 
     _check_model(model)
     labels = _labels(labels, int(prototypes.fg.shape[0]), "dense_cams_for", "prototypes.fg")
-    # the model's own device makes CLIPDense's .to() a no-op; fp16_compat off: no .half()
+    # on the model's own device and with upstream's rounding (what clip.load gives) CLIPDense uses
+    # the model as it is (checked once per model); any conversion happens on a copy
     encoder = CLIPDense(model, device=_model_device(model))
     x, size = encoder.preprocess(_open_image(image, "dense_cams_for"))
     p = encoder.patch_size
