@@ -45,13 +45,16 @@ from vpl_plugin._cli_common import (  # noqa: F401 - EXIT_* and UsageError are p
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
+    FP16_COMPAT_CONFLICT,
     ParseError,
     UsageError,
     VplArgumentParser,
+    add_numerics_flags,
     finite_float,
     max_pixels_arg,
     max_tokens_arg,
     nonnegative_int,
+    numerics_resume_hint,
     positive_float,
     positive_int,
     tau_arg,
@@ -139,9 +142,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
                         "default reader refuses. By default archives are read as data and nothing in them runs")
-    g.add_argument("--fp16-compat", action="store_true",
-                   help="reproduce upstream CLIP-ES's fp16 rounding (fp16-rounded weights and "
-                        "positional table; fp16 model and GradCAM arithmetic on CUDA)")
+    add_numerics_flags(g)
     g.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
                    help="prompt template with {} for the class name; repeat for an ensemble "
                         "(default: CLIP-ES's 'a clean origami {}.')")
@@ -417,6 +418,7 @@ the files.""")
     g.add_argument("--split-file", metavar="LIST.txt", help="training image list (e.g. train_aug.txt)")
     g.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
                    help="VOC image-level labels: XML, GT mask, or XML where present (default auto)")
+    add_numerics_flags(g, alias=False)
     g.add_argument("--masks", metavar="MASK_DIR", help="pseudo masks <id>.png from `vpl masks` (255 = ignore)")
     g.add_argument("--skip-missing", action="store_true",
                    help="train on the images that have a mask instead of stopping (exit status 3)")
@@ -683,7 +685,9 @@ def _adapter(args, spec, prototypes=None):
     from vpl_plugin.adapters import create_adapter
     from vpl_plugin.backbones import load_clip
 
-    encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat,
+    if args.fp16_compat and args.exact_fp32:
+        raise UsageError(FP16_COMPAT_CONFLICT)
+    encoder = load_clip(args.clip, args.device, exact_fp32=args.exact_fp32,
                         trust_torchscript=args.trust_torchscript)
     overrides = {"box_clip_fix": args.box_clip_fix, "map_mode": args.map_mode}
     if args.templates:
@@ -799,8 +803,8 @@ def _check_existing_cams(out: Path, args, adapter_config: dict) -> None:
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise UsageError(f"{out} already holds CAMs made with other settings ({text}); a rerun skips finished "
-                         f"images, so they would stay as they are. Use another --out, or delete {out} to "
-                         f"start over.")
+                         f"images, so they would stay as they are. {numerics_resume_hint(then, now)}Use another "
+                         f"--out, or delete {out} to start over.")
 
 
 def cmd_cams(args) -> int:
@@ -1138,8 +1142,9 @@ def cmd_train(args) -> int:
                              f"{args.dataset} has {data.num_fg}.")
         torch.manual_seed(args.seed)  # the decoder's initial weights (DDP copies rank 0's anyway)
         decoder_config = DecoderConfig(tau_seg=args.tau_seg)
-        model = build_segmenter(create_backbone(args.backbone, device, trust_torchscript=args.trust_torchscript),
-                                prototypes, decoder_config)
+        numerics = {"exact_fp32": True} if args.exact_fp32 else {}
+        model = build_segmenter(create_backbone(args.backbone, device, trust_torchscript=args.trust_torchscript,
+                                                **numerics), prototypes, decoder_config)
         out = Path(args.out)
         if env.is_main:
             _write_config(out / "vpl_train.yaml", args, {
