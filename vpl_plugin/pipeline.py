@@ -412,7 +412,11 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                              "rows_per_image": per_image, "token_seed": token_seed if per_image else None,
                              "model": adapter.encoder.fingerprint(),
                              "templates": list(text.provenance.get("templates", [])),
-                             "text_prototypes": float(text.prototypes.double().sum())})
+                             "text_prototypes": float(text.prototypes.double().sum()),
+                             # only under upstream's numerics: caches of the former exact-fp32
+                             # default (no such key) stay valid under --exact-fp32
+                             **({} if getattr(adapter.encoder, "exact_fp32", True)
+                                else {"numerics": "upstream"})})
     records: Dict[str, Any] = {}
     start = time.time()
     shape = (int(text.prototypes.shape[0]), int(text.prototypes.shape[1]))
@@ -504,10 +508,14 @@ def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
         saved = json.loads(path.read_text())
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
+            hint = ""
+            if "numerics" in diff:
+                hint = (" Its features were computed in exact fp32 (the default before upstream's "
+                        "numerics became the default): rerun with --exact-fp32 to use them, or")
             raise ValueError(
                 f"the feature cache {cache} was written with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                f"pass another --cache-dir or delete that folder.")
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())});"
+                f"{hint} pass another --cache-dir or delete that folder.")
     else:
         from vpl_plugin._io import write_json
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError, max_tokens_arg
+from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, FP16_COMPAT_CONFLICT, UsageError, \
+    max_tokens_arg
 
 #: runs one stage's ``vpl`` command line (``["cams", "--clip", ...]``) and returns its exit status;
 #: the CLI passes the runner of its own commands (:func:`vpl_plugin.cli.reproduce.run_stage`)
@@ -487,8 +488,11 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     split = _list_path(root, args.split, args.dataset)
     gt = _gt_dir(root, args.dataset)
     pixels = ["--max-pixels", args.max_pixels or 0]
+    if getattr(args, "fp16_compat", False) and getattr(args, "exact_fp32", False):
+        raise UsageError(FP16_COMPAT_CONFLICT)
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
-            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else [])]
+            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else []),
+            *(["--exact-fp32"] if getattr(args, "exact_fp32", False) else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]
@@ -548,14 +552,20 @@ _NO_OUTPUT_FLAGS = {"--no-progress": 0, "--workers": 1}
 
 
 def _output_args(argv: List[str]) -> List[str]:
+    """The arguments that decide a stage's outputs. A stage that loads CLIP with upstream's numerics
+    (the default) gets a marker, and ``--exact-fp32`` is left out: keys of runs made before
+    upstream's numerics became the default (exact fp32 then) still match under ``--exact-fp32``,
+    and a default run sets their outputs aside instead of reusing them."""
     out, skip = [], 0
     for a in argv:
         if skip:
             skip -= 1
         elif a in _NO_OUTPUT_FLAGS:
             skip = _NO_OUTPUT_FLAGS[a]
-        else:
+        elif a != "--exact-fp32":
             out.append(a)
+    if "--clip" in argv and "--exact-fp32" not in argv:
+        out.append("numerics=upstream")
     return out
 
 

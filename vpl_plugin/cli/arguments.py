@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vpl_plugin._cli_common import finite_float, max_pixels_arg, positive_int
+from vpl_plugin._cli_common import add_numerics_flags, finite_float, max_pixels_arg, positive_int
 from vpl_plugin.adapters import CLIPCPALConfig, list_adapters
 from vpl_plugin.cli.options import add_config_options
 from vpl_plugin.data.classes import DATASET_NAMES
@@ -71,9 +71,7 @@ def add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_max_pixels(g)
     g.add_argument("--trust-torchscript", action="store_true", help=TRUST_TORCHSCRIPT_HELP)
-    g.add_argument("--fp16-compat", action="store_true",
-                   help="reproduce upstream CLIP-ES's fp16 rounding (fp16-rounded weights and "
-                        "positional table; fp16 model and GradCAM arithmetic on CUDA)")
+    add_numerics_flags(g)
     g.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
                    help="prompt template with {} for the class name; repeat for an ensemble "
                         "(default: CLIP-ES's 'a clean origami {}.')")

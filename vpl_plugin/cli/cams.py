@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vpl_plugin._cli_common import UsageError, positive_int
+from vpl_plugin._cli_common import UsageError, numerics_resume_hint, positive_int
 from vpl_plugin.cli.arguments import FORMATTER, add_common, add_cpal, add_data
 from vpl_plugin.cli.shared import create_adapter_from_args, create_dataset, describe_labels, gather_summary, write_config
 
@@ -138,5 +138,5 @@ def _check_existing_cams(out: Path, args: argparse.Namespace, adapter_config: di
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise UsageError(f"{out} already holds CAMs made with other settings ({text}); a rerun skips finished "
-                         f"images, so they would stay as they are. Use another --out, or delete {out} to "
-                         f"start over.")
+                         f"images, so they would stay as they are. {numerics_resume_hint(then, now)}Use another "
+                         f"--out, or delete {out} to start over.")

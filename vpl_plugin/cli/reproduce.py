@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from vpl_plugin._cli_common import finite_float, max_pixels_arg, nonnegative_int, positive_float, positive_int, \
+from vpl_plugin._cli_common import add_numerics_flags, finite_float, max_pixels_arg, nonnegative_int, positive_float, positive_int, \
     tau_arg
 from vpl_plugin.cli import cams, evaluate, learn, masks
 from vpl_plugin.cli.app import run_argv
@@ -97,6 +97,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="refuse images with more than N pixels, checked before decoding (default 2097152; 0 = no "
                         "limit; see vpl cams --help for what raising it costs)")
     p.add_argument("--trust-torchscript", action="store_true", help=TRUST_TORCHSCRIPT_HELP)
+    add_numerics_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of each list")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, UsageError
+from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, FP16_COMPAT_CONFLICT, UsageError
 from vpl_plugin._version import __version__
 from vpl_plugin.adapters import CLIPCPALConfig
 from vpl_plugin.cli.options import config_values, options_of
@@ -69,7 +69,9 @@ def create_adapter_from_args(args: argparse.Namespace, spec: Any, prototypes: An
     from vpl_plugin.adapters import create_adapter
     from vpl_plugin.backbones import load_clip
 
-    encoder = load_clip(args.clip, args.device, fp16_compat=args.fp16_compat,
+    if args.fp16_compat and args.exact_fp32:
+        raise UsageError(FP16_COMPAT_CONFLICT)
+    encoder = load_clip(args.clip, args.device, exact_fp32=args.exact_fp32,
                         trust_torchscript=args.trust_torchscript)
     overrides: Dict[str, Any] = {"box_clip_fix": args.box_clip_fix, "map_mode": args.map_mode}
     if args.templates:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, finite_float, positive_float
+from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, UsageError, add_numerics_flags, finite_float, \
+    positive_float
 from vpl_plugin.cli.arguments import DATASETS, FORMATTER, TRUST_TORCHSCRIPT_RECORDED_HELP, add_common, \
     add_max_pixels
 from vpl_plugin.cli.options import add_config_options, config_values
@@ -83,6 +84,7 @@ def _add_data_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-file", metavar="LIST.txt", help="training image list (e.g. train_aug.txt)")
     g.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
                    help="VOC image-level labels: XML, GT mask, or XML where present (default auto)")
+    add_numerics_flags(g, alias=False)
     g.add_argument("--masks", required=True, metavar="MASK_DIR",
                    help="pseudo masks <id>.png from `vpl masks` (255 = ignore)")
     g.add_argument("--skip-missing", action="store_true",
@@ -162,8 +164,9 @@ def _train(args: argparse.Namespace, config: TrainConfig, loss: Any, env: Any, d
                          f"{args.dataset} has {data.num_fg}.")
     torch.manual_seed(args.seed)  # the decoder's initial weights (DDP copies rank 0's anyway)
     decoder_config = DecoderConfig(tau_seg=args.tau_seg)
-    model = build_segmenter(create_backbone(args.backbone, device, trust_torchscript=args.trust_torchscript),
-                            prototypes, decoder_config)
+    numerics = {"exact_fp32": True} if args.exact_fp32 else {}
+    model = build_segmenter(create_backbone(args.backbone, device, trust_torchscript=args.trust_torchscript,
+                                            **numerics), prototypes, decoder_config)
     out = Path(args.out)
     if env.is_main:
         write_config(out / "vpl_train.yaml", args, {
