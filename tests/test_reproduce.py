@@ -154,7 +154,8 @@ def test_stage_keys_keep_runs_of_the_former_exact_fp32_default_under_exact_fp32(
     outputs are set aside rather than reused."""
     import hashlib
 
-    from vpl_plugin.cli import UsageError, _parse
+    from vpl_plugin.cli import UsageError
+    from vpl_plugin.cli import parse_args as _parse
     from vpl_plugin.reproduce import _DEPENDS, _stages, stage_keys
 
     def former_keys(stages):  # the key rule of earlier versions: the arguments as given
