@@ -41,10 +41,10 @@ def check_template(template: str) -> None:
 
     Example:
         >>> check_template("a clean origami {}.")
-        >>> check_template("a {} {x}")
+        >>> check_template("a {} {x}")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: prompt template 'a {} {x}' must hold exactly one '{}' where the class name goes and no other {...} field (write a literal brace as '{{' or '}}'); found fields ['', 'x'].
+        ValueError: prompt template 'a {} {x}' must hold exactly one '{}' ... found fields ['', 'x'].
     """
     import string
 

@@ -114,8 +114,8 @@ def _incomplete_npy(path: Path) -> Optional[str]:
     return None
 
 
-def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
-                  skip_existing: bool = True, progress: bool = True, rank: int = 0,
+def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *,
+                  limit: Optional[int] = None, skip_existing: bool = True, progress: bool = True, rank: int = 0,
                   world_size: int = 1, batch_size: int = 1) -> RunSummary:
     """Write ``<out_dir>/<id>.npy`` (upstream CLIP-ES format) for every image of ``dataset``.
 
@@ -321,8 +321,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
     return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
 
 
-def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates, seed_source,
-                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
+def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates,
+                           seed_source, tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
@@ -334,8 +334,8 @@ def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, imag
                          tau_text=tau_text)
 
 
-def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
-                         candidates: str = "image", seed_source: str = "gradcam",
+def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4,
+                         target_mode: str = "seed_hardened", candidates: str = "image", seed_source: str = "gradcam",
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,

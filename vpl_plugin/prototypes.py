@@ -733,7 +733,8 @@ def learn_vision_prototypes(
       Barzilai-Borwein step sizes and Armijo backtracking. Direction: the tangent part
       ``G_t = G - <G, w> w`` of each row (the radial part only changes norms, which the projection
       undoes; with a large step it can even flip a prototype). Trial
-      ``W' = normalize(W - eta G_t)``, accepted when ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
+      ``W' = normalize(W - eta G_t)``, accepted when
+      ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
       ``dtype``: smaller decreases are rounding noise), else ``eta`` is halved and the trial
       repeated; every trial is one pass over the data. The first trial of iteration 1 is
       ``eta = lr``; later first trials are the alternating BB steps ``<s,s>/<s,y>`` and

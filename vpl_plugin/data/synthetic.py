@@ -332,7 +332,8 @@ def export_voc(world: SceneWorld, root: Union[str, os.PathLike], splits: Dict[st
     return root
 
 
-def context_false_activation(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int], background: int) -> Dict[int, Tuple[int, int]]:
+def context_false_activation(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int],
+                             background: int) -> Dict[int, Tuple[int, int]]:
     """Per present class with a usual background equal to this scene's: (background pixels
     predicted as the class, background pixels). Sum over scenes and divide for the rate at which
     co-occurring context is mistaken for the object.

@@ -243,7 +243,8 @@ def batch_positions(iteration: int, batch_size: int, world_size: int = 1, rank: 
     """
     if batch_size % world_size:
         raise ValueError(f"the global batch size ({batch_size}) must be a multiple of the number of "
-                         f"processes ({world_size}); e.g. --batch-size {world_size * max(1, batch_size // world_size)}.")
+                         f"processes ({world_size}); e.g. "
+                         f"--batch-size {world_size * max(1, batch_size // world_size)}.")
     local = batch_size // world_size
     start = iteration * batch_size + rank * local
     return list(range(start, start + local))

@@ -468,7 +468,7 @@ def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, los
 
 # -- training -------------------------------------------------------------------------------------------
 def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike], *,
-                    config: TrainConfig = TrainConfig(), loss: Optional[nn.Module] = None,
+                    config: Optional[TrainConfig] = None, loss: Optional[nn.Module] = None,
                     val_dataset: Any = None, device: Union[str, torch.device] = "cpu",
                     resume: bool = True, progress: bool = True,
                     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
@@ -483,7 +483,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         dataset: a :class:`~vpl_plugin.phase2.data.PseudoMaskDataset` (anything with ``__len__``,
             ``load(i)``, ``labels(i)``).
         out: output folder (``last.pt``, ``segmenter.pt``, ``curves.json``, ``curves.png``).
-        config: :class:`TrainConfig`.
+        config: :class:`TrainConfig` (default: its defaults).
         loss: the criterion, called ``loss(outputs, masks, labels) -> (loss, {"ce", "rsc"})``;
             default ``Phase2Loss()`` (CE + RSC, weights 1 and 1, tau_RSC 0.07).
         val_dataset: optional dataset of samples with ground truth for mIoU curves
@@ -502,6 +502,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     Raises:
         ValueError: bad settings, a ``last.pt`` from a run with other settings, or a non-finite loss.
     """
+    config = TrainConfig() if config is None else config
     env = init_distributed(str(device))
     world, rank = env.world_size, env.rank
     device = torch.device(device)
