@@ -109,7 +109,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._path, self._allowed, self._resolve = path, dict(allowed), resolve
         self._kind, self._hint = kind, hint
         if persistent_load is not None:
-            self.persistent_load = persistent_load
+            # the documented way to give a pickle.Unpickler a persistent_load (typeshed: a method)
+            self.persistent_load = persistent_load  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"

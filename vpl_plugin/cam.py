@@ -346,6 +346,7 @@ def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[tor
     for i in range(b):
         rows = slice(starts[i], starts[i] + counts[i])
         if targets[i]:
+            assert grad is not None  # some image has targets, so the gradient was taken
             cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half)
         else:
             cams = torch.zeros(0, *grid)

@@ -219,6 +219,7 @@ def soft_neighbours(prototypes: torch.Tensor, context: torch.Tensor, *, k: int =
     top = sims.topk(min(int(k), m), dim=1)
     weights.scatter_(1, top.indices, (top.values / tau).softmax(dim=1))
     if classes is not None:
+        assert context_classes is not None  # both or neither, checked above
         same = classes.reshape(-1, 1).to(torch.long) == context_classes.reshape(1, -1).to(torch.long)
         weights = weights * same.to(weights.dtype)
     return weights

@@ -414,7 +414,7 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
         rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
             with atomic_path(path) as tmp:
-                np.savez(tmp, **rec)
+                np.savez(tmp, **rec)  # type: ignore[arg-type]  # numpy's stubs mistype **arrays
             records[image_id] = path
         else:
             records[image_id] = rec
@@ -508,9 +508,9 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
     if memmap:
         if cache is None:
             raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
-        feats = np.lib.format.open_memmap(cache / "features.npy", "w+", np.float16, (k, dim))
-        targets = np.lib.format.open_memmap(cache / "targets.npy", "w+", np.float32, (k, n_proto))
-        cands = np.lib.format.open_memmap(cache / "candidates.npy", "w+", np.bool_, (k, n_proto))
+        feats: Any = np.lib.format.open_memmap(cache / "features.npy", "w+", np.float16, (k, dim))
+        targets: Any = np.lib.format.open_memmap(cache / "targets.npy", "w+", np.float32, (k, n_proto))
+        cands: Any = np.lib.format.open_memmap(cache / "candidates.npy", "w+", np.bool_, (k, n_proto))
     else:
         feats = torch.empty(k, dim, dtype=torch.float32)
         targets = torch.empty(k, n_proto, dtype=torch.float32)
@@ -593,7 +593,7 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
     _check_positive("lr", lr)
     if not learning_set.ids:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
-    kwargs = {} if step_rule is None else {"step_rule": step_rule}
+    kwargs: Dict[str, Any] = {} if step_rule is None else {"step_rule": step_rule}
     try:
         w, history = learn_vision_prototypes(
             learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates,

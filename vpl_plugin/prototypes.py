@@ -407,7 +407,7 @@ def _blocks(name: str, data: Any, shape_doc: str) -> List[Any]:
 def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
     per_image = not _is_single(data)
     blocks = _blocks(name, data, shape_doc)
-    cols = None
+    cols: Optional[int] = None
     for j, blk in enumerate(blocks):
         if not (isinstance(blk, (torch.Tensor, np.ndarray)) or _is_array_like(blk)):
             raise TypeError(f"{name}[{j}] must be a tensor or array; got {type(blk).__name__}.")
@@ -417,6 +417,7 @@ def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
         elif int(blk.shape[1]) != cols:
             raise ValueError(f"{name}[{j}] has {blk.shape[1]} columns but {name}[0] has {cols}; "
                              "every image must have the same number of columns.")
+    assert cols is not None  # _blocks refuses an empty list
     return _Rows(name, blocks, int(cols), per_image)
 
 
@@ -1071,7 +1072,7 @@ class PrototypeSet:
             raise TypeError(f"prototypes must be floating point; got {rows.dtype}.")
         finite = torch.isfinite(rows)
         problems = []
-        names = self.class_names + self.background_names
+        names = list(self.class_names) + list(self.background_names)
         for i in (~finite).any(dim=1).nonzero().flatten().tolist():
             nan = int(torch.isnan(rows[i]).sum())
             inf = int((~finite[i]).sum()) - nan

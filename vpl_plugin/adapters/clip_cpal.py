@@ -164,7 +164,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
     def bank_settings(self) -> Dict[str, Any]:
         """What pass 1 depends on: a bank made under other values cannot serve this adapter."""
         cfg = self.config
-        head = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
+        head: Dict[str, Any] = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
                 "head_lambda": float(cfg.head_lambda)} if cfg.head else {"head": False}
         if cfg.head:  # the head's training targets depend on the PA-CAM settings too
             head.update({"candidates": cfg.candidates, "neighbours": int(cfg.neighbours),

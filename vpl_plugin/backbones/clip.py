@@ -80,6 +80,7 @@ def load_state_dict_file(path: Union[str, os.PathLike], *,
             f"CLIP checkpoint {path} does not exist. Pass an OpenAI model name such as 'ViT-B/16' "
             f"(downloaded on first use) or the path of a checkpoint file."
         )
+    state: Any
     if _torchscript.is_torchscript_archive(path):
         state = _read_torchscript(path, trust_torchscript)
     else:
@@ -364,9 +365,10 @@ class CLIPDense(nn.Module):
         self.model = model
         self.fp16_compat = bool(fp16_compat)
         self.device = torch.device(device)
-        self.half = self.fp16_compat and self.device.type == "cuda"
+        # NB: this flag shadows nn.Module.half() on CLIPDense instances (callers read `encoder.half`)
+        self.half = self.fp16_compat and self.device.type == "cuda"  # type: ignore[method-assign,assignment]
         self.model.to(self.device)
-        if self.half:
+        if self.half:  # type: ignore[truthy-function]
             self.model.half()
         self.checkpoint: Optional[str] = None
 

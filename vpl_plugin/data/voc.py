@@ -301,7 +301,7 @@ def parse_voc_xml(
         name_elem = obj.find("name")
         if name_elem is None or not (name_elem.text or "").strip():
             raise DatasetError(path, f"<object> number {number} has no <name>")
-        name = name_elem.text.strip()
+        name = (name_elem.text or "").strip()
         if name not in index:
             if name not in unknown:
                 unknown.append(name)

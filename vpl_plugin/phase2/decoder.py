@@ -399,7 +399,7 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
     model.load_decoder_state_dict(payload["decoder"])
     model.to(map_location)
     model.eval()
-    model.checkpoint_extra = dict(payload.get("extra") or {})
+    model.checkpoint_extra = dict(payload.get("extra") or {})  # type: ignore[assignment]  # a new attribute on an nn.Module
     return model
 
 

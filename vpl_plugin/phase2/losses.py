@@ -174,7 +174,7 @@ def _one_per_group(groups: torch.Tensor, generator: Optional[torch.Generator]) -
     keep = []
     for g in torch.unique(groups):
         idx = torch.nonzero(groups == g).flatten()
-        j = torch.randint(len(idx), (1,), generator=generator).item() if len(idx) > 1 else 0
+        j = int(torch.randint(len(idx), (1,), generator=generator).item()) if len(idx) > 1 else 0
         keep.append(idx[j])
     return torch.stack(keep) if keep else groups.new_zeros(0)
 
