@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
-from vpl_plugin._io import atomic_path, save_npy_dict
+from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
+from vpl_plugin.data.cam_files import write_cam_file
 from vpl_plugin.data.voc import SampleDataset, sample_image
 from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
                                    learn_vision_prototypes, region_pool, seeds_from_cams)
@@ -166,7 +167,7 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
                 summary.failed.append((image_id, _failure(err, sample.image_path)))
                 continue
-            save_npy_dict(out_dir / f"{image_id}.npy", out.to_upstream())
+            write_cam_file(out_dir / f"{image_id}.npy", out.to_upstream())
             summary.done += 1
 
     bar = progress_bar(total=len(indices), desc="cams", enabled=progress)

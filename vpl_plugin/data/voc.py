@@ -37,6 +37,8 @@ import numpy as np
 from vpl_plugin._checks import check_choice
 from vpl_plugin._imports import require
 from vpl_plugin.data.classes import VOC, ClassSpec
+from vpl_plugin.data.errors import DatasetError
+from vpl_plugin.data.labels import IGNORE_INDEX, read_label_png  # noqa: F401  (IGNORE_INDEX: re-exported)
 
 if TYPE_CHECKING:  # Pillow is optional (extra 'data'); imported lazily at run time
     from PIL.Image import Image as PILImage
@@ -59,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LABEL_SOURCES = ("auto", "xml", "mask")
-IGNORE_INDEX = 255
 #: Longest image id (UTF-8 bytes) a split file may hold: ``<id>.npy`` and the temporary
 #: ``.<id>.XXXXXXXX.tmp.npy`` of an atomic write must fit the usual 255-byte file-name limit.
 MAX_ID_BYTES = 200
@@ -71,29 +72,6 @@ _VOC_LAYOUT = (
 )
 
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be used, with the path and the reason.
-
-    Raised for one sample (the caller may skip it, e.g. an annotation without objects) or for
-    a whole dataset whose layout is wrong.
-
-    Attributes:
-        path: the offending file or folder.
-        reason: what is wrong with it.
-        hint: how to fix it (may be empty).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.hint = hint
-        message = f"{self.path}: {reason}"
-        if hint:
-            message += f" ({hint})"
-        super().__init__(message)
-
-    def __reduce__(self):  # keep the attributes when sent between DataLoader workers
-        return (type(self), (self.path, self.reason, self.hint))
 
 
 @dataclass(frozen=True)
@@ -342,7 +320,6 @@ def labels_from_mask(path: str | os.PathLike[str], num_classes: int = 21) -> Tup
         >>> labels_from_mask("VOC2012/SegmentationClass/2007_000032.png")  # doctest: +SKIP
         (0, 14)
     """
-    from vpl_plugin.data.labels import read_label_png  # labels imports this module
 
     arr = read_label_png(path, num_classes, what="ground-truth mask")
     present = np.flatnonzero(np.bincount(arr.reshape(-1), minlength=256)[1:num_classes])

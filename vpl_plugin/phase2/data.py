@@ -33,8 +33,8 @@ import torch
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
-from vpl_plugin.data.labels import read_label_png
-from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, IGNORE_INDEX, DatasetError, load_image
+from vpl_plugin.data.labels import IGNORE_INDEX, read_label_png
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image
 
 __all__ = [
     "IGNORE_INDEX",
