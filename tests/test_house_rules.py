@@ -25,12 +25,22 @@ MAX_BODY_LINES = 150
 
 # -- allow-lists: today's offenders in modules being rewritten (the CLI package, the demo). Empty
 # them as those rewrites land; an entry that no longer matches an offence fails the test. --------
-ALLOWED_PRIVATE_USES: Set[Tuple[str, str]] = {
-    # (module using the name, "defining_module._name")
-    ("vpl_plugin.reproduce", "vpl_plugin.cli._max_tokens"),
+ALLOWED_PRIVATE_USES: Set[Tuple[str, str]] = set()  # (module using the name, "defining_module._name")
+ALLOWED_UNANNOTATED: Set[str] = {
+    "vpl_plugin._cli_common.VplArgumentParser.error",
+    *(f"vpl_plugin.cli.cmd_{name}" for name in ("cams", "demo", "eval", "learn", "masks", "random_clip",
+                                                 "reproduce", "segment", "train", "train_clip")),
+    *(f"vpl_plugin.reproduce.{name}" for name in ("add_arguments", "check_checkpoint", "check_coco_layout",
+                                                   "check_layout", "estimate_disk", "project_time", "resolve",
+                                                   "run")),
+    "vpl_plugin.demo.report.DemoConfig.learning_scenes",
+    "vpl_plugin.demo.report.label_set_accuracy",
+    "vpl_plugin.demo.report.learning_split",
+    "vpl_plugin.demo.report.text_gradcam_seed_miou",
+    "vpl_plugin.demo.train_clip.build_demo_clip",
+    "vpl_plugin.demo.train_clip.selection_score",
 }
-ALLOWED_UNANNOTATED: Set[str] = set()
-ALLOWED_LONG_BODIES: Set[str] = set()
+ALLOWED_LONG_BODIES: Set[str] = {"vpl_plugin.cli._build_parser", "vpl_plugin.demo.report._run_demo"}
 ALLOWED_CYCLES: Set[frozenset] = {
     frozenset({"vpl_plugin.cli", "vpl_plugin.reproduce"}),  # CLI package rewrite
     frozenset({"vpl_plugin.demo.report", "vpl_plugin.demo.train_clip"}),  # demo rewrite

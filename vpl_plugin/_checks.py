@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 
@@ -59,3 +60,15 @@ def check_template(template: str) -> None:
         raise ValueError(f"prompt template {template!r} {hint}; Python cannot read it: {err}.") from None
     if [name for name, _, _ in parts] not in ([""], ["0"]) or any(spec or conv for _, spec, conv in parts):
         raise ValueError(f"prompt template {template!r} {hint}; found fields {[n for n, _, _ in parts]}.")
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
+    test, so a plain range check lets it through)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+    return number

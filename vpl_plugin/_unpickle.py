@@ -73,7 +73,7 @@ class UnsafeFileError(ValueError):
                    f"nothing from it was executed.")
         super().__init__(message + (f" {hint}" if hint else ""))
 
-    def __reduce__(self):  # keep the attributes when the error crosses a process boundary
+    def __reduce__(self) -> Tuple[Any, ...]:  # keep the attributes when the error crosses a process boundary
         return (_rebuild_unsafe_error, (self.path, self.global_name, str(self)))
 
 

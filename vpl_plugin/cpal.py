@@ -43,13 +43,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
 from vpl_plugin._io import atomic_path
+
+if TYPE_CHECKING:
+    from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
+    from vpl_plugin.data.voc import SampleDataset
+    from vpl_plugin.pipeline import RunSummary
 
 __all__ = [
     "ContextBank",
@@ -663,9 +668,10 @@ def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
     return state
 
 
-def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progress: bool = True,
+def build_context_bank(adapter: "CLIPCPALAdapter", dataset: "SampleDataset", *, limit: Optional[int] = None,
+                       progress: bool = True,
                        partial: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
-                       summary=None) -> ContextBank:
+                       summary: Optional["RunSummary"] = None) -> ContextBank:
     """Pass 1 of CLIP-CPAL: instance prototypes of every image of ``dataset``, then k-means.
 
     With ``adapter.config.head`` (``docs/clip_cpal.md#the-trained-head-alternative``) it keeps every
@@ -689,7 +695,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
         The :class:`ContextBank` (``adapter.set_bank`` it, or save it).
     """
     from vpl_plugin._progress import progress as progress_bar
-    from vpl_plugin.pipeline import RunSummary, _failure
+    from vpl_plugin.pipeline import RunSummary, failure_text
 
     summary = summary if summary is not None else RunSummary()
     cfg = adapter.config
@@ -730,7 +736,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             sample = dataset[i]
             record = adapter.pass_one(_sample_image(dataset, sample), sample.labels)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             continue
         done[image_id] = record
         summary.done += 1

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from vpl_plugin._checks import check_positive
 from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.cam_files import write_cam_file
 from vpl_plugin.data.voc import SampleDataset, sample_image
-from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
+from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, build_targets,
                                    learn_vision_prototypes, region_pool, seeds_from_cams)
 
 if TYPE_CHECKING:  # the adapters import this module's callers; the contract is needed for types only
@@ -81,7 +82,7 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
-def _failure(err: BaseException, path: Any = None) -> str:
+def failure_text(err: BaseException, path: Any = None) -> str:
     """``TypeName: message`` of a per-image failure, with the image file when it is not named."""
     text = f"{type(err).__name__}: {err}"
     if path is not None and str(path) not in text:
@@ -165,7 +166,7 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             try:
                 out = outs[j] if outs is not None else adapter(image, sample.labels)
             except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-                summary.failed.append((image_id, _failure(err, sample.image_path)))
+                summary.failed.append((image_id, failure_text(err, sample.image_path)))
                 continue
             write_cam_file(out_dir / f"{image_id}.npy", out.to_upstream())
             summary.done += 1
@@ -187,7 +188,7 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             sample = dataset[i]
             image = sample_image(dataset, sample)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             tick()
             continue
         if not batched:
@@ -410,7 +411,7 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                                          target_mode=target_mode, candidates=candidates,
                                          seed_source=seed_source, tau_text=tau_text, pooling=pooling)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             continue
         rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
@@ -421,7 +422,7 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
             records[image_id] = rec
         summary.done += 1
     summary.seconds = time.time() - start
-    return _assemble(records, text.prototypes.shape, cache, memmap)
+    return assemble_learning_set(records, text.prototypes.shape, cache, memmap)
 
 
 def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
@@ -460,7 +461,7 @@ def _record_problem(path: Path, proto_shape: Tuple[int, int]) -> Optional[str]:
     """Why a cached learning record cannot be used, or None.
 
     Reads the zip directory and the members' ``.npy`` headers only (not the data, which
-    :func:`_assemble` reads once): catches empty, truncated and foreign files, missing members and
+    :func:`assemble_learning_set` reads once): catches empty, truncated and foreign files, missing members and
     shapes that do not fit the prototype set ``(N, D)``.
     """
     n_proto, dim = proto_shape
@@ -492,7 +493,8 @@ def _load_record(rec) -> Dict[str, np.ndarray]:
                          f"{err}); delete it and rerun, which recomputes it.") from err
 
 
-def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool]) -> LearningSet:
+def assemble_learning_set(records: Dict[str, Any], proto_shape: Sequence[int], cache: Optional[Path],
+                          memmap: Optional[bool]) -> LearningSet:
     ids = list(records)
     sizes, seeds = [], []
     for image_id in ids:  # first pass: sizes only (npz members load lazily)
@@ -590,8 +592,8 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
         scale_override = float(text.logit_scale)
         tau_value = 1.0 / scale_override
     else:
-        tau_value = _check_positive("tau", tau)
-    _check_positive("lr", lr)
+        tau_value = check_positive("tau", tau)
+    check_positive("lr", lr)
     if not learning_set.ids:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
     kwargs: Dict[str, Any] = {} if step_rule is None else {"step_rule": step_rule}

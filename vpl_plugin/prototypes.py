@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from vpl_plugin._progress import progress as progress_bar
-from ._checks import check_choice, check_ndim, check_range, check_same
+from ._checks import check_choice, check_ndim, check_positive, check_range, check_same
 from ._io import atomic_path
 
 __all__ = [
@@ -75,18 +75,6 @@ _FORMAT_VERSION = 1
 _UNIT_TOL = 1e-6  # init rows closer than this to unit norm are taken verbatim (not re-normalised)
 
 
-def _check_positive(name: str, value: Any) -> float:
-    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
-    test, so a plain range check lets it through)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
-    return number
-
-
 class NonFiniteRowsError(ValueError):
     """Rows of ``features`` or ``targets`` hold NaN/inf (found while streaming them).
 
@@ -102,7 +90,7 @@ class NonFiniteRowsError(ValueError):
             f"{name} row {row}{where} holds NaN/inf ({count} non-finite value(s) in its chunk); "
             f"learning from it would give NaN prototypes. Recompute or drop that image's rows.")
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Any, ...]:
         return (type(self), (self.name, self.row, self.count))
 
 
@@ -597,7 +585,7 @@ def prototype_loss(
         1.0986
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
+    tau = check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.loss(prototypes, tau)
@@ -624,7 +612,7 @@ def prototype_gradient(
         ``(N, D)`` gradient in ``dtype`` (accumulated over chunks in float64), on ``device``.
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
+    tau = check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.evaluate(prototypes, tau)[1].to(dtype)
@@ -815,10 +803,10 @@ def learn_vision_prototypes(
     check_choice("step_rule", step_rule, STEP_RULES)
     check_choice("level", level, ("instance", "class"))
     check_ndim("init_prototypes", init_prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
-    lr = _check_positive("lr", lr)
+    tau = check_positive("tau", tau)
+    lr = check_positive("lr", lr)
     check_range("iters", iters, 0)
-    tau_text = _check_positive("tau_text", tau_text)
+    tau_text = check_positive("tau_text", tau_text)
     if tol is not None:
         check_range("tol", tol, 0.0)
 
@@ -1048,7 +1036,7 @@ class PrototypeSet:
     def __post_init__(self) -> None:
         check_ndim("prototypes", self.prototypes, 2, "(N, D)")
         check_choice("kind", self.kind, ("text", "vision"))
-        self.tau = _check_positive("tau", self.tau)
+        self.tau = check_positive("tau", self.tau)
         if isinstance(self.class_names, str) or isinstance(self.background_names, str):
             raise TypeError("class_names and background_names must be sequences of names, not a "
                             "single string.")
@@ -1059,7 +1047,7 @@ class PrototypeSet:
                    len(self.class_names) + len(self.background_names),
                    "Give one name per prototype row, foreground first.")
         if self.logit_scale_override is not None:
-            self.logit_scale_override = _check_positive("logit_scale_override",
+            self.logit_scale_override = check_positive("logit_scale_override",
                                                         self.logit_scale_override)
         self._check_rows()
         if not isinstance(self.provenance, dict):

@@ -9,7 +9,7 @@ classes of an image share one trunk forward and one backward (identical results,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
 
 if TYPE_CHECKING:
+    from PIL import Image
     from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
@@ -72,7 +73,7 @@ class CLIPESConfig:
     dense_kind: str = "softmax"
 
 
-def text_prototype_set(encoder, class_spec: ClassSpec = VOC,
+def text_prototype_set(encoder: "CLIPDense", class_spec: ClassSpec = VOC,
                        templates: Sequence[str] = (CLIP_ES_TEMPLATE,)) -> PrototypeSet:
     """CLIP-ES text prototypes (foreground prompt names, then background concepts), cached per
     model and class list. The set carries CLIP's exact fp32 logit scale."""
@@ -121,13 +122,13 @@ class CLIPESAdapter(CAMAdapter):
     #: the attribute itself.
     supports_batch: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "gradcams" in vars(cls) and "supports_batch" not in vars(cls):
             cls.supports_batch = False
 
-    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
-                 config: Optional[CLIPESConfig] = None, **overrides) -> None:
+    def __init__(self, encoder: "CLIPDense", class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+                 config: Optional[CLIPESConfig] = None, **overrides: Any) -> None:
         self.encoder = encoder
         self.class_spec = class_spec
         cls = self.config_class
@@ -214,7 +215,7 @@ class CLIPESAdapter(CAMAdapter):
         return refine_cams(transition, maps, masks)
 
     # -- the whole stage --------------------------------------------------------------------------
-    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
+    def analyse(self, image: "Image.Image", labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
         """Validate ``labels``, preprocess ``image`` and run the GradCAM forward (with the text
         prototypes when ``map_mode="fused"``, else the current ones).
 

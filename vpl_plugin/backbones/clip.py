@@ -19,7 +19,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from torch import nn
 
 from vpl_plugin._imports import require
 from vpl_plugin.backbones import _torchscript
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "CLIP_MEAN",
@@ -353,6 +356,9 @@ class CLIPDense(nn.Module):
         device: where to run.
     """
 
+    # fp16 arithmetic on (CUDA with fp16_compat); NB: the flag shadows nn.Module.half() on instances
+    half: bool  # type: ignore[assignment]
+
     def __init__(self, model: nn.Module, *, fp16_compat: bool = False,
                  device: Union[str, torch.device] = "cpu") -> None:
         super().__init__()
@@ -365,10 +371,9 @@ class CLIPDense(nn.Module):
         self.model = model
         self.fp16_compat = bool(fp16_compat)
         self.device = torch.device(device)
-        # NB: this flag shadows nn.Module.half() on CLIPDense instances (callers read `encoder.half`)
-        self.half = self.fp16_compat and self.device.type == "cuda"  # type: ignore[method-assign,assignment]
+        self.half = self.fp16_compat and self.device.type == "cuda"
         self.model.to(self.device)
-        if self.half:  # type: ignore[truthy-function]
+        if self.half:
             self.model.half()
         self.checkpoint: Optional[str] = None
 
@@ -420,7 +425,7 @@ class CLIPDense(nn.Module):
         return int(math.ceil(height / p) * p), int(math.ceil(width / p) * p)
 
     # -- preprocessing ----------------------------------------------------------------------------
-    def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: "Image.Image") -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
         Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Mapping, Union
+from typing import IO, Any, Callable, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class CAMFileError(ValueError):
         super().__init__(f"{self.path} is not a readable CAM file: {why}; {_FORMAT}. "
                          f"Recompute it (e.g. with `vpl cams`).")
 
-    def __reduce__(self):  # picklable with its message (errors cross worker processes)
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable with its message (errors cross worker processes)
         return (_rebuild_cam_error, (self.path, str(self)))
 
 

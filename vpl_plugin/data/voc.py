@@ -146,7 +146,7 @@ def _id_problem(image_id: str) -> Optional[str]:
     return None
 
 
-def _checked_id(path: Path, number: int, token: str) -> str:
+def checked_id(path: Path, number: int, token: str) -> str:
     """The id of one list line, refused (naming the file and line) if it cannot be a file name."""
     image_id = _id_from_token(token)
     problem = _id_problem(image_id)
@@ -157,7 +157,7 @@ def _checked_id(path: Path, number: int, token: str) -> str:
     return image_id
 
 
-def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
+def read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
     """Return ``(line number, tokens)`` of the non-blank, non-comment lines of a list file."""
     path = Path(path)
     if not path.is_file():
@@ -205,8 +205,8 @@ def read_split(path: str | os.PathLike[str]) -> List[str]:
         ['2007_000032', '2007_000039']
     """
     path = Path(path)
-    ids = [_checked_id(path, number, tokens[0])
-           for number, tokens in _read_list_lines(path, "split file")]
+    ids = [checked_id(path, number, tokens[0])
+           for number, tokens in read_list_lines(path, "split file")]
     if not ids:
         raise DatasetError(path, "split file lists no images",
                            "give a text file with one image id per line")
@@ -344,7 +344,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _check_max_pixels(max_pixels: Optional[int]) -> Optional[int]:
+def check_max_pixels(max_pixels: Optional[int]) -> Optional[int]:
     if max_pixels is None:
         return None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) \
@@ -435,7 +435,7 @@ def read_image_header(
         DatasetError: the file does not exist, is not an image, or is over ``max_pixels``.
     """
     path = Path(path)
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     try:
         with _open_checked(path, max_pixels) as img:
             return img.size, img.mode
@@ -503,7 +503,7 @@ def load_image(
         ImportError: Pillow is not installed (the message names the pip extra).
     """
     path = Path(path)
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     img = None
     try:
         img = _open_checked(path, max_pixels)
@@ -528,7 +528,7 @@ def load_image(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path]) -> Path:
+def resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path]) -> Path:
     """Return ``split_file`` as given if it exists, else the first ``base/split_file`` that does.
 
     A name without suffix (``train``) also tries ``train.txt``.
@@ -561,7 +561,7 @@ def sample_image(dataset: Any, sample: Sample) -> PILImage:
                       max_pixels=getattr(dataset, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
-class _ListDataset:
+class ListDataset:
     """Shared behaviour of the map-style datasets: ids, indexing, iteration, validation."""
 
     _ids: List[str]
@@ -642,7 +642,7 @@ class _ListDataset:
         return problems
 
 
-class VOCDataset(_ListDataset):
+class VOCDataset(ListDataset):
     """PASCAL VOC images of one split with their image-level labels (map-style).
 
     Labels are read lazily, one sample at a time (and cached); :meth:`validate` checks all of
@@ -689,7 +689,7 @@ class VOCDataset(_ListDataset):
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_choice("label_source", label_source, LABEL_SOURCES)
-        self.max_pixels = _check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.root = _check_voc_root(root)
         self.class_spec = class_spec
         self.label_source = label_source
@@ -719,7 +719,7 @@ class VOCDataset(_ListDataset):
         if split_file is None:
             self.split_file = self.root / "ImageSets" / "Segmentation" / "train.txt"
         else:
-            self.split_file = _resolve_split_file(
+            self.split_file = resolve_split_file(
                 split_file, [self.root, self.root / "ImageSets" / "Segmentation"])
         self._ids = read_split(self.split_file)
         self._cache: Dict[int, Sample] = {}

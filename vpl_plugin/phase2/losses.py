@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -260,7 +260,7 @@ class RSCLoss(nn.Module):
         self.form = form
 
     def forward(self, regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor,
-                **kwargs) -> torch.Tensor:
+                **kwargs: Any) -> torch.Tensor:
         return rsc_loss(regions, prototypes, classes, self.tau, self.form, **kwargs)
 
     def extra_repr(self) -> str:
