@@ -466,6 +466,64 @@ def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, los
                          f"(`vpl train --no-resume`) to start over.")
 
 
+def _resume(state_path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, loss_desc: Dict[str, Any], model_desc: Dict[str, Any],
+            main: bool) -> Tuple[int, float, Dict[str, Any], Dict[str, Any]]:
+    """Restore a run from ``last.pt`` (refused when written under other settings): the decoder,
+    optimiser, scaler and RNG states; returns ``(iteration, seconds, curves, window)``."""
+    state = load_train_state(state_path)
+    _check_resumable(state_path, state, config, loss_desc, model_desc)
+    model.load_decoder_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    start, seconds = int(state["iteration"]), float(state["seconds"])
+    if main:
+        log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+    return start, seconds, state["curves"], state["window"]
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, without DDP's buffer broadcasts."""
+    import inspect
+
+    ddp = nn.parallel.DistributedDataParallel
+    # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def _train_step(net: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                batch: Dict[str, torch.Tensor], *, lr: float, device: torch.device,
+                amp_dtype: Optional[torch.dtype], world: int, rank: int,
+                iteration: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """One optimisation step at learning rate ``lr``: forward (under autocast), the loss over the
+    global batch in float32, backward and step; refuses a non-finite loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images = batch["images"].to(device, non_blocking=True)
+    masks = batch["masks"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with _autocast(device, amp_dtype):
+        outputs = net(images)
+    with torch.autocast(device_type=device.type, enabled=False):
+        outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in outputs.items()}
+        value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
+    if not torch.isfinite(value.detach()):
+        raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
+                         f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
+                         f"use --amp-dtype bf16 / --no-amp.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(value * world).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return value, parts
+
+
 # -- training -------------------------------------------------------------------------------------------
 def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike], *,
                     config: Optional[TrainConfig] = None, loss: Optional[nn.Module] = None,
@@ -540,30 +598,12 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     curves: Dict[str, List[Dict[str, float]]] = {"train": [], "val": []}
     window = {"loss": 0.0, "ce": 0.0, "rsc": 0.0, "n": 0}
     if resume and state_path.exists():
-        state = load_train_state(state_path)
-        _check_resumable(state_path, state, config, loss_desc, model_desc)
-        model.load_decoder_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, seconds = int(state["iteration"]), float(state["seconds"])
-        curves, window = state["curves"], state["window"]
-        if main:
-            log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+        start, seconds, curves, window = _resume(state_path, config, model, optimizer, scaler, loss_desc,
+                                                 model_desc, main)
     elif main and state_path.exists():
         log.info("not resuming: %s will be overwritten", state_path)
 
-    net: nn.Module = model
-    if env.distributed:
-        import inspect
-
-        ddp = nn.parallel.DistributedDataParallel
-        # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
-        no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-                   else {"broadcast_buffers": False})
-        net = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    net: nn.Module = _wrap_ddp(model, device) if env.distributed else model
     model.train()
 
     stream = TrainStream(dataset, crop=config.crop, seed=config.seed,
@@ -606,25 +646,8 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     try:
         for batch in loader:
             lr = poly_lr(config.lr, iteration, config.iterations, config.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = batch["images"].to(device, non_blocking=True)
-            masks = batch["masks"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                outputs = net(images)
-            with torch.autocast(device_type=device.type, enabled=False):
-                outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-                           for k, v in outputs.items()}
-                value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
-            if not torch.isfinite(value.detach()):
-                raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
-                                 f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
-                                 f"use --amp-dtype bf16 / --no-amp.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(value * world).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            value, parts = _train_step(net, loss, optimizer, scaler, batch, lr=lr, device=device,
+                                       amp_dtype=amp_dtype, world=world, rank=rank, iteration=iteration)
             iteration += 1
             now = time.perf_counter()
             seconds += now - tick
