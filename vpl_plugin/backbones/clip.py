@@ -39,6 +39,7 @@ __all__ = [
     "LastBlockOutput",
     "build_clip_from_state_dict",
     "build_random_clip",
+    "clip_normalize",
     "load_clip",
     "load_state_dict_file",
     "save_checkpoint",
@@ -46,6 +47,18 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_normalize(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's per-channel normalisation of RGB values in ``[0, 1]``, ``(3, H, W)`` or ``(B, 3, H, W)``.
+
+    Example:
+        >>> clip_normalize(torch.full((3, 1, 1), 0.5)).flatten()
+        tensor([0.0690, 0.1614, 0.3328])
+    """
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
 
 
 class CheckpointError(ValueError):
@@ -436,10 +449,7 @@ class CLIPDense(nn.Module):
         height, width = self.padded_size(h0, w0)
         resized = image.resize((width, height), Image.BICUBIC).convert("RGB")
         arr = np.asarray(resized, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)
-        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
-        return (x - mean) / std, (h0, w0)
+        return clip_normalize(torch.from_numpy(arr).permute(2, 0, 1)), (h0, w0)
 
     # -- encoder pieces ---------------------------------------------------------------------------
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:

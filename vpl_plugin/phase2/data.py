@@ -32,7 +32,7 @@ import torch
 
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
-from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
+from vpl_plugin.backbones.clip import CLIP_MEAN, clip_normalize
 from vpl_plugin.data.labels import IGNORE_INDEX, read_label_png
 from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image
 
@@ -208,10 +208,7 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` RGB in 0-255 -> ``(3, H, W)`` float32 CLIP-normalised tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return clip_normalize(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
 
 
 # -- the deterministic stream -----------------------------------------------------------------------
