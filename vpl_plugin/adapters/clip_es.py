@@ -8,8 +8,9 @@ classes of an image share one trunk forward and one backward (identical results,
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
 
-_TEXT_CACHE: dict = {}
+# Text prototypes per encoder (dropped with it), then per weights / device / classes / templates.
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, Dict[tuple, PrototypeSet]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -79,17 +81,18 @@ def text_prototype_set(encoder: "CLIPDense", class_spec: ClassSpec = VOC,
     model and class list. The set carries CLIP's exact fp32 logit scale."""
     key = (encoder.fingerprint(), str(encoder.device), class_spec.prompt_names, class_spec.background,
            tuple(templates))
-    if key not in _TEXT_CACHE:
+    cache = _TEXT_CACHE.setdefault(encoder, {})
+    if key not in cache:
         names = list(class_spec.prompt_names) + list(class_spec.background)
         protos = encoder.encode_text_prototypes(names, templates)
         scale = float(encoder.logit_scale)
-        _TEXT_CACHE[key] = PrototypeSet(
+        cache[key] = PrototypeSet(
             protos, class_spec.names, class_spec.background, tau=1.0 / scale, kind="text",
             provenance={"templates": list(templates), "model": encoder.fingerprint(),
                         "checkpoint": encoder.checkpoint},
             logit_scale_override=scale,
         )
-    cached = _TEXT_CACHE[key]
+    cached = cache[key]
     return PrototypeSet(cached.prototypes.clone(), cached.class_names, cached.background_names,
                         cached.tau, cached.kind, dict(cached.provenance), cached.logit_scale_override)
 
