@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn.functional as F
 
-from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
+from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same, check_settings, settings_diff
 from vpl_plugin._io import atomic_path
 
 if TYPE_CHECKING:
@@ -578,10 +578,8 @@ class ContextBank:
             problems.append(f"class count: {self.num_classes} in the bank, {num_classes} expected")
         if dim is not None and int(dim) != self.dim:
             problems.append(f"feature dimension: {self.dim} in the bank, {dim} expected")
-        for key, want in _plain(settings or {}).items():
-            have = self.settings.get(key)
-            if have != want:
-                problems.append(f"{key}: {have!r} in the bank, {want!r} now")
+        diff = settings_diff(self.settings, _plain(settings or {}))
+        problems += [f"{key}: {have!r} in the bank, {want!r} now" for key, (have, want) in diff.items()]
         if problems:
             raise ValueError(
                 f"{source} was made under other settings ({'; '.join(problems)}). Rebuild it for "
@@ -706,12 +704,9 @@ def build_context_bank(adapter: "CLIPCPALAdapter", dataset: "SampleDataset", *, 
     partial_path = Path(partial) if partial is not None else None
     state = _read_partial(partial_path) if partial_path is not None and partial_path.is_file() else None
     if state is not None:
-        saved = state.get("settings", {})
-        diff = {k: (saved.get(k), v) for k, v in _plain(settings).items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"resume file {partial_path} was written under other settings "
-                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                             "delete it to start over.")
+        check_settings(state.get("settings", {}), _plain(settings),
+                       f"resume file {partial_path} was written under other settings", "delete it to start over.",
+                       item="{key}: {then!r} there, {now!r} now")
         for image_id, record in zip(state["ids"], state["records"]):
             done[image_id] = record
         log.info("cpal bank: resuming from %s (%d images done)", partial_path, len(done))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
-from vpl_plugin._checks import check_positive
+from vpl_plugin._checks import check_positive, check_settings
 from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.cam_files import write_cam_file
@@ -432,13 +432,9 @@ def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "settings.json"
     if path.exists():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"the feature cache {cache} was written with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                f"pass another --cache-dir or delete that folder.")
+        check_settings(json.loads(path.read_text()), settings,
+                       f"the feature cache {cache} was written with other settings",
+                       "pass another --cache-dir or delete that folder.", item="{key}: {then!r} there, {now!r} now")
     else:
         from vpl_plugin._io import write_json
 

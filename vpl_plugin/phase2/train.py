@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin._checks import check_choice, check_range, describe_diff, settings_diff
 from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.distributed import barrier, init_distributed
@@ -453,15 +453,14 @@ def _describe_model(model: nn.Module) -> Dict[str, Any]:
 def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, loss_desc: Dict[str, Any],
                      model_desc: Dict[str, Any]) -> None:
     saved, now = state["config"], config.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in _RUN_FIELDS if saved.get(k) != now[k]}
+    diff = settings_diff(saved, now, _RUN_FIELDS)
     if state.get("loss") != loss_desc:
         diff["loss"] = (state.get("loss"), loss_desc)
     for k, v in model_desc.items():  # another decoder, prototype set or backbone
         if state.get("model", {}).get(k, v) != v:
             diff[f"model {k}"] = (state["model"][k], v)
     if diff:
-        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was written by a run with other settings ({text}); resuming would "
+        raise ValueError(f"{path} was written by a run with other settings ({describe_diff(diff)}); resuming would "
                          f"not continue that run. Use another --out, delete it, or pass resume=False "
                          f"(`vpl train --no-resume`) to start over.")
 
