@@ -28,6 +28,7 @@ MAX_BODY_LINES = 150
 ALLOWED_PRIVATE_USES: Set[Tuple[str, str]] = set()  # (module using the name, "defining_module._name")
 ALLOWED_UNANNOTATED: Set[str] = {
     "vpl_plugin._cli_common.VplArgumentParser.error",
+    "vpl_plugin._cli_common.add_numerics_flags",
     *(f"vpl_plugin.cli.cmd_{name}" for name in ("cams", "demo", "eval", "learn", "masks", "random_clip",
                                                  "reproduce", "segment", "train", "train_clip")),
     *(f"vpl_plugin.reproduce.{name}" for name in ("add_arguments", "check_checkpoint", "check_coco_layout",
