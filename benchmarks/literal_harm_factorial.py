@@ -69,15 +69,16 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine
 
 WORLD_SEED = 7  # the demo's world (the demo CLIP was trained on world seed 1)
 EVAL_START, VAL_START = 10_000_000, 20_000_000  # the demo's evaluation / validation scenes
@@ -103,7 +104,7 @@ class World:
     validation: list
 
 
-def load_world(clip: Optional[str], eval_scenes: int, val_scenes: int) -> World:
+def load_world(clip: str | None, eval_scenes: int, val_scenes: int) -> World:
     """Load the demo CLIP (memoised trunk) and draw the demo's splits."""
     from vpl_plugin.adapters.clip_es import text_prototype_set
     from vpl_plugin.backbones import load_clip
@@ -137,7 +138,7 @@ def memoise_trunk(encoder) -> None:
 
 
 # -- prototype sets ------------------------------------------------------------------------------------
-def learning_probes(world: World) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def learning_probes(world: World) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per learning scene: unit patch features, text GradCAMs ``(k, n)``, labels, pooled embedding."""
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
     from vpl_plugin.data.synthetic import SYNTHETIC
@@ -158,8 +159,13 @@ def learning_probes(world: World) -> List[Tuple[torch.Tensor, torch.Tensor, torc
 
 def learn_set(probes, text, pooling: str, tau: float, step_rule: str):
     """Vision prototypes from the learning scenes (image-level labels only)."""
-    from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes, region_pool, \
-        seeds_from_cams
+    from vpl_plugin.prototypes import (
+        PrototypeSet,
+        build_targets,
+        learn_vision_prototypes,
+        region_pool,
+        seeds_from_cams,
+    )
 
     tau_text = 1.0 / float(text.logit_scale)
     xs, qs, cs = [], [], []
@@ -192,13 +198,13 @@ def pooled_shift(ps, probes):
                         provenance={**ps.provenance, "shift_norm": float((pooled - tokens).norm())})
 
 
-def vision_sets(world: World, cache: Path, log) -> Dict[str, Any]:
+def vision_sets(world: World, cache: Path, log) -> dict[str, Any]:
     """The four D levels, learned once and cached in ``cache``."""
     from vpl_plugin.prototypes import PrototypeSet
 
     recipes = {"token": ("token", TAU_LITERAL, "halving"), "region": ("region", TAU_LITERAL, "halving"),
                "recommended": ("region", 0.1, "bb")}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     probes = None
     for name in D_LEVELS:
         path = cache / f"prototypes_{name}.pt"
@@ -234,14 +240,14 @@ class Cell:
     fg: str
     bg: str
     scale: str  # key of the scale levels
-    d: Optional[str]
+    d: str | None
 
     @property
     def key(self) -> str:
         return f"fg-{self.fg}_bg-{self.bg}_scale-{self.scale}_d-{self.d or 'none'}"
 
 
-def all_cells(scales: Sequence[str]) -> List[Cell]:
+def all_cells(scales: Sequence[str]) -> list[Cell]:
     """The 52 cells of the design (4 scale levels x (1 text/text + 3 A x B cells x 4 D levels))."""
     cells = []
     for s in scales:
@@ -251,13 +257,14 @@ def all_cells(scales: Sequence[str]) -> List[Cell]:
     return cells
 
 
-def score_cell(world: World, ps, scenes) -> Dict[str, np.ndarray]:
+def score_cell(world: World, ps, scenes) -> dict[str, np.ndarray]:
     """Per-scene confusion matrices (seed with CAA, CRF mask, raw-GradCAM seed) and softmax readings."""
+    from PIL import Image
+
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
     from vpl_plugin.data.synthetic import SYNTHETIC
     from vpl_plugin.metrics import cams_to_label, confusion_matrix
     from vpl_plugin.pseudo_masks import cams_to_pseudo_mask
-    from PIL import Image
 
     n_cls = SYNTHETIC.num_classes
     adapter = CLIPESAdapter(world.encoder, SYNTHETIC, prototypes=ps, templates=TEMPLATES, save_gradcam=True)
@@ -280,8 +287,8 @@ def score_cell(world: World, ps, scenes) -> Dict[str, np.ndarray]:
     return {"seed": seed, "mask": mask, "seed_raw": raw, "fg_mass": fg_mass, "fg_wins": np.asarray(fg_wins)}
 
 
-def run_cells(world: World, vision: Dict[str, Any], cells: Sequence[Cell], scales: Dict[str, float],
-              scenes, cache: Path, log) -> Dict[Cell, Dict[str, np.ndarray]]:
+def run_cells(world: World, vision: dict[str, Any], cells: Sequence[Cell], scales: dict[str, float],
+              scenes, cache: Path, log) -> dict[Cell, dict[str, np.ndarray]]:
     """Score every cell (per-cell results cached as ``.npz`` in ``cache``)."""
     results = {}
     for n, cell in enumerate(cells):
@@ -306,7 +313,7 @@ def point(stack: np.ndarray) -> float:
     return float(resampled(stack, None)[0])
 
 
-def resampled(stack: np.ndarray, counts: Optional[np.ndarray]) -> np.ndarray:
+def resampled(stack: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
     """mIoU of the best candidate for every resample (``counts`` ``(B, n)``), or for all scenes (None).
 
     The same computation as :func:`vpl_plugin.bootstrap.bootstrap_miou` (checked in :func:`check_oracle`),
@@ -335,7 +342,7 @@ def check_oracle(a: np.ndarray, b: np.ndarray, counts: np.ndarray) -> None:
         raise AssertionError(f"bootstrap mismatch: {mine} vs {lib['ci95']}, {diff} vs {lib_diff['ci95']}")
 
 
-def interval(full: float, samples: np.ndarray) -> Dict[str, Any]:
+def interval(full: float, samples: np.ndarray) -> dict[str, Any]:
     """``{"value", "ci95"}`` in mIoU points (x100)."""
     lo, hi = np.nanpercentile(samples, [2.5, 97.5])
     return {"value": round(100 * full, 2), "ci95": [round(100 * float(lo), 2), round(100 * float(hi), 2)]}
@@ -345,7 +352,7 @@ def interval(full: float, samples: np.ndarray) -> Dict[str, Any]:
 SCALE_KEYS = ("clip", "tau0.03", "tau0.1", "tau0.01")  # CLIP's own, 1/0.03 (literal), 10, 100
 
 
-def cell(fg: str, bg: str, scale: str, d: Optional[str] = "token") -> Cell:
+def cell(fg: str, bg: str, scale: str, d: str | None = "token") -> Cell:
     """The cell of these levels (text/text cells carry no D level)."""
     return Cell(fg, bg, scale, None if fg == bg == "text" else d)
 
@@ -357,26 +364,26 @@ LITERAL = cell("vision", "vision", "tau0.03", "token")
 class Scorer:
     """Point values and per-resample values of cells, and of linear contrasts between them."""
 
-    def __init__(self, results: Dict[Cell, Dict[str, np.ndarray]], counts: np.ndarray) -> None:
+    def __init__(self, results: dict[Cell, dict[str, np.ndarray]], counts: np.ndarray) -> None:
         self.results, self.counts = results, counts
-        self._cache: Dict[Tuple[Cell, str], Tuple[float, np.ndarray]] = {}
+        self._cache: dict[tuple[Cell, str], tuple[float, np.ndarray]] = {}
 
-    def values(self, c: Cell, measure: str) -> Tuple[float, np.ndarray]:
+    def values(self, c: Cell, measure: str) -> tuple[float, np.ndarray]:
         if (c, measure) not in self._cache:
             stack = self.results[c][measure]
             self._cache[c, measure] = point(stack), resampled(stack, self.counts)
         return self._cache[c, measure]
 
-    def contrast(self, weights: Dict[Cell, float], measure: str) -> Dict[str, Any]:
+    def contrast(self, weights: dict[Cell, float], measure: str) -> dict[str, Any]:
         full = sum(w * self.values(c, measure)[0] for c, w in weights.items())
         samples = sum(w * self.values(c, measure)[1] for c, w in weights.items())
         return interval(full, samples)
 
-    def all_measures(self, weights: Dict[Cell, float]) -> Dict[str, Any]:
+    def all_measures(self, weights: dict[Cell, float]) -> dict[str, Any]:
         return {m: self.contrast(weights, m) for m in MEASURES}
 
 
-def cube_effects(scorer: Scorer, d: str) -> Dict[str, Any]:
+def cube_effects(scorer: Scorer, d: str) -> dict[str, Any]:
     """Main effects and interactions of A (fg), B (bg), C (scale: CLIP's -> 1/0.03) at D level ``d``."""
     sign = {"text": -1, "vision": 1, "clip": -1, "tau0.03": 1}
     cube = [(fg, bg, s) for fg in ("text", "vision") for bg in ("text", "vision") for s in ("clip", "tau0.03")]
@@ -389,7 +396,7 @@ def cube_effects(scorer: Scorer, d: str) -> Dict[str, Any]:
     return out
 
 
-def recoveries(scorer: Scorer) -> Dict[str, Any]:
+def recoveries(scorer: Scorer) -> dict[str, Any]:
     """From the literal cell, one factor put back (and the resulting cell against CLIP-ES)."""
     changes = {"C: CLIP's scale": cell("vision", "vision", "clip"),
                "B: text background prototypes": cell("vision", "text", "tau0.03"),
@@ -402,7 +409,7 @@ def recoveries(scorer: Scorer) -> Dict[str, Any]:
                    "vs_clip_es": scorer.all_measures({c: 1.0, CLIP_ES: -1.0})} for name, c in changes.items()}
 
 
-def verdicts(harm: Dict[str, Any], rec: Dict[str, Any]) -> Dict[str, str]:
+def verdicts(harm: dict[str, Any], rec: dict[str, Any]) -> dict[str, str]:
     """The pre-registered reading of each recovery (seed mIoU with CAA)."""
     size = -harm["seed"]["value"]
     out = {}
@@ -421,13 +428,13 @@ def verdicts(harm: Dict[str, Any], rec: Dict[str, Any]) -> Dict[str, str]:
     return out
 
 
-def harm_removers(scorer: Scorer, cells: Sequence[Cell]) -> List[Cell]:
+def harm_removers(scorer: Scorer, cells: Sequence[Cell]) -> list[Cell]:
     """Cells with learned vision foreground prototypes whose seed is not below CLIP-ES's."""
     return [c for c in cells if c.fg == "vision"
             and scorer.contrast({c: 1.0, CLIP_ES: -1.0}, "seed")["ci95"][1] >= 0]
 
 
-def cell_rows(scorer: Scorer, cells: Sequence[Cell]) -> List[Dict[str, Any]]:
+def cell_rows(scorer: Scorer, cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """Every cell's measures with intervals and its softmax readings."""
     rows = []
     for c in cells:
@@ -439,8 +446,8 @@ def cell_rows(scorer: Scorer, cells: Sequence[Cell]) -> List[Dict[str, Any]]:
     return rows
 
 
-def validate(world: World, vision, chosen: Sequence[Cell], scales: Dict[str, float], cache: Path, log,
-             resamples: int) -> Dict[str, Any]:
+def validate(world: World, vision, chosen: Sequence[Cell], scales: dict[str, float], cache: Path, log,
+             resamples: int) -> dict[str, Any]:
     """Re-measure the harm-removing variants against CLIP-ES on the validation scenes."""
     from vpl_plugin.bootstrap import resample_counts
 
@@ -508,12 +515,12 @@ def main() -> None:
     log(f"wrote {RESULTS / (args.name + '.json')} and .md")
 
 
-def fmt(x: Dict[str, Any]) -> str:
+def fmt(x: dict[str, Any]) -> str:
     """``v [lo, hi]`` in mIoU points."""
     return f"{x['value']:.1f} [{x['ci95'][0]:.1f}, {x['ci95'][1]:.1f}]"
 
 
-def markdown(r: Dict[str, Any]) -> str:
+def markdown(r: dict[str, Any]) -> str:
     """The results file: design, cells, harm and recoveries, factorial effects, validation."""
     s = r["scenes"]
     lines = ["# Why the paper-literal VPL swap hurts on the demo world (factorial experiment)", "",
@@ -524,16 +531,16 @@ def markdown(r: Dict[str, Any]) -> str:
              f"({r['resamples']} resamples); mIoU points. Scales: " +
              ", ".join(f"{k} = {v:.2f}" for k, v in r["scales"].items()) + f". {r['seconds']:.0f} s.", "",
              "## Harm and what each cause recovers (seed with CAA | pseudo mask | raw GradCAM seed)", "",
-             f"Harm (literal - CLIP-ES): {fmt(r['harm']['seed'])} | {fmt(r['harm']['mask'])} | "
-             f"{fmt(r['harm']['seed_raw'])}", "",
-             "| from the literal cell, put back | recovery, seed | recovery, mask | recovery, raw seed | "
-             "cell - CLIP-ES, seed | reading |", "|---|---|---|---|---|---|"]
+             (f"Harm (literal - CLIP-ES): {fmt(r['harm']['seed'])} | {fmt(r['harm']['mask'])} | "
+             f"{fmt(r['harm']['seed_raw'])}"), "",
+             ("| from the literal cell, put back | recovery, seed | recovery, mask | recovery, raw seed | "
+             "cell - CLIP-ES, seed | reading |"), "|---|---|---|---|---|---|"]
     for name, v in r["recoveries"].items():
         rec = v["recovery"]
         lines.append(f"| {name} | {fmt(rec['seed'])} | {fmt(rec['mask'])} | {fmt(rec['seed_raw'])} | "
                      f"{fmt(v['vs_clip_es']['seed'])} | {r['verdicts'][name]} |")
-    lines += ["", "## Factorial effects (A fg text->vision, B bg text->vision, C scale CLIP's->1/0.03; "
-              "contrasts +-1/4 over the 2x2x2 cube), seed with CAA", "",
+    lines += ["", ("## Factorial effects (A fg text->vision, B bg text->vision, C scale CLIP's->1/0.03; "
+              "contrasts +-1/4 over the 2x2x2 cube), seed with CAA"), "",
               "| D level | " + " | ".join(r["factorial"]["token"].keys()) + " |",
               "|---|" + "---|" * len(r["factorial"]["token"])]
     for d, eff in r["factorial"].items():
@@ -542,8 +549,8 @@ def markdown(r: Dict[str, Any]) -> str:
               "|---|" + "---|" * len(r["factorial"]["token"])]
     for d, eff in r["factorial"].items():
         lines.append(f"| {d} | " + " | ".join(fmt(e["mask"]) for e in eff.values()) + " |")
-    lines += ["", "## Every cell", "", "| fg | bg | scale | D | seed (CAA) | pseudo mask | raw GradCAM seed | "
-              "fg softmax mass | fg beats every bg |", "|---|---|---|---|---|---|---|---:|---:|"]
+    lines += ["", "## Every cell", "", ("| fg | bg | scale | D | seed (CAA) | pseudo mask | raw GradCAM seed | "
+              "fg softmax mass | fg beats every bg |"), "|---|---|---|---|---|---|---|---:|---:|"]
     for c in r["cells"]:
         lines.append(f"| {c['fg']} | {c['bg']} | {c['scale']} | {c['d'] or '-'} | {fmt(c['seed'])} | "
                      f"{fmt(c['mask'])} | {fmt(c['seed_raw'])} | {c['fg_softmax_mass']:.3f} | "

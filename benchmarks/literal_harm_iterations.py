@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import literal_harm_factorial as lh  # noqa: E402
-from _common import RESULTS, machine  # noqa: E402
+import literal_harm_factorial as lh
+from _common import RESULTS, machine
 
 SNAPSHOTS = (10, 100, 1000)
 
@@ -107,9 +107,9 @@ def main() -> None:
     out["seconds"], out["machine"] = round(time.time() - start, 1), machine()
     (RESULTS / "literal_harm_iterations.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = ["# The paper-literal recipe stopped early (follow-up to literal_harm.md)", "",
-             f"`python benchmarks/literal_harm_iterations.py`; {args.scenes} evaluation and {args.scenes} "
+             (f"`python benchmarks/literal_harm_iterations.py`; {args.scenes} evaluation and {args.scenes} "
              f"validation scenes, paired 95 % bootstrap intervals ({args.resamples} resamples), mIoU points; "
-             f"{out['seconds']:.0f} s.", "",
+             f"{out['seconds']:.0f} s."), "",
              "| variant | eval seed | eval seed - CLIP-ES | eval mask - CLIP-ES | val seed | val seed - CLIP-ES |",
              "|---|---|---|---|---|---|"]
     for r, v in zip(out["evaluation"], out["validation"]):
