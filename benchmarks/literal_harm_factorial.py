@@ -52,8 +52,9 @@ Analysis (fixed before the run):
   found on the evaluation scenes, so it is re-measured on the demo's 300 validation scenes
   (disjoint; masks used only for this check) and reported only if it passes there too.
 
-Runtime: about 15 min on the 2-core machine (1 thread): learning 3 prototype sets (about 2 min),
-52 cells x 300 scenes with CRF (about 12 s a cell), the bootstrap (about 2 min)::
+Runtime: 2,126 s measured on the shared 2-core machine under load (load average about 14; 1
+thread): learning 3 prototype sets (the literal one 210 s), 52 cells x 300 scenes with CRF (23-87 s
+a cell), the validation check and the bootstrap::
 
     python benchmarks/literal_harm_factorial.py        # the shipped demo CLIP
 
