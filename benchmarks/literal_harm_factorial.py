@@ -2,7 +2,7 @@
 
 Question. On the demo world with the shipped demo CLIP, CLIP-ES with its text prototypes gives a
 seed mIoU of about 30 (with CAA), and the paper-literal VPL (vision prototypes learned on patch
-tokens, Q-A targets, tau_I 0.03, lr 10, 3000 halving steps, swapped into CLIP-ES's GradCAM with
+tokens, seed-hardened targets, tau_I 0.03, lr 10, 3000 halving steps, swapped into CLIP-ES's GradCAM with
 logit scale 1/tau_I) about 19. Three explanations were offered: (1) the learned prototypes leave
 the region of the pooled image embedding, which is what GradCAM's image-level softmax scores
 (they are fitted to single patch tokens); (2) the background prototypes take the image-level
@@ -18,7 +18,7 @@ four factors:
 * C, logit scale of the GradCAM softmax: CLIP's own (the text one, 25.3) | 1/0.03 (the literal
   one); also 10 (1/0.1) and 100 as a range.
 * D, how the vision prototypes were obtained (applies to the vision rows of A and B):
-  ``token`` the paper-literal set (token rows, Q-A targets, tau_I 0.03, lr 10, 3000 iterations,
+  ``token`` the paper-literal set (token rows, seed-hardened targets, tau_I 0.03, lr 10, 3000 iterations,
   halving rule); ``region`` the same recipe on region-pooled rows (each seed region and the rest of
   the image pooled into one normalised mean feature, as GradCAM pools the image), nothing else
   changed; ``shift`` the literal set moved toward the pooled embeddings: ``w' = normalise(w +

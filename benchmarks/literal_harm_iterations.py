@@ -8,7 +8,7 @@ factorial result), so a truncation counts as removing the harm only if its seed 
 is not below CLIP-ES's (upper end of the paired 95 % interval >= 0) on the evaluation scenes
 **and** on the 300 validation scenes.
 
-The literal recipe (token rows, Q-A targets, tau_I 0.03, lr 10, halving rule) is run once with
+The literal recipe (token rows, seed-hardened targets, tau_I 0.03, lr 10, halving rule) is run once with
 snapshots after 10, 100 and 1000 steps (the halving rule's first ``n`` steps do not
 depend on how many follow, so a snapshot is exactly the recipe with ``iters = n``); 3000 steps is
 the factorial experiment's literal set. Each snapshot goes into CLIP-ES's GradCAM with logit scale
