@@ -37,8 +37,8 @@ from _common import RESULTS, machine
 SNAPSHOTS = (10, 100, 1000)
 
 
-def snapshots(world: lh.World, probes) -> dict:
-    """The literal recipe's prototypes after each of :data:`SNAPSHOTS` halving steps."""
+def snapshots(world: lh.World, probes, steps: tuple = SNAPSHOTS) -> dict:
+    """The literal recipe's prototypes after each of ``steps`` halving steps."""
     from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes
 
     text = world.text
@@ -53,14 +53,39 @@ def snapshots(world: lh.World, probes) -> dict:
     kept = {}
 
     def keep(iteration: int, w: torch.Tensor) -> bool:
-        if iteration in SNAPSHOTS:
+        if iteration in steps:
             kept[iteration] = PrototypeSet(w.detach().float().cpu().clone(), text.class_names,
                                            text.background_names, tau=lh.TAU_LITERAL, kind="vision")
-        return iteration >= max(SNAPSHOTS)
+        return iteration >= max(steps)
 
     learn_vision_prototypes(torch.cat(xs), torch.cat(qs), text.prototypes, torch.cat(cs), tau=lh.TAU_LITERAL,
-                            lr=lh.LR, iters=max(SNAPSHOTS), step_rule="halving", callback=keep)
+                            lr=lh.LR, iters=max(steps), step_rule="halving", callback=keep)
     return kept
+
+
+def first_steps(world: lh.World, probes, scenes, resamples: int) -> dict:
+    """How far the first halving steps move the prototypes, and the seed after 1 and 3 steps.
+
+    Descriptive (nothing is chosen from it): the mean cosine between each foreground prototype that
+    moved and its text prototype after 1, 3, 10 and 100 steps, and the literal swap's seed with
+    CAA after 1 and 3 steps, on the evaluation scenes.
+    """
+    from vpl_plugin.bootstrap import resample_counts
+
+    sets = snapshots(world, probes, (1, 3, 10, 100))
+    nf, text = world.text.num_fg, world.text.prototypes[: world.text.num_fg]
+    out: dict = {"cosine_to_text": {}, "seed": {}}
+    for n, ps in sorted(sets.items()):
+        cos = (ps.prototypes[:nf] * text).sum(1) / (ps.prototypes[:nf].norm(dim=1) * text.norm(dim=1))
+        out["cosine_to_text"][n] = round(float(cos[cos < 1 - 1e-6].mean()), 4)
+    counts = resample_counts(len(scenes), resamples, seed=0)
+    base = lh.score_cell(world, lh.cell_set(world, None, "text", "text", world.clip_scale), scenes)["seed"]
+    for n in (1, 3):
+        r = lh.score_cell(world, lh.cell_set(world, sets[n], "vision", "vision", 1 / lh.TAU_LITERAL), scenes)
+        out["seed"][n] = {"seed": lh.interval(lh.point(r["seed"]), lh.resampled(r["seed"], counts)),
+                          "vs_clip_es": lh.interval(lh.point(r["seed"]) - lh.point(base),
+                                                    lh.resampled(r["seed"], counts) - lh.resampled(base, counts))}
+    return out
 
 
 def main() -> None:
@@ -69,6 +94,9 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=300, help="evaluation and validation scenes each")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--cache", required=True, help="the factorial experiment's --cache (its literal set)")
+    parser.add_argument("--first-steps", action="store_true",
+                        help="only the first steps: prototype movement and the seed after 1 and 3 steps "
+                             "(writes literal_harm_first_steps.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from vpl_plugin.bootstrap import resample_counts
@@ -76,6 +104,12 @@ def main() -> None:
 
     start = time.time()
     world = lh.load_world(args.clip, args.scenes, args.scenes)
+    if args.first_steps:
+        res = first_steps(world, lh.learning_probes(world), world.evaluation, args.resamples)
+        res["seconds"], res["machine"] = round(time.time() - start, 1), machine()
+        (RESULTS / "literal_harm_first_steps.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res, indent=1))
+        return
     sets = snapshots(world, lh.learning_probes(world))
     sets[lh.ITERS] = PrototypeSet.load(Path(args.cache) / "prototypes_token.pt")
     print(f"learned snapshots in {time.time() - start:.0f} s", flush=True)
