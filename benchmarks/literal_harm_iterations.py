@@ -88,6 +88,45 @@ def first_steps(world: lh.World, probes, scenes, resamples: int) -> dict:
     return out
 
 
+def smaller_steps(world: lh.World, probes, resamples: int, lrs=(0.1, 1.0)) -> dict:
+    """The literal recipe (3000 halving steps) with a smaller first step ``lr``, as the literal swap.
+
+    Exploratory: lr 10 throws the prototypes across the sphere in its first step (``--first-steps``);
+    a smaller lr keeps them nearer their text start. Rule as for the early stops: a variant removes the
+    harm only if its seed is not below CLIP-ES's on the evaluation and on the validation scenes.
+    """
+    from vpl_plugin.bootstrap import resample_counts
+    from vpl_plugin.prototypes import PrototypeSet, build_targets, learn_vision_prototypes
+
+    text, nf = world.text, world.text.num_fg
+    tau_text = 1.0 / float(text.logit_scale)
+    parts = [build_targets(f, text.prototypes, c, lab, nf, phi=lh.PHI, tau_text=tau_text, mode="seed_hardened")
+             for f, c, lab, _ in probes]
+    x = torch.cat([p[0] for p in probes])
+    q = torch.cat([t[0] for t in parts])
+    cand = torch.cat([t[1][None].expand(t[0].shape[0], -1) for t in parts])
+    out: dict = {}
+    for lr in lrs:
+        w = learn_vision_prototypes(x, q, text.prototypes, cand, tau=lh.TAU_LITERAL, lr=lr, iters=lh.ITERS,
+                                    step_rule="halving")
+        ps = PrototypeSet(w, text.class_names, text.background_names, tau=lh.TAU_LITERAL, kind="vision")
+        cos = (w[:nf] * text.prototypes[:nf]).sum(1)
+        row: dict = {"cosine_to_text": round(float(cos[cos < 1 - 1e-6].mean()), 4)}
+        for split, scenes, seed in (("evaluation", world.evaluation, 0), ("validation", world.validation, 1)):
+            counts = resample_counts(len(scenes), resamples, seed=seed)
+            base = lh.score_cell(world, lh.cell_set(world, None, "text", "text", world.clip_scale), scenes)
+            r = lh.score_cell(world, lh.cell_set(world, ps, "vision", "vision", 1 / lh.TAU_LITERAL), scenes)
+            for m in ("seed", "mask"):
+                row[f"{split}_{m}"] = lh.interval(lh.point(r[m]), lh.resampled(r[m], counts))
+                row[f"{split}_{m}_vs_clip_es"] = lh.interval(
+                    lh.point(r[m]) - lh.point(base[m]), lh.resampled(r[m], counts) - lh.resampled(base[m], counts))
+        row["removes_harm"] = bool(row["evaluation_seed_vs_clip_es"]["ci95"][1] >= 0
+                                   and row["validation_seed_vs_clip_es"]["ci95"][1] >= 0)
+        out[f"lr {lr}"] = row
+        print(f"lr {lr}: {row}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clip", default=None)
@@ -97,6 +136,8 @@ def main() -> None:
     parser.add_argument("--first-steps", action="store_true",
                         help="only the first steps: prototype movement and the seed after 1 and 3 steps "
                              "(writes literal_harm_first_steps.json)")
+    parser.add_argument("--smaller-steps", action="store_true",
+                        help="only the literal recipe with lr 0.1 and 1 (writes literal_harm_lr.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from vpl_plugin.bootstrap import resample_counts
@@ -104,6 +145,11 @@ def main() -> None:
 
     start = time.time()
     world = lh.load_world(args.clip, args.scenes, args.scenes)
+    if args.smaller_steps:
+        res = smaller_steps(world, lh.learning_probes(world), args.resamples)
+        res["seconds"], res["machine"] = round(time.time() - start, 1), machine()
+        (RESULTS / "literal_harm_lr.json").write_text(json.dumps(res, indent=1) + "\n")
+        return
     if args.first_steps:
         res = first_steps(world, lh.learning_probes(world), world.evaluation, args.resamples)
         res["seconds"], res["machine"] = round(time.time() - start, 1), machine()
