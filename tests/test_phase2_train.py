@@ -325,6 +325,29 @@ def test_cli_train_writes_outputs_and_resumes(world, cli_inputs, tmp_path, capsy
     assert "other settings" in capsys.readouterr().err
 
 
+def test_cli_train_run_of_the_former_exact_fp32_default_resumes_only_with_exact_fp32(world, cli_inputs, tmp_path,
+                                                                                      capsys):
+    """`vpl train`'s OpenAI CLIP follows upstream's numerics by default; a state written before
+    that default (backbone in exact fp32, no numerics recorded) is refused naming --exact-fp32,
+    and `--exact-fp32` continues it."""
+    import torch
+
+    from vpl_plugin.cli import main
+
+    out = tmp_path / "run"
+    assert main(_train_argv(world, cli_inputs, out, "--exact-fp32", "--checkpoint-every", "2")) == 0
+    state = load_train_state(out / "last.pt")
+    assert state["model"]["backbone_numerics"] == "exact-fp32"
+    del state["model"]["backbone_numerics"]  # the state as earlier versions wrote it
+    torch.save(state, out / "last.pt")
+    capsys.readouterr()
+    assert main(_train_argv(world, cli_inputs, out)) == 2
+    err = capsys.readouterr().err
+    assert "model backbone" in err and "vpl train --exact-fp32` continues it" in err
+    assert main(_train_argv(world, cli_inputs, out, "--exact-fp32")) == 0  # the same run: accepted
+    assert "other settings" not in capsys.readouterr().err
+
+
 def test_cli_train_usage_errors(world, cli_inputs, tmp_path, capsys):
     from vpl_plugin.cli import main
 

@@ -147,6 +147,43 @@ def test_no_cpal_leaves_the_clip_cpal_rows_out(four_voc, tiny_checkpoint, tmp_pa
     assert rows["CLIP-CPAL"]["note"] == "skipped (--no-cpal)" and rows["CLIP-CPAL"]["seed"] is None
 
 
+def test_stage_keys_keep_runs_of_the_former_exact_fp32_default_under_exact_fp32(tmp_path, four_voc,
+                                                                                  tiny_checkpoint):
+    """Stages made before upstream's numerics became the default (exact fp32, keyed without a
+    numerics marker) keep their keys under --exact-fp32; a default run gets other keys, so their
+    outputs are set aside rather than reused."""
+    import hashlib
+
+    from vpl_plugin.cli import UsageError, _parse
+    from vpl_plugin.reproduce import _DEPENDS, _stages, stage_keys
+
+    def former_keys(stages):  # the key rule of earlier versions: the arguments as given
+        keys = {}
+        for name, argv in stages:
+            argv = [a for a in argv if a != "--exact-fp32"]
+            out, skip = [], 0
+            for a in argv:
+                if skip:
+                    skip -= 1
+                elif a in ("--no-progress", "--workers"):
+                    skip = 1 if a == "--workers" else 0
+                else:
+                    out.append(a)
+            payload = json.dumps([out, [keys[d] for d in _DEPENDS.get(name, ())]])
+            keys[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return keys
+
+    base = ["reproduce", "table1", "--voc-root", str(four_voc), "--clip", str(tiny_checkpoint), "--learn-split", "train"]
+    exact = _stages(_parse(base + ["--exact-fp32"]), tmp_path)
+    default = _stages(_parse(base), tmp_path)
+    assert all("--exact-fp32" in argv for name, argv in exact if "--clip" in argv)
+    assert stage_keys(exact) == former_keys(exact)
+    changed = stage_keys(default)
+    assert all(changed[n] != k for n, k in former_keys(default).items())
+    with pytest.raises(UsageError, match="contradicts --exact-fp32"):
+        _stages(_parse(base + ["--exact-fp32", "--fp16-compat"]), tmp_path)
+
+
 def test_stage_keys_ignore_how_a_stage_runs_and_an_interrupted_stage_is_set_aside(tmp_path):
     from vpl_plugin.reproduce import _mark_started, stage_keys
 

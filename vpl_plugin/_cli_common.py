@@ -10,9 +10,10 @@ import argparse
 import math
 from typing import Optional
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "ParseError",
-           "UsageError", "VplArgumentParser", "finite_float", "max_pixels_arg", "max_tokens_arg", "nonnegative_int",
-           "positive_float", "positive_int", "tau_arg"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "FP16_COMPAT_CONFLICT",
+           "ParseError", "UsageError", "VplArgumentParser", "add_numerics_flags", "finite_float", "max_pixels_arg",
+           "max_tokens_arg", "nonnegative_int", "numerics_resume_hint", "positive_float", "positive_int",
+           "tau_arg"]
 
 #: every image processed
 EXIT_OK = 0
@@ -121,3 +122,44 @@ def max_tokens_arg(value: Optional[str]) -> Optional[int]:
         raise UsageError(f"--max-tokens must be a positive whole number such as 10000000 or 1e7; got "
                          f"{value!r}.")
     return int(number)
+
+
+# -- numerics switch (docs/upstream_clip_es.md#numerics) -------------------------------------------
+
+#: --help of --exact-fp32, with its effect measured on the repository's peaked-attention test bed
+EXACT_FP32_HELP = (
+    "compute with the checkpoint's exact fp32 weights and an fp32 positional table instead of "
+    "upstream CLIP-ES's numerics (the default: weights rounded through fp16 and an fp16 positional "
+    "table on every device; on CUDA an fp16 model with upstream's fp16 GradCAM arithmetic). Not "
+    "upstream's numbers: EXACT_FP32_EFFECT. Earlier versions' default; resumes their outputs")
+
+#: measured effect (benchmarks/exact_fp32_effect.py: random ViT-B/16 with q / k x8, 8 VOC train images, CPU)
+EXACT_FP32_EFFECT = ("on a ViT-B/16 with peaked attention and 8 VOC images its CAMs differed from the "
+                     "default by up to 0.85 per pixel (mean 0.05) and the seed mIoU by 2.2 points")
+
+FP16_COMPAT_CONFLICT = ("--fp16-compat (upstream's numerics, now the default) contradicts --exact-fp32; "
+                        "drop one of them.")
+
+
+def add_numerics_flags(group, *, alias: bool = True) -> None:
+    """``--exact-fp32`` and (``alias``) its former opposite ``--fp16-compat`` (accepted, means
+    the default)."""
+    group.add_argument("--exact-fp32", action="store_true",
+                       help=EXACT_FP32_HELP.replace("EXACT_FP32_EFFECT", EXACT_FP32_EFFECT))
+    if not alias:
+        return
+    group.add_argument("--fp16-compat", action="store_true",
+                       help="accepted for scripts written before upstream's numerics became the "
+                            "default; changes nothing (refused together with --exact-fp32)")
+
+
+def numerics_resume_hint(then: dict, now: dict) -> str:
+    """A sentence naming the switch that reproduces a record's numerics, when a recorded
+    ``fp16_compat`` (upstream's numerics) differs from the current one; else ``""``."""
+    before, current = then.get("fp16_compat"), now.get("fp16_compat")
+    if before == current:
+        return ""
+    if not before and current:
+        return ("They were computed in exact fp32 (the default of versions before upstream's numerics "
+                "became the default): rerun with --exact-fp32 to continue them. ")
+    return "They were computed with upstream's numerics (the default): rerun without --exact-fp32. "

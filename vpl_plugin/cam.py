@@ -30,6 +30,7 @@ __all__ = [
     "GradCAMResult",
     "affinity_transition",
     "box_mask",
+    "choose_backward",
     "dense_maps",
     "gradcam",
     "image_gradcams",
@@ -215,6 +216,12 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (width, height)) for m in arr])
 
 
+def choose_backward(device: Union[str, torch.device]) -> str:
+    """The per-class backward :func:`image_gradcams` uses with ``backward="auto"``: ``"batched"``
+    on CUDA, ``"shared"`` elsewhere (tests call it with ``"cuda"`` to run the GPU branch on a CPU)."""
+    return "batched" if torch.device(device).type == "cuda" else "shared"
+
+
 @dataclass
 class GradCAMResult:
     """Everything one image's forward gives.
@@ -261,7 +268,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     p = encoder.patch_size
     grid = (image.shape[-2] // p, image.shape[-1] // p)
     if backward == "auto":
-        backward = "batched" if encoder.device.type == "cuda" else "shared"
+        backward = choose_backward(encoder.device)
     if backward not in ("batched", "shared"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'shared'; got {backward!r}.")
     tokens, maps = encoder.trunk(image[None], keep_attention=affinity_layers)
@@ -281,7 +288,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
             grad = torch.cat(grads, dim=1)
             activation = activation.expand(-1, k, -1)
     if k:
-        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half)
+        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half_arithmetic)
     else:
         cams = torch.zeros(0, *grid)
     feats = out.patch_features[0].detach().float()
@@ -346,7 +353,7 @@ def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[tor
     for i in range(b):
         rows = slice(starts[i], starts[i] + counts[i])
         if targets[i]:
-            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half)
+            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half_arithmetic)
         else:
             cams = torch.zeros(0, *grid)
         feats = out.patch_features[starts[i]].detach().float()

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vpl_plugin._cli_common import (
+    FP16_COMPAT_CONFLICT,
     UsageError,
+    add_numerics_flags,
     finite_float,
     max_pixels_arg,
     max_tokens_arg,
@@ -138,6 +140,7 @@ def add_arguments(p) -> None:
                    help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
                         "(it can write files or hang): only for an archive from a source you trust that the "
                         "default reader refuses. By default archives are read as data and nothing in them runs")
+    add_numerics_flags(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of each list")
@@ -534,8 +537,11 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     learn = _list_path(root, args.learn_split, args.dataset)
     gt = _gt_dir(root, args.dataset)
     pixels = ["--max-pixels", args.max_pixels or 0]
+    if getattr(args, "fp16_compat", False) and getattr(args, "exact_fp32", False):
+        raise UsageError(FP16_COMPAT_CONFLICT)
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
-            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else [])]
+            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else []),
+            *(["--exact-fp32"] if getattr(args, "exact_fp32", False) else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]
@@ -594,14 +600,20 @@ _NO_OUTPUT_FLAGS = {"--no-progress": 0, "--workers": 1}
 
 
 def _output_args(argv: List[str]) -> List[str]:
+    """The arguments that decide a stage's outputs. A stage that loads CLIP with upstream's numerics
+    (the default) gets a marker, and ``--exact-fp32`` is left out: keys of runs made before
+    upstream's numerics became the default (exact fp32 then) still match under ``--exact-fp32``,
+    and a default run sets their outputs aside instead of reusing them."""
     out, skip = [], 0
     for a in argv:
         if skip:
             skip -= 1
         elif a in _NO_OUTPUT_FLAGS:
             skip = _NO_OUTPUT_FLAGS[a]
-        else:
+        elif a != "--exact-fp32":
             out.append(a)
+    if "--clip" in argv and "--exact-fp32" not in argv:
+        out.append("numerics=upstream")
     return out
 
 

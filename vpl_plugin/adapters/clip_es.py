@@ -76,8 +76,8 @@ def text_prototype_set(encoder, class_spec: ClassSpec = VOC,
                        templates: Sequence[str] = (CLIP_ES_TEMPLATE,)) -> PrototypeSet:
     """CLIP-ES text prototypes (foreground prompt names, then background concepts), cached per
     model and class list. The set carries CLIP's exact fp32 logit scale."""
-    key = (encoder.fingerprint(), str(encoder.device), class_spec.prompt_names, class_spec.background,
-           tuple(templates))
+    key = (encoder.fingerprint(), str(encoder.device), getattr(encoder, "numerics", None),
+           class_spec.prompt_names, class_spec.background, tuple(templates))
     if key not in _TEXT_CACHE:
         names = list(class_spec.prompt_names) + list(class_spec.background)
         protos = encoder.encode_text_prototypes(names, templates)

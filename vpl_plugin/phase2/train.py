@@ -51,8 +51,10 @@ from vpl_plugin.phase2.data import (IterationBatchSampler, TrainStream, batch_po
                                     normalize_image)
 
 __all__ = [
+    "AUTOCAST_DEVICE_TYPES",
     "GlobalBatchNorm",
     "TrainConfig",
+    "amp_dtype_for",
     "convert_global_batchnorm",
     "evaluate_segmenter",
     "load_train_state",
@@ -324,9 +326,26 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, device: Union[str, tor
             **{k: v for k, v in result.items() if k not in ("miou",)}}
 
 
+#: device types whose forward runs under autocast when ``amp`` is on. Only CUDA by default; tests
+#: add ``"cpu"`` to run the CUDA branch (bf16 autocast) on a machine without a GPU.
+AUTOCAST_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
+
+
+def amp_dtype_for(config: "TrainConfig", device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The autocast dtype of a run (``None``: full fp32): ``config.amp_dtype`` when ``config.amp``
+    and the device type is in :data:`AUTOCAST_DEVICE_TYPES`. On a CPU only bf16 is used."""
+    kind = torch.device(device).type
+    if not config.amp or kind not in AUTOCAST_DEVICE_TYPES:
+        return None
+    if kind != "cuda":
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[config.amp_dtype]
+
+
 def _autocast(device: Union[str, torch.device], dtype: Optional[torch.dtype]):
-    enabled = dtype is not None and torch.device(device).type == "cuda"
-    return torch.autocast(device_type="cuda" if enabled else "cpu", dtype=dtype, enabled=enabled)
+    kind = torch.device(device).type
+    enabled = dtype is not None and kind in AUTOCAST_DEVICE_TYPES
+    return torch.autocast(device_type=kind if enabled else "cpu", dtype=dtype, enabled=enabled)
 
 
 # -- curves -----------------------------------------------------------------------------------------------
@@ -447,6 +466,9 @@ def _describe_model(model: nn.Module) -> Dict[str, Any]:
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "fingerprint"):
         out["backbone"] = backbone.fingerprint()
+    numerics = getattr(getattr(backbone, "encoder", None), "numerics", None)
+    if numerics is not None:  # absent from states of earlier versions: not compared there
+        out["backbone_numerics"] = numerics.name
     return out
 
 
@@ -461,8 +483,13 @@ def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, los
             diff[f"model {k}"] = (state["model"][k], v)
     if diff:
         text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        hint = ""
+        if "model backbone" in diff and model_desc.get("backbone_numerics") == "upstream" \
+                and "backbone_numerics" not in state.get("model", {}):
+            hint = (" A run of an earlier version computed its CLIP backbone in exact fp32 (then the "
+                    "default): `vpl train --exact-fp32` continues it.")
         raise ValueError(f"{path} was written by a run with other settings ({text}); resuming would "
-                         f"not continue that run. Use another --out, delete it, or pass resume=False "
+                         f"not continue that run.{hint} Use another --out, delete it, or pass resume=False "
                          f"(`vpl train --no-resume`) to start over.")
 
 
@@ -516,8 +543,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         from vpl_plugin.phase2.losses import Phase2Loss
 
         loss = Phase2Loss()
-    amp_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}[config.amp_dtype]
-                 if config.amp and device.type == "cuda" else None)
+    amp_dtype = amp_dtype_for(config, device)
     out = Path(out)
     main = rank == 0
     state_path, curves_path = out / "last.pt", out / "curves.json"
