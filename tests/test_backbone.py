@@ -184,6 +184,25 @@ def test_preprocess_resizes_before_rgb_conversion(tiny_encoder):
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (expect - mean) / std, rtol=0, atol=1e-6)
 
 
+def test_clip_normalize_is_the_one_normalisation_of_both_phases():
+    """Phase 2's ``normalize_image`` (0-255 arrays) and CLIPDense.preprocess share
+    ``clip_normalize``; it matches a float64 reference for single images and batches."""
+    from vpl_plugin.backbones.clip import clip_normalize
+    from vpl_plugin.phase2.data import normalize_image
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    ref = ((img / 255.0 - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(normalize_image(img).numpy(), ref, rtol=0, atol=1e-6)
+    batch = torch.from_numpy(np.stack([img, img[::-1]]).astype(np.float32) / 255).permute(0, 3, 1, 2)
+    out = clip_normalize(batch)
+    assert out.shape == (2, 3, 5, 7)
+    np.testing.assert_allclose(out[0].numpy(), ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[1].numpy(), ref[:, ::-1], rtol=0, atol=1e-6)
+
+
 def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_exact_encoder):
     """At the pretraining resolution our split forward's CLS embedding is CLIP's own embedding."""
     tiny_encoder = tiny_exact_encoder

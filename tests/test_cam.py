@@ -62,7 +62,7 @@ def test_multi_image_batch_equals_one_call_per_image(tiny_encoder):
     targets (including none) and scale, and gets exactly what a per-image call gives."""
     torch.manual_seed(1)
     images = torch.randn(3, 3, 48, 80)
-    protos = [_protos(5, tiny_encoder.embed_dim), _protos(7, tiny_encoder.embed_dim), _protos(4, tiny_encoder.embed_dim)]
+    protos = [_protos(n, tiny_encoder.embed_dim) for n in (5, 7, 4)]
     targets = [[0, 1], [], [0, 1, 2]]
     scales = [tiny_encoder.logit_scale, torch.tensor(33.3), torch.tensor(10.0)]
     batch = batch_image_gradcams(tiny_encoder, images, protos, targets, scales)

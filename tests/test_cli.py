@@ -211,7 +211,8 @@ def test_usage_errors_exit_2_with_a_message(tmp_path, small_voc, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert _run(["learn", "--clip", "x", "--root", small_voc, "--out", tmp_path / "p.pt", "--tau", "hot"]) == EXIT_USAGE
     assert "--tau" in capsys.readouterr().err
-    assert _run(["eval", "--gt-root", tmp_path, "--split-file", tmp_path / "nolist.txt", "--cams", tmp_path]) == EXIT_USAGE
+    argv = ["eval", "--gt-root", tmp_path, "--split-file", tmp_path / "nolist.txt", "--cams", tmp_path]
+    assert _run(argv) == EXIT_USAGE
 
 
 def test_config_file_sits_between_defaults_and_flags(tmp_path, small_voc, tiny_checkpoint):

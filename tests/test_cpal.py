@@ -218,7 +218,7 @@ def _planted_tokens(n_images=24, seed=0):
     for i in range(n_images):
         present = sorted({i % 3, (i * 7 + 1) % 3}) if i % 2 else [i % 3]
         owner = torch.full((16,), -1)
-        for j, c in enumerate(present):
+        for c in present:
             owner[torch.randperm(16, generator=g)[:4]] = c
         base = torch.where(owner[:, None] >= 0, F.one_hot(owner.clamp_min(0), 8).float(),
                            F.one_hot(torch.full((16,), 7), 8).float())

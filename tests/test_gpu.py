@@ -214,7 +214,7 @@ def test_phase2_training_under_bf16_autocast_on_cpu_tracks_fp32(tmp_path, monkey
     losses, seen = {}, set()
     for amp in (False, True):
         model = small_segmenter()
-        handles = [m.register_forward_hook(lambda _m, _i, out: seen.add((amp, out.dtype)))
+        handles = [m.register_forward_hook(lambda _m, _i, out: seen.add((amp, out.dtype)))  # noqa: B023 (used in-loop)
                    for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         record = train_segmenter(model, data, tmp_path / f"run_{amp}", config=cfg[amp],
                                  loss=Phase2Loss(tau_rsc=0.1), device="cpu", progress=False, save_final=False)

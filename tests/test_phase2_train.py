@@ -184,7 +184,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(dataset, tmp_path, rsc
         return Phase2Loss(rsc_form=rsc_form, tau_rsc=0.1)
 
     full = small_segmenter()
-    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(batch_size=4), loss=loss(), progress=False)
+    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(batch_size=4), loss=loss(),
+                             progress=False)
     expected = _decoder(full)
 
     class Killed(Exception):

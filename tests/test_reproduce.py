@@ -174,7 +174,8 @@ def test_stage_keys_keep_runs_of_the_former_exact_fp32_default_under_exact_fp32(
             keys[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
         return keys
 
-    base = ["reproduce", "table1", "--voc-root", str(four_voc), "--clip", str(tiny_checkpoint), "--learn-split", "train"]
+    base = ["reproduce", "table1", "--voc-root", str(four_voc), "--clip", str(tiny_checkpoint),
+            "--learn-split", "train"]
     exact = _stages(_parse(base + ["--exact-fp32"]), tmp_path)
     default = _stages(_parse(base), tmp_path)
     assert all("--exact-fp32" in argv for name, argv in exact if "--clip" in argv)

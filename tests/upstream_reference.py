@@ -74,9 +74,10 @@ def per_class_loop(model, run_last_layer, target_layer, labels, grid, size, trun
     for j, _label in enumerate(labels):
         store = {}
 
+        # upstream's shape: the hook is registered, used and removed within this iteration
         def hook(_module, _inp, out):
-            store["act"] = out
-            out.register_hook(lambda grad: store.__setitem__("grad", grad))
+            store["act"] = out  # noqa: B023
+            out.register_hook(lambda grad: store.__setitem__("grad", grad))  # noqa: B023
 
         handle = target_layer.register_forward_hook(hook)
         try:

@@ -19,12 +19,15 @@ Functional pieces, each faithful to upstream CLIP-ES (``docs/upstream_clip_es.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from vpl_plugin._imports import require
+
+if TYPE_CHECKING:
+    from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = [
     "GradCAMResult",
@@ -241,7 +244,7 @@ class GradCAMResult:
     grid: Tuple[int, int]
 
 
-def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
+def image_gradcams(encoder: "CLIPDense", image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
                    logit_scale: torch.Tensor, *, affinity_layers: int = 8,
                    backward: str = "auto") -> GradCAMResult:
     """GradCAMs of all target columns of one image from one trunk forward.
@@ -297,7 +300,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     return GradCAMResult(cams, probs[0].detach().float().cpu(), feats, attention, grid)
 
 
-def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[torch.Tensor],
+def batch_image_gradcams(encoder: "CLIPDense", images: torch.Tensor, prototypes: Sequence[torch.Tensor],
                          targets: Sequence[Sequence[int]], logit_scales: Sequence[torch.Tensor], *,
                          affinity_layers: int = 8) -> List[GradCAMResult]:
     """:func:`image_gradcams` for a batch of equally sized images in one trunk forward.
@@ -353,6 +356,7 @@ def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[tor
     for i in range(b):
         rows = slice(starts[i], starts[i] + counts[i])
         if targets[i]:
+            assert grad is not None  # some image has targets, so the gradient was taken
             cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half_arithmetic)
         else:
             cams = torch.zeros(0, *grid)

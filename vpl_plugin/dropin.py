@@ -31,7 +31,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -196,7 +196,7 @@ def _log_for_scale(scale: float, like: torch.Tensor) -> torch.Tensor:
     return cands_t[best].reshape(like.shape).clone()
 
 
-def vision_logit_scale(model: Any, prototypes: "DropInPrototypes"):
+def vision_logit_scale(model: Any, prototypes: "DropInPrototypes") -> ContextManager[None]:
     """``use_logit_scale(model, prototypes.logit_scale)``: the scale that goes with ``prototypes``.
 
     Example:
@@ -355,7 +355,7 @@ def learn_vision_prototypes_for(
     """
     from vpl_plugin.backbones.clip import CLIPDense
     from vpl_plugin.cam import image_gradcams
-    from vpl_plugin.pipeline import _assemble, learn_from_text_prototypes, learning_rows
+    from vpl_plugin.pipeline import assemble_learning_set, learn_from_text_prototypes, learning_rows
 
     _check_model(model)
     check_ndim("fg_text_features", fg_text_features, 2, "(N_fg, D)")
@@ -408,7 +408,7 @@ def learn_vision_prototypes_for(
             records[f"{index}:{name}"] = rec
     if not records:
         raise ValueError("samples is empty: give at least one (image, labels) pair.")
-    lset = _assemble(records, text.prototypes.shape, None, False)
+    lset = assemble_learning_set(records, text.prototypes.shape, None, False)
     provenance = {"source": "vpl_plugin.dropin", "phi": float(phi), "target_mode": target_mode,
                   "pooling": pooling, "model_class": type(model).__name__,
                   "clip_module": check_imports()["clip"]}

@@ -24,7 +24,7 @@ come from the same ``G``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +43,11 @@ from vpl_plugin.cpal import (
 )
 from vpl_plugin.data.classes import ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CPAL_FIELDS", "CLIPCPALAdapter", "CLIPCPALConfig", "CPALResult"]
 
@@ -141,13 +146,15 @@ class CLIPCPALAdapter(CLIPESAdapter):
         >>> out = adapter(PIL.Image.open("2007_000032.jpg"), [0, 14])  # doctest: +SKIP
     """
 
+    config: CLIPCPALConfig
+
     config_class = CLIPCPALConfig
     #: one image at a time: the ``ln_1`` tokens are captured inside :meth:`gradcams`
     supports_batch: ClassVar[bool] = False
 
-    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+    def __init__(self, encoder: "CLIPDense", class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPCPALConfig] = None, bank: Optional[ContextBank] = None,
-                 **overrides) -> None:
+                 **overrides: Any) -> None:
         super().__init__(encoder, class_spec, prototypes, config, **overrides)
         cfg = self.config
         check_choice("features", cfg.features, ("ln1", "proj"))
@@ -186,7 +193,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
     def bank_settings(self) -> Dict[str, Any]:
         """What pass 1 depends on: a bank made under other values cannot serve this adapter."""
         cfg = self.config
-        head = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
+        head: Dict[str, Any] = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
                 "head_lambda": float(cfg.head_lambda)} if cfg.head else {"head": False}
         if cfg.head:  # the head's training targets depend on the PA-CAM settings too
             head.update({"candidates": cfg.candidates, "neighbours": int(cfg.neighbours),
@@ -254,7 +261,8 @@ class CLIPCPALAdapter(CLIPESAdapter):
         """``G``: the map CLIP-ES would refine (GradCAM, or the ``map_mode`` map)."""
         return super().fuse(result, labels)
 
-    def image_instance_prototypes(self, image, labels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def image_instance_prototypes(self, image: "Image.Image",
+                                  labels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 for one image: ``(protos (k', D'), classes (k',))`` of the labelled classes whose
         map reaches ``delta_p`` (classes without such a token are left out)."""
         result, _, labels = self.analyse(image, labels)
@@ -262,7 +270,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
         keep = protos.norm(dim=1) > 0
         return protos[keep], torch.as_tensor(labels, dtype=torch.long)[keep]
 
-    def pass_one(self, image, labels: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def pass_one(self, image: "Image.Image", labels: Sequence[int]) -> Dict[str, torch.Tensor]:
         """What pass 1 keeps of one image: its instance prototypes (training-free) or, with the
         trained head, its dense features, token grid and labels."""
         if not self.config.head:

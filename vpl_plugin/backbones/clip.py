@@ -27,7 +27,7 @@ import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from vpl_plugin._imports import require
 from vpl_plugin._unpickle import check_tensor_sizes
 from vpl_plugin.backbones import _torchscript
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -46,6 +49,7 @@ __all__ = [
     "Numerics",
     "build_clip_from_state_dict",
     "build_random_clip",
+    "clip_normalize",
     "load_clip",
     "load_state_dict_file",
     "numerics_for",
@@ -55,6 +59,18 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_normalize(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's per-channel normalisation of RGB values in ``[0, 1]``, ``(3, H, W)`` or ``(B, 3, H, W)``.
+
+    Example:
+        >>> clip_normalize(torch.full((3, 1, 1), 0.5)).flatten()
+        tensor([0.0690, 0.1614, 0.3328])
+    """
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
 
 
 class CheckpointError(ValueError):
@@ -92,6 +108,7 @@ def load_state_dict_file(path: Union[str, os.PathLike], *,
             f"CLIP checkpoint {path} does not exist. Pass an OpenAI model name such as 'ViT-B/16' "
             f"(downloaded on first use) or the path of a checkpoint file."
         )
+    state: Any
     if _torchscript.is_torchscript_archive(path):
         state = _read_torchscript(path, trust_torchscript)
     else:
@@ -639,7 +656,7 @@ class CLIPDense(nn.Module):
         return int(math.ceil(height / p) * p), int(math.ceil(width / p) * p)
 
     # -- preprocessing ----------------------------------------------------------------------------
-    def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: "Image.Image") -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
         Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream
@@ -650,10 +667,7 @@ class CLIPDense(nn.Module):
         height, width = self.padded_size(h0, w0)
         resized = image.resize((width, height), Image.BICUBIC).convert("RGB")
         arr = np.asarray(resized, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)
-        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
-        return (x - mean) / std, (h0, w0)
+        return clip_normalize(torch.from_numpy(arr).permute(2, 0, 1)), (h0, w0)
 
     # -- encoder pieces ---------------------------------------------------------------------------
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:

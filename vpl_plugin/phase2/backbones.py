@@ -124,7 +124,7 @@ class OpenAICLIPBackbone(_FrozenBackbone):
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         self._check(images)
         # CLIPDense moves inputs to its recorded device; follow the weights if .to() moved them.
-        self.encoder.device = self.encoder.visual.conv1.weight.device
+        self.encoder.device = self.encoder.visual.conv1.weight.device  # type: ignore[assignment]  # nn.Module attr
         b = images.shape[0]
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         x = self.encoder.embed(images)  # (L, B, width)

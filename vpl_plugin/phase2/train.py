@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin._checks import check_choice, check_range, describe_diff, settings_diff
 from vpl_plugin._cli_common import cli_option, finite_float, nonnegative_int, positive_float, positive_int
 from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
@@ -493,14 +493,14 @@ def _describe_model(model: nn.Module) -> Dict[str, Any]:
 def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, loss_desc: Dict[str, Any],
                      model_desc: Dict[str, Any]) -> None:
     saved, now = state["config"], config.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in _RUN_FIELDS if saved.get(k) != now[k]}
+    diff = settings_diff(saved, now, _RUN_FIELDS)
     if state.get("loss") != loss_desc:
         diff["loss"] = (state.get("loss"), loss_desc)
     for k, v in model_desc.items():  # another decoder, prototype set or backbone
         if state.get("model", {}).get(k, v) != v:
             diff[f"model {k}"] = (state["model"][k], v)
     if diff:
-        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        text = describe_diff(diff)
         hint = ""
         if "model backbone" in diff and model_desc.get("backbone_numerics") == "upstream" \
                 and "backbone_numerics" not in state.get("model", {}):
@@ -511,9 +511,67 @@ def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, los
                          f"(`vpl train --no-resume`) to start over.")
 
 
+def _resume(state_path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, loss_desc: Dict[str, Any], model_desc: Dict[str, Any],
+            main: bool) -> Tuple[int, float, Dict[str, Any], Dict[str, Any]]:
+    """Restore a run from ``last.pt`` (refused when written under other settings): the decoder,
+    optimiser, scaler and RNG states; returns ``(iteration, seconds, curves, window)``."""
+    state = load_train_state(state_path)
+    _check_resumable(state_path, state, config, loss_desc, model_desc)
+    model.load_decoder_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    start, seconds = int(state["iteration"]), float(state["seconds"])
+    if main:
+        log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+    return start, seconds, state["curves"], state["window"]
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, without DDP's buffer broadcasts."""
+    import inspect
+
+    ddp = nn.parallel.DistributedDataParallel
+    # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def _train_step(net: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                batch: Dict[str, torch.Tensor], *, lr: float, device: torch.device,
+                amp_dtype: Optional[torch.dtype], world: int, rank: int,
+                iteration: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """One optimisation step at learning rate ``lr``: forward (under autocast), the loss over the
+    global batch in float32, backward and step; refuses a non-finite loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images = batch["images"].to(device, non_blocking=True)
+    masks = batch["masks"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with _autocast(device, amp_dtype):
+        outputs = net(images)
+    with torch.autocast(device_type=device.type, enabled=False):
+        outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in outputs.items()}
+        value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
+    if not torch.isfinite(value.detach()):
+        raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
+                         f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
+                         f"use --amp-dtype bf16 / --no-amp.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(value * world).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return value, parts
+
+
 # -- training -------------------------------------------------------------------------------------------
 def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike], *,
-                    config: TrainConfig = TrainConfig(), loss: Optional[nn.Module] = None,
+                    config: Optional[TrainConfig] = None, loss: Optional[nn.Module] = None,
                     val_dataset: Any = None, device: Union[str, torch.device] = "cpu",
                     resume: bool = True, progress: bool = True,
                     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
@@ -528,7 +586,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         dataset: a :class:`~vpl_plugin.phase2.data.PseudoMaskDataset` (anything with ``__len__``,
             ``load(i)``, ``labels(i)``).
         out: output folder (``last.pt``, ``segmenter.pt``, ``curves.json``, ``curves.png``).
-        config: :class:`TrainConfig`.
+        config: :class:`TrainConfig` (default: its defaults).
         loss: the criterion, called ``loss(outputs, masks, labels) -> (loss, {"ce", "rsc"})``;
             default ``Phase2Loss()`` (CE + RSC, weights 1 and 1, tau_RSC 0.07).
         val_dataset: optional dataset of samples with ground truth for mIoU curves
@@ -547,6 +605,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     Raises:
         ValueError: bad settings, a ``last.pt`` from a run with other settings, or a non-finite loss.
     """
+    config = TrainConfig() if config is None else config
     env = init_distributed(str(device))
     world, rank = env.world_size, env.rank
     device = torch.device(device)
@@ -583,30 +642,12 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     curves: Dict[str, List[Dict[str, float]]] = {"train": [], "val": []}
     window = {"loss": 0.0, "ce": 0.0, "rsc": 0.0, "n": 0}
     if resume and state_path.exists():
-        state = load_train_state(state_path)
-        _check_resumable(state_path, state, config, loss_desc, model_desc)
-        model.load_decoder_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, seconds = int(state["iteration"]), float(state["seconds"])
-        curves, window = state["curves"], state["window"]
-        if main:
-            log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+        start, seconds, curves, window = _resume(state_path, config, model, optimizer, scaler, loss_desc,
+                                                 model_desc, main)
     elif main and state_path.exists():
         log.info("not resuming: %s will be overwritten", state_path)
 
-    net: nn.Module = model
-    if env.distributed:
-        import inspect
-
-        ddp = nn.parallel.DistributedDataParallel
-        # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
-        no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-                   else {"broadcast_buffers": False})
-        net = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    net: nn.Module = _wrap_ddp(model, device) if env.distributed else model
     model.train()
 
     stream = TrainStream(dataset, crop=config.crop, seed=config.seed,
@@ -649,25 +690,8 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     try:
         for batch in loader:
             lr = poly_lr(config.lr, iteration, config.iterations, config.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = batch["images"].to(device, non_blocking=True)
-            masks = batch["masks"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                outputs = net(images)
-            with torch.autocast(device_type=device.type, enabled=False):
-                outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-                           for k, v in outputs.items()}
-                value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
-            if not torch.isfinite(value.detach()):
-                raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
-                                 f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
-                                 f"use --amp-dtype bf16 / --no-amp.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(value * world).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            value, parts = _train_step(net, loss, optimizer, scaler, batch, lr=lr, device=device,
+                                       amp_dtype=amp_dtype, world=world, rank=rank, iteration=iteration)
             iteration += 1
             now = time.perf_counter()
             seconds += now - tick
