@@ -9,7 +9,8 @@ from typing import Any
 
 from vpl_plugin._cli_common import UsageError, numerics_resume_hint, positive_int
 from vpl_plugin.cli.arguments import FORMATTER, add_common, add_cpal, add_data
-from vpl_plugin.cli.shared import create_adapter_from_args, create_dataset, describe_labels, gather_summary, write_config
+from vpl_plugin.cli.shared import (create_adapter_from_args, create_dataset, describe_labels, gather_summary,
+                                   write_config)
 
 NAME = "cams"
 #: ``--out`` is a folder (held locked while the command runs)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from vpl_plugin._cli_common import add_numerics_flags, finite_float, max_pixels_arg, nonnegative_int, positive_float, positive_int, \
-    tau_arg
+from vpl_plugin._cli_common import (add_numerics_flags, finite_float, max_pixels_arg, nonnegative_int, positive_float,
+                                     positive_int, tau_arg)
 from vpl_plugin.cli import cams, evaluate, learn, masks
 from vpl_plugin.cli.app import run_argv
 from vpl_plugin.cli.arguments import DATASETS, FORMATTER, TRUST_TORCHSCRIPT_HELP
