@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 __all__ = ["CLI_OPTION", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
            "FP16_COMPAT_CONFLICT", "REFUSED_INPUT_ERRORS", "CLIOption", "LenientArgumentParser", "ParseError",
@@ -105,7 +105,7 @@ class VplArgumentParser(argparse.ArgumentParser):
         self.commands: Dict[str, "VplArgumentParser"] = {}
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         raise ParseError(self, message)
 
     def record(self, add: Callable[..., argparse.Action], args: Sequence[Any],
@@ -262,7 +262,7 @@ FP16_COMPAT_CONFLICT = ("--fp16-compat (upstream's numerics, now the default) co
                         "drop one of them.")
 
 
-def add_numerics_flags(group, *, alias: bool = True) -> None:
+def add_numerics_flags(group: Any, *, alias: bool = True) -> None:
     """``--exact-fp32`` and (``alias``) its former opposite ``--fp16-compat`` (accepted, means
     the default)."""
     group.add_argument("--exact-fp32", action="store_true",

@@ -25,6 +25,7 @@ stage continues where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -133,7 +134,7 @@ _WHERE_SYNTHETIC = ("the synthetic world's export: python -c \"from vpl_plugin.d
 
 
 # -- checks -----------------------------------------------------------------------------------------
-def resolve(args) -> None:
+def resolve(args: argparse.Namespace) -> None:
     """Fill in what depends on the dataset: ``args.root``, ``args.dataset`` (``coco`` with
     ``--coco-root``), ``args.learn_split`` and ``args.max_tokens`` (validated)."""
 
@@ -220,7 +221,7 @@ def _check_ground_truth(root: Path, path: Path, args, missing: List[str]) -> Non
                        f"(first: {no_gt[0]}); get it from {_where('SegmentationClass', args.dataset)}")
 
 
-def check_layout(args) -> Tuple[List[str], List[str]]:
+def check_layout(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
     """``(missing, notes)``: each missing item with where users usually get it; notes are informative."""
     resolve(args)
     if args.dataset == "coco":
@@ -262,7 +263,7 @@ def check_layout(args) -> Tuple[List[str], List[str]]:
     return missing, notes
 
 
-def check_coco_layout(args) -> Tuple[List[str], List[str]]:
+def check_coco_layout(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
     """The COCO 2014 layout upstream CLIP-ES reads: ``train2014/`` and ``val2014/`` images, the
     CLIP-ES lists (``coco14/<split>.txt``, ``<id> l1 l2 ...``) and ``SegmentationClass/<id>.png``
     ground truth. Returns ``(missing, notes)`` like :func:`check_layout`."""
@@ -317,7 +318,7 @@ def _named_geometry(name: str) -> Dict[str, int]:
     return {"dim": 768 if name.startswith("ViT-L") else 512, "patch": patch}
 
 
-def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[Dict[str, int]]]:
+def check_checkpoint(args: argparse.Namespace) -> Tuple[List[str], List[str], Optional[Dict[str, int]]]:
     """``(missing, notes, geometry)`` for ``--clip``; geometry: ``{"dim": embedding width, "patch":
     patch size}`` (None when the checkpoint is unusable)."""
     import os
@@ -426,7 +427,7 @@ def _learning_tokens(args, n_learn: int, sizes: Sequence[Tuple[int, int]], patch
     return int(round(n_learn * sum(grids) / len(grids)))
 
 
-def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
+def estimate_disk(args: argparse.Namespace, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
     """Bytes the run will write (rough), and a one-line breakdown.
 
     CAM files ~ H*W*2 bytes (float16) per class per image, once per row (text, VPL, CPAL, CPAL + VPL;
@@ -473,7 +474,7 @@ def _free_bytes(path: Path) -> int:
 
 
 # -- stages -----------------------------------------------------------------------------------------
-def rows_to_run(args) -> Tuple[Table1Row, ...]:
+def rows_to_run(args: argparse.Namespace) -> Tuple[Table1Row, ...]:
     """The rows this run chains (all, or without CLIP-CPAL's with ``--no-cpal``)."""
     return tuple(r for r in TABLE1_ROWS if getattr(args, "cpal", True) or r.adapter != CPAL_ADAPTER)
 
@@ -686,7 +687,7 @@ def _seconds_per_image(runner: StageRunner, argv: List[str], k: int) -> Optional
     return rate
 
 
-def project_time(args, work: Path, geometry: Optional[Dict[str, int]] = None, *,
+def project_time(args: argparse.Namespace, work: Path, geometry: Optional[Dict[str, int]] = None, *,
                  runner: StageRunner) -> Optional[Dict[str, Any]]:
     """Time ``SAMPLE_IMAGES`` images of the CAM and CRF stages (outputs in ``work``, reusable) and
     multiply by the list sizes; project the prototype steps from the time of one pass over a
@@ -818,7 +819,7 @@ COCO_NOTE = ("The papers give no COCO seed or pseudo-mask mIoU (Table 1 is VOC t
 
 
 # -- command ---------------------------------------------------------------------------------------
-def run(args, runner: StageRunner) -> int:
+def run(args: argparse.Namespace, runner: StageRunner) -> int:
     """Body of ``vpl reproduce table1``; ``runner`` runs each stage's ``vpl`` command line.
     Returns the exit status."""
     from vpl_plugin.adapters import list_adapters
