@@ -353,7 +353,7 @@ def test_cli_train_usage_errors(world, cli_inputs, tmp_path, capsys):
     from vpl_plugin.cli import main
 
     assert main(["train", "--root", str(world)]) == 2
-    assert "missing --backbone" in capsys.readouterr().err
+    assert "required: --backbone/--clip" in capsys.readouterr().err
     assert main(_train_argv(world, cli_inputs, tmp_path, "--batch-size", "0")) == 2
     assert main(_train_argv(world, cli_inputs, tmp_path, "--eval-every", "2")) == 2
     assert "--val-split-file" in capsys.readouterr().err

@@ -14,7 +14,7 @@ pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch)
 from voc_helpers import FOUR_IDS, copy_voc_layout  # noqa: E402
 
 from vpl_plugin.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
-from vpl_plugin.reproduce import PAPER_TABLE1, STAGE_MARKER  # noqa: E402
+from vpl_plugin.reproduce import STAGE_MARKER, TABLE1_ROWS  # noqa: E402
 
 IDS = FOUR_IDS
 
@@ -43,11 +43,11 @@ def test_table1_on_real_voc_with_a_random_clip_and_rerun_reuses_stages(four_voc,
     assert "projected run time" in text and "prototype steps: 5 steps" in text
     table = json.loads((out / "table1.json").read_text())
     rows = {r["row"]: r for r in table["rows"]}
-    assert set(rows) == set(PAPER_TABLE1)
-    for name, (seed, mask) in PAPER_TABLE1.items():
-        assert (rows[name]["paper_seed"], rows[name]["paper_mask"]) == (seed, mask)
-    for name in PAPER_TABLE1:  # every row is chained (CLIP-CPAL: the reconstruction)
-        r = rows[name]
+    assert set(rows) == {row.name for row in TABLE1_ROWS}
+    for row in TABLE1_ROWS:
+        assert (rows[row.name]["paper_seed"], rows[row.name]["paper_mask"]) == (row.paper_seed, row.paper_mask)
+    for row in TABLE1_ROWS:  # every row is chained (CLIP-CPAL: the reconstruction)
+        r = rows[row.name]
         assert r["available"] is True
         assert 0 <= r["seed"] <= 100 and 0 <= r["mask"] <= 100
         assert r["diff_seed"] == pytest.approx(r["seed"] - r["paper_seed"], abs=0.011)
@@ -154,7 +154,8 @@ def test_stage_keys_keep_runs_of_the_former_exact_fp32_default_under_exact_fp32(
     outputs are set aside rather than reused."""
     import hashlib
 
-    from vpl_plugin.cli import UsageError, _parse
+    from vpl_plugin.cli import UsageError
+    from vpl_plugin.cli import parse_args as _parse
     from vpl_plugin.reproduce import _DEPENDS, _stages, stage_keys
 
     def former_keys(stages):  # the key rule of earlier versions: the arguments as given

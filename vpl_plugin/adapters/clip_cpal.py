@@ -23,12 +23,13 @@ come from the same ``G``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin._cli_common import cli_option, finite_float, nonnegative_int, positive_int
 from vpl_plugin.adapters.base import register_adapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter, CLIPESConfig
 from vpl_plugin.cam import GradCAMResult
@@ -74,20 +75,41 @@ class CLIPCPALConfig(CLIPESConfig):
         head_lambda: weight of ``L_self`` (default 1; 0 = BCE only).
     """
 
-    features: str = "ln1"
-    candidates: str = "same"
-    fusion: str = "mean"
-    num_context: Optional[int] = None
-    neighbours: int = 3
-    tau_s: float = 0.1
-    gamma: float = 0.5
-    delta_p: float = 0.4
-    kmeans_iters: int = 10
-    kmeans_seed: int = 0
-    head: bool = False
-    head_iters: int = 200
-    head_lr: float = 0.05
-    head_lambda: float = 1.0
+    # each field is a `vpl cams --cpal-*` flag (metadata: flag, help, argparse type)
+    features: str = field(default="ln1", metadata=cli_option(
+        "--cpal-features", "dense features: last block's ln_1 tokens (default) or projected patch tokens",
+        choices=("ln1", "proj")))
+    candidates: str = field(default="same", metadata=cli_option(
+        "--cpal-candidates", "neighbour candidates: the class's own context prototypes (default) or all "
+                             "classes' (other classes' weights zeroed)", choices=("same", "all")))
+    fusion: str = field(default="mean", metadata=cli_option(
+        "--cpal-fusion", "fused map: maxnorm((G + S) / 2) (default) or maxnorm(max(G, S))",
+        choices=("mean", "max")))
+    num_context: Optional[int] = field(default=None, metadata=cli_option(
+        "--cpal-m", "context prototypes per class (8; COCO 4)", type=positive_int, metavar="M"))
+    neighbours: int = field(default=3, metadata=cli_option(
+        "--cpal-k", "soft positive neighbours kept (3)", type=positive_int, metavar="K"))
+    tau_s: float = field(default=0.1, metadata=cli_option(
+        "--cpal-tau-s", "positive-score temperature (0.1)", type=finite_float, metavar="T"))
+    gamma: float = field(default=0.5, metadata=cli_option(
+        "--cpal-gamma", "shift strength (0.5; 0 = no shift)", type=finite_float, metavar="G"))
+    delta_p: float = field(default=0.4, metadata=cli_option(
+        "--cpal-delta-p", "instance-prototype map threshold (0.4)", type=finite_float, metavar="D"))
+    kmeans_iters: int = field(default=10, metadata=cli_option(
+        "--cpal-kmeans-iters", "spherical k-means iterations (10)", type=nonnegative_int, metavar="N"))
+    kmeans_seed: int = field(default=0, metadata=cli_option(
+        "--cpal-kmeans-seed", "k-means++ seed (0)", type=int, metavar="S"))
+    head: bool = field(default=False, metadata=cli_option(
+        "--cpal-head", "the trained-head alternative (docs/clip_cpal.md): pass 1 trains a CAM head on the "
+                       "frozen dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
+                       "the head's PA-CAM"))
+    head_iters: int = field(default=200, metadata=cli_option(
+        "--cpal-head-iters", "head training steps (200)", type=nonnegative_int, metavar="N"))
+    head_lr: float = field(default=0.05, metadata=cli_option(
+        "--cpal-head-lr", "head learning rate, Adam (0.05)", type=finite_float, metavar="LR"))
+    head_lambda: float = field(default=1.0, metadata=cli_option(
+        "--cpal-head-lambda", "weight of the self-supervised L_self term (0 = BCE only)",
+        type=finite_float, metavar="L"))
 
 
 #: CPAL fields of :class:`CLIPCPALConfig` (the CLI exposes each as ``--cpal-<name>``)

@@ -99,6 +99,9 @@ SYNTHETIC = ClassSpec("synthetic", SYNTHETIC_THINGS, SYNTHETIC_THINGS, SYNTHETIC
 """The label space of the demo world (:mod:`vpl_plugin.data.synthetic`): 10 things (labels 1..10
 in masks), 5 background concepts."""
 
+#: the label spaces :func:`get_class_spec` knows (the ``--dataset`` choices of the ``vpl`` command)
+DATASET_NAMES = ("voc", "coco", "synthetic")
+
 
 def get_class_spec(name: str) -> ClassSpec:
     """Return the :class:`ClassSpec` of ``'voc'``, ``'coco'`` or ``'synthetic'`` (the demo world)."""

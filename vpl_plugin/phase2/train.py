@@ -33,7 +33,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpl_plugin._checks import check_choice, check_range, describe_diff, settings_diff
+from vpl_plugin._cli_common import cli_option, finite_float, nonnegative_int, positive_float, positive_int
 from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.distributed import barrier, init_distributed
@@ -96,23 +97,40 @@ class TrainConfig:
         num_workers: data-loading processes per rank.
     """
 
-    iterations: int = 30000
-    batch_size: int = 6
-    lr: float = 0.01
+    # fields with `cli_option` metadata are `vpl train` flags (flag, help, argparse type)
+    iterations: int = field(default=30000, metadata=cli_option(
+        "--iters", "iterations (30000)", type=nonnegative_int))
+    batch_size: int = field(default=6, metadata=cli_option(
+        "--batch-size", "global batch over all processes (6); a multiple of the process count",
+        type=positive_int))
+    lr: float = field(default=0.01, metadata=cli_option(
+        "--lr", "base learning rate, poly 0.9 decay (0.01)", type=positive_float))
     poly_power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    crop: int = 448
-    scale_range: Tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    checkpoint_every: int = 1000
-    eval_every: Optional[int] = None
-    eval_limit: Optional[int] = None
+    momentum: float = field(default=0.9, metadata=cli_option("--momentum", None, type=finite_float))
+    weight_decay: float = field(default=1e-4, metadata=cli_option("--weight-decay", None, type=finite_float))
+    crop: int = field(default=448, metadata=cli_option(
+        "--crop", "crop side, a multiple of the patch (448)", type=positive_int))
+    scale_range: Tuple[float, float] = field(default=(0.5, 2.0), metadata=cli_option(
+        "--scale", "random rescale range (0.5 2.0)", type=positive_float, nargs=2, metavar=("LO", "HI")))
+    flip: bool = field(default=True, metadata=cli_option("--no-flip", "no horizontal flip"))
+    checkpoint_every: int = field(default=1000, metadata=cli_option(
+        "--checkpoint-every", "write OUT/last.pt every N iterations (1000) and at the end",
+        type=positive_int, metavar="N"))
+    eval_every: Optional[int] = field(default=None, metadata=cli_option(
+        "--eval-every", "validation mIoU every N iterations (needs --val-split-file)",
+        type=positive_int, metavar="N"))
+    eval_limit: Optional[int] = field(default=None, metadata=cli_option(
+        "--val-limit", "validate on the first N images only", type=positive_int, metavar="N"))
     log_every: int = 20
-    amp: bool = True
-    amp_dtype: str = "bf16"
-    seed: int = 0
-    num_workers: int = 2
+    amp: bool = field(default=True, metadata=cli_option(
+        "--amp", "mixed precision on CUDA (default on; ignored on CPU)",
+        off_flag="--no-amp", off_help="full fp32 on CUDA"))
+    amp_dtype: str = field(default="bf16", metadata=cli_option(
+        "--amp-dtype", "autocast dtype (bf16 default; fp16 adds a gradient scaler)", choices=("bf16", "fp16")))
+    seed: int = field(default=0, metadata=cli_option(
+        "--seed", "decoder init, data order and augmentation (0)", type=int))
+    num_workers: int = field(default=2, metadata=cli_option(
+        "--workers", "data-loading processes per rank (2)", type=nonnegative_int))
 
     def __post_init__(self) -> None:
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
