@@ -43,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,11 @@ from vpl_plugin._io import atomic_path
 from vpl_plugin._unpickle import check_tensor_sizes
 
 if TYPE_CHECKING:
-    from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
     from vpl_plugin.data.voc import SampleDataset
     from vpl_plugin.pipeline import RunSummary
 
 __all__ = [
+    "ContextBankSource",
     "ContextBank",
     "align_prototypes",
     "build_context_bank",
@@ -669,7 +669,28 @@ def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
     return state
 
 
-def build_context_bank(adapter: "CLIPCPALAdapter", dataset: "SampleDataset", *, limit: Optional[int] = None,
+class ContextBankSource(Protocol):
+    """What :func:`build_context_bank` uses of an adapter (``CLIPCPALAdapter`` provides it).
+
+    Written as a protocol so that this module of tensor functions does not depend on the adapter
+    layer above it.
+    """
+
+    config: Any
+    class_spec: Any
+
+    @property
+    def dense_dim(self) -> int: ...  # noqa: D102
+
+    @property
+    def num_context(self) -> int: ...  # noqa: D102
+
+    def bank_settings(self) -> Dict[str, Any]: ...  # noqa: D102
+
+    def pass_one(self, image: Any, labels: Sequence[int]) -> Any: ...  # noqa: D102
+
+
+def build_context_bank(adapter: ContextBankSource, dataset: "SampleDataset", *, limit: Optional[int] = None,
                        progress: bool = True,
                        partial: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
                        summary: Optional["RunSummary"] = None) -> ContextBank:
