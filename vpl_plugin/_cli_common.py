@@ -188,6 +188,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text!r}")
+    return value
+
+
 def tau_arg(text: str) -> str:
     """argparse type of ``--tau``: ``clip`` or a finite number > 0 (kept as written)."""
     if text != "clip":

@@ -76,14 +76,20 @@ class Table1Row:
         """The stage (and folder) of the row's pseudo masks."""
         return f"{self.prefix}_masks"
 
-    def cams_flags(self, prototypes: Path, map_mode: str) -> Tuple[List[Any], List[Any]]:
-        """The row's own ``vpl cams`` flags: ``(before --split-file, after it)``."""
+    def cams_flags(self, prototypes: Path, map_mode: str, refine: bool = True) -> Tuple[List[Any], List[Any]]:
+        """The row's own ``vpl cams`` flags: ``(before --split-file, after it)``; ``refine=False``
+        drops the CAA refinement of the vision-prototype rows (the recommended configuration)."""
         adapter = [] if self.adapter == DEFAULT_ADAPTER else ["--adapter", self.adapter]
         vision = ["--prototypes", prototypes, "--map-mode", map_mode] if self.vision else []
+        if self.vision and not refine:
+            vision.append("--no-refine")
         return adapter, vision
 
 
 DEFAULT_ADAPTER = "clip-es"
+#: background exponents searched for maps without CAA refinement (upstream's search for its raw
+#: GradCAM type; the demo scores its rows without CAA the same way)
+UNREFINED_SEARCH = "1,2,3,4,5,6,7,8,9,10"
 #: the rows, in the paper's order (every adapter here is chained; --no-cpal drops clip-cpal's rows)
 TABLE1_ROWS: Tuple[Table1Row, ...] = (
     Table1Row("CLIP-ES", "clip-es", "text", False, 70.8, 75.0, 45.4),
@@ -505,7 +511,7 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     for row in rows:
         if row.vision and not any(name == "prototypes" for name, _ in stages):
             stages.append(("prototypes", _learn_argv(args, data, root, protos, common)))
-        adapter, vision = row.cams_flags(protos, args.map_mode)
+        adapter, vision = row.cams_flags(protos, args.map_mode, refine=getattr(args, "refine", True))
         stages.append((row.cams_stage, ["cams", *data, *adapter, "--split-file", split, *vision,
                                         "--out", out / row.cams_stage, *common]))
     image_dir = ["--image-dir", _image_dir(root, split, args.dataset)] if args.dataset == "coco" else []
@@ -513,13 +519,22 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
         stages.append((row.masks_stage, ["masks", "--cams", out / row.cams_stage, "--root", root, *image_dir,
                                          "--split-file", split, "--out", out / row.masks_stage,
                                          "--dataset", args.dataset, *pixels, "--workers", args.workers,
-                                         *common]))
+                                         *_conf_flags(args), *common]))
     evaluated = [(r.cams_stage, "--cams") for r in rows] + [(r.masks_stage, "--masks") for r in rows]
+    unrefined = {r.cams_stage for r in rows if r.vision and not getattr(args, "refine", True)}
     for name, flag in evaluated:
+        search = ["--bg-threshold", UNREFINED_SEARCH] if name in unrefined else []
         stages.append((f"eval_{name}", ["eval", flag, out / name, "--dataset", args.dataset,
-                                        "--gt-root", gt, "--split-file", split,
+                                        "--gt-root", gt, "--split-file", split, *search,
                                         "--json", out / f"eval_{name}" / "result.json", *common]))
     return [(name, [str(a) for a in argv]) for name, argv in stages]
+
+
+def _conf_flags(args) -> List[Any]:
+    """``vpl masks --conf`` of the table's mask column (0 = upstream's ``--eval_only`` scoring, the
+    default; earlier versions wrote 0.95 masks and left the default flag out of the stage key)."""
+    conf = float(getattr(args, "mask_conf", 0.0))
+    return [] if conf == 0.95 else ["--conf", conf]
 
 
 def _learn_argv(args, data: List[Any], root: Path, protos: Path, common: List[Any]) -> List[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Dict
 
@@ -19,7 +20,9 @@ EPILOG = """examples:
   vpl eval --masks pseudo --gt-root VOC2012/SegmentationClass --split-file train.txt --json r.json
 --bg-threshold auto searches upstream's candidates: exponents 1, 2 for 'attn' keys (the default
 attn_highres), 1..10 for other keys (e.g. --cam-key highres, the raw GradCAM of --save-gradcam);
-a float < 1 is a constant background score, a float >= 1 an exponent of (1 - max CAM)."""
+a float < 1 is a constant background score, a float >= 1 an exponent of (1 - max CAM); a comma
+list (e.g. 1,2,3,4,5,6,7,8,9,10, the search the demo uses for maps without CAA refinement) searches
+those values."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,11 +37,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gt-root", required=True, metavar="MASK_GT_DIR", help="folder of ground-truth <id>.png")
     p.add_argument("--split-file", required=True, metavar="LIST.txt", help="image list")
     p.add_argument("--dataset", default="voc", choices=DATASETS)
-    p.add_argument("--bg-threshold", default="auto", help="auto | FLOAT (see below)")
+    p.add_argument("--bg-threshold", default="auto", help="auto | FLOAT | FLOAT,FLOAT,... (see below)")
     p.add_argument("--cam-key", default="attn_highres", help="key of the maps in the CAM files")
     p.add_argument("--json", metavar="RESULT.json", help="write the result as JSON")
     add_common(p)
     return p
+
+
+def parse_bg_thresholds(text: str) -> Any:
+    """``"auto"``, one finite number, or a list of finite numbers from ``--bg-threshold``.
+
+    >>> parse_bg_thresholds("auto"), parse_bg_thresholds("0.5"), parse_bg_thresholds("1, 2,3")
+    ('auto', 0.5, [1.0, 2.0, 3.0])
+    """
+    if text == "auto":
+        return text
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--bg-threshold must be 'auto', a number or a comma list of numbers; got {text!r}.") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--bg-threshold must be finite; got {text!r}.")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--bg-threshold has duplicates: {text!r}.")
+    return values[0] if len(values) == 1 else values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ids = ids[: args.limit]
     names = ("background",) + tuple(spec.names)
     if args.cams:
-        thr: Any = args.bg_threshold
-        if thr != "auto":
-            try:
-                thr = float(thr)
-            except ValueError:
-                raise UsageError(f"--bg-threshold must be 'auto' or a number; got {thr!r}.") from None
+        thr = parse_bg_thresholds(args.bg_threshold)
         result = evaluate_cams(args.cams, args.gt_root, ids, num_classes=spec.num_classes,
                                bg_thresholds=thr, cam_key=args.cam_key, class_names=names,
                                progress=args.progress)

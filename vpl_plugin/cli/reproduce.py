@@ -10,7 +10,7 @@ import argparse
 from typing import Any, Sequence
 
 from vpl_plugin._cli_common import (add_numerics_flags, finite_float, max_pixels_arg, nonnegative_int, positive_float,
-                                     positive_int, tau_arg)
+                                     positive_int, tau_arg, unit_float)
 from vpl_plugin.cli import cams, evaluate, learn, masks
 from vpl_plugin.cli.app import run_argv
 from vpl_plugin.cli.arguments import DATASETS, FORMATTER, TRUST_TORCHSCRIPT_HELP
@@ -116,6 +116,14 @@ def _add_learning(p: argparse.ArgumentParser) -> None:
                         "configuration with --tau 0.1 --map-mode dense; see README)")
     p.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
                    help="map of the VPL CAMs: gradcam (the paper, default), dense or fused (see vpl cams)")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="VPL rows without CAA refinement (the recommended configuration, with --pooling "
+                        "region --tau 0.1 --map-mode dense); their CAMs are scored with background "
+                        "exponents 1..10")
+    p.add_argument("--mask-conf", type=unit_float, default=0.0, metavar="C",
+                   help="CRF confidence below which a pseudo-mask pixel is 255 (default 0: every pixel "
+                        "labelled and scored, as upstream's eval_cam_with_crf.py --eval_only scores the "
+                        "paper's mask column; 0.95 gives the masks to train a segmenter on)")
 
 
 def run_stage(argv: Sequence[str]) -> int:
