@@ -3,6 +3,7 @@
 from vpl_plugin.backbones.clip import (
     CLIPDense,
     LastBlockOutput,
+    TrunkCache,
     build_clip_from_state_dict,
     build_random_clip,
     load_clip,
@@ -13,6 +14,7 @@ from vpl_plugin.backbones.clip import (
 __all__ = [
     "CLIPDense",
     "LastBlockOutput",
+    "TrunkCache",
     "build_clip_from_state_dict",
     "build_random_clip",
     "load_clip",
