@@ -87,8 +87,10 @@ def test_demo_report_on_a_tiny_model(tmp_path):
 
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(build_demo_clip(TINY), ckpt)
-    cfg = DemoConfig(train_scenes=12, eval_scenes=6, taus=(0.03,), phis=(0.4,), iters=10, grid_scenes=2)
+    cfg = DemoConfig(train_scenes=12, eval_scenes=6, taus=(0.03,), phis=(0.4,), iters=10, grid_scenes=2,
+                     bootstrap_resamples=200)
     report = run_demo(tmp_path / "out", clip=str(ckpt), config=cfg, log=lambda m: None)
+    _check_intervals_and_figures(report, tmp_path / "out", cfg)
     names = [r["name"] for r in report["rows"]]
     assert names[0] == "CLIP-ES (text prototypes)" and any("paper-literal" in n for n in names)
     assert names == [spec.name for spec in table_rows(cfg) + control_rows(cfg)]  # the table, in order
@@ -115,6 +117,46 @@ def test_demo_report_on_a_tiny_model(tmp_path):
     assert [r["setting"] for r in studies["cpal_sweep"]] == [f"{k}={v}" for k, v in DemoConfig.cpal_sweep]
     assert len(studies["cpal_selection"]) == 4 and all(0 <= t["validation_seed"] <= 100
                                                        for t in studies["cpal_selection"])
+
+
+def _check_intervals_and_figures(report, out, cfg):
+    """Every seed and mask number has an interval that contains it and that the per-scene
+    confusion matrices the demo saved reproduce (bootstrap module, same draws); the figures are
+    written and listed."""
+    from vpl_plugin.bootstrap import bootstrap_miou, paired_bootstrap
+    from vpl_plugin.demo.intervals import load_confusions
+    from vpl_plugin.metrics import iou_from_confusion
+
+    conf = load_confusions(out / "confusion.npz")
+    assert list(conf) == [r["name"] for r in report["rows"]]
+    for r in report["rows"]:
+        seeds, masks = conf[r["name"]]
+        assert seeds.shape[:2] == ((2 if "no CAA" not in r["name"] else 10), cfg.eval_scenes)
+        point = max(iou_from_confusion(seeds[t].sum(0))["miou"] for t in range(len(seeds)))
+        assert 100 * point == pytest.approx(r["seed_miou"], abs=1e-9)
+        assert 100 * iou_from_confusion(masks.sum(0))["miou"] == pytest.approx(r["mask_miou"], abs=1e-9)
+        for key, c in (("seed", seeds), ("mask", masks)):
+            lo, hi = r[f"{key}_ci95"]
+            assert lo - 1e-9 <= r[f"{key}_miou"] <= hi + 1e-9
+            ref = bootstrap_miou(c, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)["ci95"]
+            assert [lo, hi] == pytest.approx([100 * v for v in ref], abs=1e-9)
+    for t in report["tau_sweep"] + report["phi_sweep"]:
+        for key in ("seed_gradcam", "seed_dense"):
+            assert t[f"{key}_ci95"][0] - 1e-9 <= t[key] <= t[f"{key}_ci95"][1] + 1e-9
+    assert report["bootstrap"]["resamples"] == cfg.bootstrap_resamples
+    diffs = {d["name"]: d for d in report["differences"]}
+    assert {"recommended VPL - best text-prototype row", "recommended VPL - CLIP-ES",
+            "paper-literal VPL - CLIP-ES"} <= set(diffs)
+    d = diffs["paper-literal VPL - CLIP-ES"]
+    ref = paired_bootstrap(conf[d["a"]][0], conf[d["b"]][0], resamples=cfg.bootstrap_resamples,
+                           seed=cfg.bootstrap_seed)
+    assert d["seed"]["ci95"] == pytest.approx([100 * v for v in ref["ci95"]], abs=1e-9)
+    assert d["seed"]["difference"] == pytest.approx(100 * ref["difference"], abs=1e-9)
+    md = (out / "report.md").read_text()
+    assert "paper-literal VPL - CLIP-ES" in md and "bootstrap" in md
+    assert set(report["figures"]) == {"grid.png", "bars.png", "gap.png"}
+    for name in report["figures"]:
+        assert (out / name).stat().st_size > 0 and f"`{name}`" in md
 
 
 def test_trunk_cache_runs_each_scene_once_and_changes_nothing():

@@ -21,7 +21,7 @@ from vpl_plugin._imports import require
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
 from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
 from vpl_plugin.data.synthetic import SYNTHETIC, THINGS, context_false_activation
-from vpl_plugin.metrics import MeanIoU, auto_thresholds, cams_to_label
+from vpl_plugin.metrics import MeanIoU, auto_thresholds, cams_to_label, confusion_matrix
 
 __all__ = ["DEMO_TEMPLATES", "Evaluation", "evaluate_adapter", "images_to_tensor", "label_set_accuracy",
            "pil_image", "scene_tensor", "text_gradcam_seed_miou"]
@@ -60,6 +60,11 @@ class Evaluation:
             they usually surround (seeds at the best exponent).
         kept: the CAMs ``(k, H, W)`` float32 of the first ``keep`` scenes.
         sweep: ``{exponent: seed mIoU}``.
+        seed_confusion: ``(exponents, scenes, C, C)`` int64 confusion matrix of each scene's seeds
+            at each exponent of ``sweep`` (in its order): what a bootstrap over scenes resamples,
+            repeating the exponent search inside each resample.
+        mask_confusion: ``(scenes, C, C)`` int64 confusion matrix of each scene's CRF mask
+            (``(0, C, C)`` when masks were not made).
     """
 
     seed: float
@@ -68,6 +73,8 @@ class Evaluation:
     context_false_activation: float
     kept: List[np.ndarray] = field(default_factory=list)
     sweep: Dict[float, float] = field(default_factory=dict)
+    seed_confusion: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 0), np.int64))
+    mask_confusion: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.int64))
 
 
 def evaluate_adapter(adapter: Any, scenes: Sequence[Any], *, crf: bool = True, keep: int = 0) -> Evaluation:
@@ -76,7 +83,8 @@ def evaluate_adapter(adapter: Any, scenes: Sequence[Any], *, crf: bool = True, k
     Seeds: the best background power of upstream's ``eval_cam.py`` search for the map's CAM type:
     exponents {1, 2} for CAA-refined maps (``attn_highres``), {1, ..., 10} for maps without CAA
     (upstream's raw GradCAM type, ``highres``). Masks (``crf``): CRF, scored on all pixels
-    (upstream's ``--eval_only``). The CAMs of the first ``keep`` scenes are returned.
+    (upstream's ``--eval_only``). The CAMs of the first ``keep`` scenes are returned, and every
+    scene's confusion matrices (their sums are the scored matrices).
     """
     from vpl_plugin.pseudo_masks import cams_to_pseudo_mask
 
@@ -86,25 +94,30 @@ def evaluate_adapter(adapter: Any, scenes: Sequence[Any], *, crf: bool = True, k
     masks = MeanIoU(n_cls)
     fa = {e: [0, 0] for e in exponents}
     kept = []
+    seed_conf = np.zeros((len(exponents), len(scenes), n_cls, n_cls), np.int64)
+    mask_conf = np.zeros((len(scenes) if crf else 0, n_cls, n_cls), np.int64)
     for i, sc in enumerate(scenes):
         out = adapter(pil_image(sc.image), list(sc.labels))
         cams, keys = out.attn_highres, out.keys
         if i < keep:
             kept.append(cams.astype(np.float32))
-        for e, metric in seeds.items():
+        for j, (e, metric) in enumerate(seeds.items()):
             pred = cams_to_label(cams, keys, e, "power")
-            metric.update(pred, sc.mask)
+            seed_conf[j, i] = confusion_matrix(pred, sc.mask, n_cls, metric.ignore_index)
+            metric.confusion += seed_conf[j, i]
             for wrong, total in context_false_activation(pred, sc.mask, sc.labels, sc.background).values():
                 fa[e][0] += wrong
                 fa[e][1] += total
         if crf:
             bgr = np.ascontiguousarray(sc.image[:, :, ::-1])
             mask = cams_to_pseudo_mask(cams, keys, bgr, crf=True, conf=None)
-            masks.update(mask, sc.mask)
+            mask_conf[i] = confusion_matrix(mask, sc.mask, n_cls, masks.ignore_index)
+            masks.confusion += mask_conf[i]
     sweep = {e: m.compute()["miou"] for e, m in seeds.items()}
     best = max(sweep, key=lambda e: sweep[e])  # ties -> first (upstream: first strictly greater)
     fa_rate = fa[best][0] / max(fa[best][1], 1)
-    return Evaluation(sweep[best], masks.compute()["miou"] if crf else float("nan"), best, fa_rate, kept, sweep)
+    return Evaluation(sweep[best], masks.compute()["miou"] if crf else float("nan"), best, fa_rate, kept, sweep,
+                      seed_conf, mask_conf)
 
 
 def text_gradcam_seed_miou(encoder: Any, scenes: Sequence[Any]) -> float:

@@ -28,6 +28,7 @@ from vpl_plugin._io import write_json, write_text
 from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
 from vpl_plugin.backbones.clip import TrunkCache
+from vpl_plugin.bootstrap import BOOTSTRAP_RESAMPLES
 from vpl_plugin.cpal import build_context_bank
 from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
 from vpl_plugin.demo.evaluation import (
@@ -36,6 +37,16 @@ from vpl_plugin.demo.evaluation import (
     label_set_accuracy,
     pil_image,
     text_gradcam_seed_miou,
+)
+from vpl_plugin.demo.figures import GridColumn, PrototypeCloud, bars_figure, gap_figure, grid_figure, save_figure
+from vpl_plugin.demo.intervals import (
+    CLIP_ES,
+    PAPER_LITERAL,
+    RECOMMENDED,
+    TEXT_NO_CAA,
+    SceneBootstrap,
+    difference_report,
+    save_confusions,
 )
 from vpl_plugin.demo.learning import (
     class_centroids,
@@ -81,6 +92,9 @@ class DemoConfig:
     # the CLIP-CPAL interpretation sweep and the validation-scene choice (24 context banks over the
     # learning scenes): off by default to keep `vpl demo` within 10 minutes; `--cpal-studies`
     cpal_studies: bool = False
+    # 95 % bootstrap intervals over the evaluation scenes (fixed seed; vpl_plugin.demo.intervals)
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES
+    bootstrap_seed: int = 0
 
     @classmethod
     def quick_config(cls) -> "DemoConfig":
@@ -191,6 +205,9 @@ class _Row:
     context_false_activation: float
     gap: Optional[float] = None
     note: str = ""
+    seed_ci95: Optional[List[float]] = None
+    mask_ci95: Optional[List[float]] = None
+    prototypes: str = ""
 
 
 class _DemoRun:
@@ -214,8 +231,14 @@ class _DemoRun:
         self.grids: Dict[str, List[np.ndarray]] = {}
         self.learn_samples = [SimpleNamespace(image=pil_image(sc.image), labels=list(sc.labels)) for sc in train]
         self.banks: Dict[tuple, Any] = {}
-        # (prototype set, map mode, CAA) -> seed; the value keeps the set alive, so ids stay unique
-        self.seeds_of: Dict[Tuple[int, str, bool], Tuple[PrototypeSet, float]] = {}
+        # (prototype set, map mode, CAA) -> seed and its interval; the value keeps the set alive,
+        # so ids stay unique
+        self.seeds_of: Dict[Tuple[int, str, bool], Tuple[PrototypeSet, float, List[float]]] = {}
+        self.boot = SceneBootstrap(cfg.bootstrap_resamples, cfg.bootstrap_seed)
+        # row name -> per-scene (seed confusions per exponent, mask confusions), and the exponents
+        self.confusions: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self.exponents: Dict[str, List[float]] = {}
+        self.cpal_val_base_ci: Dict[str, List[float]] = {}
 
     def learn(self, phi: float, tau: float, step_rule: str = "bb", targets=None) -> Tuple[PrototypeSet, dict]:
         """VPL prototypes from the seed-hardened targets at ``phi`` (or from ``targets``)."""
@@ -272,13 +295,15 @@ class _DemoRun:
         ad.set_bank(self.banks[key])
         return ad
 
-    def sweep_seed(self, ps: PrototypeSet, map_mode: str) -> float:
-        """Seed mIoU (0-1) of a CLIP-ES map; the sweeps revisit the main rows' prototype sets."""
+    def sweep_seed(self, ps: PrototypeSet, map_mode: str) -> Tuple[float, List[float]]:
+        """Seed mIoU (0-1) of a CLIP-ES map and its interval (mIoU points); the sweeps revisit
+        the main rows' prototype sets."""
         key = (id(ps), map_mode, True)
         if key not in self.seeds_of:
             ad = CLIPESAdapter(self.encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=map_mode)
-            self.seeds_of[key] = ps, evaluate_adapter(ad, self.test, crf=False).seed
-        return self.seeds_of[key][1]
+            ev = evaluate_adapter(ad, self.test, crf=False)
+            self.seeds_of[key] = ps, ev.seed, self.boot.miou(ev.seed_confusion)
+        return self.seeds_of[key][1], self.seeds_of[key][2]
 
     def evaluate(self, spec: RowSpec) -> _Row:
         """Evaluate one row on the evaluation scenes, log it and add it to the table."""
@@ -291,11 +316,15 @@ class _DemoRun:
         else:
             ad = self.cpal_adapter(ps, spec.map_mode, **dict(spec.cpal))
         ev = evaluate_adapter(ad, self.test, keep=self.cfg.grid_scenes)
+        seed_ci = self.boot.miou(ev.seed_confusion)
         if spec.cpal is None:
-            self.seeds_of[id(ps), spec.map_mode, spec.refine] = ps, ev.seed
+            self.seeds_of[id(ps), spec.map_mode, spec.refine] = ps, ev.seed, seed_ci
         self.grids[spec.name] = ev.kept
+        self.confusions[spec.name] = ev.seed_confusion, ev.mask_confusion
+        self.exponents[spec.name] = list(ev.sweep)
         gap = modality_gap(self.eval_feats, self.eval_seed, ps.prototypes)
-        row = _Row(spec.name, 100 * ev.seed, 100 * ev.mask, ev.threshold, ev.context_false_activation, gap, spec.note)
+        row = _Row(spec.name, 100 * ev.seed, 100 * ev.mask, ev.threshold, ev.context_false_activation, gap, spec.note,
+                   seed_ci, self.boot.miou(ev.mask_confusion), spec.prototypes)
         self.rows.append(row)
         self.log(f"  {spec.name:<48s} seed {row.seed_miou:5.1f}  mask {row.mask_miou:5.1f}  gap {gap:.3f}")
         return row
@@ -306,8 +335,10 @@ class _DemoRun:
         cfg = self.cfg
         cpal_rows = []
         for key, value in (cfg.cpal_sweep if cfg.cpal_studies else ()):
-            seed = evaluate_adapter(self.cpal_adapter(self.text, **{key: value}), self.test, crf=False).seed
-            cpal_rows.append({"setting": f"{key}={value}", "seed": 100 * seed})
+            ev = evaluate_adapter(self.cpal_adapter(self.text, **{key: value}), self.test, crf=False)
+            seed = ev.seed
+            cpal_rows.append({"setting": f"{key}={value}", "seed": 100 * seed,
+                              "seed_ci95": self.boot.miou(ev.seed_confusion)})
             self.log(f"  CLIP-CPAL {key}={value}: seed {100 * seed:5.1f}")
         val = self.world.batch(20_000_000, cfg.cpal_val_scenes or cfg.eval_scenes) if cfg.cpal_studies else []
         cpal_selection, cpal_val_base = [], {}
@@ -315,13 +346,17 @@ class _DemoRun:
         for label, key, mode in studies:
             ps = self.prototypes(key)
             no_cpal = CLIPESAdapter(self.encoder, SYNTHETIC, prototypes=ps, templates=DEMO_TEMPLATES, map_mode=mode)
-            cpal_val_base[label] = 100 * evaluate_adapter(no_cpal, val, crf=False).seed
+            ev = evaluate_adapter(no_cpal, val, crf=False)
+            cpal_val_base[label] = 100 * ev.seed
+            self.cpal_val_base_ci[label] = self.boot.miou(ev.seed_confusion)
             scores = []
             for feats, delta, gamma in cfg.cpal_grid:
                 kw = {"features": feats, "delta_p": delta, "gamma": gamma}
-                seed = evaluate_adapter(self.cpal_adapter(ps, mode, **kw), val, crf=False).seed
+                ev = evaluate_adapter(self.cpal_adapter(ps, mode, **kw), val, crf=False)
+                seed = ev.seed
                 scores.append((100 * seed, kw))
-                cpal_selection.append({"prototypes": label, **kw, "validation_seed": 100 * seed})
+                cpal_selection.append({"prototypes": label, **kw, "validation_seed": 100 * seed,
+                                       "validation_seed_ci95": self.boot.miou(ev.seed_confusion)})
             best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the spec default first)
             self.log(f"  chosen on {len(val)} validation scenes ({label}): {best} (validation seed {best_seed:.1f}; "
                      f"without CPAL {cpal_val_base[label]:.1f})")
@@ -338,16 +373,18 @@ class _DemoRun:
         tau_rows = []
         for tau in cfg.taus:
             ps, _ = self.learn(cfg.phi, tau)
-            g, d = self.sweep_seed(ps, "gradcam"), self.sweep_seed(ps, "dense")
+            (g, g_ci), (d, d_ci) = self.sweep_seed(ps, "gradcam"), self.sweep_seed(ps, "dense")
             tau_rows.append({"tau": tau, "seed_gradcam": 100 * g, "seed_dense": 100 * d,
-                             "gap": modality_gap(self.eval_feats, self.eval_seed, ps.prototypes)})
+                             "gap": modality_gap(self.eval_feats, self.eval_seed, ps.prototypes),
+                             "seed_gradcam_ci95": g_ci, "seed_dense_ci95": d_ci})
             self.log(f"  tau {tau:.2f}: GradCAM {100 * g:5.1f}  dense {100 * d:5.1f}  gap {tau_rows[-1]['gap']:.3f}")
         self.log("Table 6 (Phi sweep, VPL bb, GradCAM | dense):")
         phi_rows = []
         for phi in cfg.phis:
             ps, _ = self.learn(phi, cfg.tau)
-            g, d = self.sweep_seed(ps, "gradcam"), self.sweep_seed(ps, "dense")
-            phi_rows.append({"phi": phi, "seed_gradcam": 100 * g, "seed_dense": 100 * d})
+            (g, g_ci), (d, d_ci) = self.sweep_seed(ps, "gradcam"), self.sweep_seed(ps, "dense")
+            phi_rows.append({"phi": phi, "seed_gradcam": 100 * g, "seed_dense": 100 * d,
+                             "seed_gradcam_ci95": g_ci, "seed_dense_ci95": d_ci})
             self.log(f"  Phi {phi:.1f}: GradCAM {100 * g:5.1f}  dense {100 * d:5.1f}")
         return tau_rows, phi_rows
 
@@ -425,17 +462,61 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
         "learning": {"paper_literal_loss": [lit_hist["loss"][0], lit_hist["loss"][-1]],
                      "bb_loss": [vpl_hist["loss"][0], vpl_hist["loss"][-1]],
                      "bb_iterations": len(vpl_hist["loss"]) - 1},
+        "bootstrap": run.boot.describe(),
+        "differences": difference_report(run.boot, [asdict(r) for r in rows], run.confusions),
+        "cpal_validation_without_cpal_ci95": run.cpal_val_base_ci,
+        "confusions": "confusion.npz",
         "seconds": round(time.time() - start, 1),
     }
+    save_confusions(out / "confusion.npz", [r.name for r in rows], run.confusions, run.exponents)
+    report["figures"] = _write_figures(out, run, report)
     write_json(out / "report.json", report)
     write_text(out / "report.md", _markdown(report))
-    _grid(out / "grid.png", test[: cfg.grid_scenes], run.grids)
-    log(f"demo: wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'} "
-        f"({report['seconds']:.0f} s)")
+    log(f"demo: wrote {out / 'report.md'}, {out / 'report.json'}, {', '.join(report['figures'])}, "
+        f"{out / 'confusion.npz'} ({report['seconds']:.0f} s)")
     return report
 
 
+#: the grid's CAM columns: (title, demo row)
+GRID_COLUMNS = (GridColumn("CLIP-ES", CLIP_ES), GridColumn("text GradCAM, no CAA", TEXT_NO_CAA),
+                GridColumn("paper-literal VPL", PAPER_LITERAL), GridColumn("recommended VPL", RECOMMENDED))
+
+
+def _write_figures(out: Path, run: "_DemoRun", report: Dict[str, Any]) -> Dict[str, str]:
+    """Write grid.png, bars.png and gap.png; returns ``{file: what it shows}`` for the report."""
+    names = list(SYNTHETIC.names)
+    scenes = run.test[: run.cfg.grid_scenes]
+    save_figure(grid_figure(scenes, run.grids, GRID_COLUMNS, names), out / "grid.png")
+    key_rows = {d["a"] for d in report["differences"]} | {d["b"] for d in report["differences"]}
+    save_figure(bars_figure(report["rows"], title=f"{len(run.test)} evaluation scenes (bold: rows the README "
+                            "compares)", highlight=sorted(key_rows)), out / "bars.png")
+    gaps = {r["name"]: r["gap"] for r in report["rows"]}
+    sets = [PrototypeCloud("text prototypes", run.prototypes("text").prototypes.numpy(), gaps[CLIP_ES], "^"),
+            PrototypeCloud("paper-literal VPL prototypes", run.prototypes("paper-literal").prototypes.numpy(),
+                           gaps[PAPER_LITERAL], "s"),
+            PrototypeCloud("recommended VPL prototypes", run.prototypes("region").prototypes.numpy(),
+                           gaps[RECOMMENDED], "*")]
+    save_figure(gap_figure(run.eval_feats.numpy(), run.eval_seed.numpy(), sets, names), out / "gap.png")
+    return {
+        "grid.png": "one row per (scene, class) of the first scenes: the image, the class's ground truth, "
+                    "then the class's CAM of " + ", ".join(f"{c.title} ({c.row})" for c in GRID_COLUMNS)
+                    + ", overlaid on the image, each map min-max scaled",
+        "bars.png": "every row's seed and pseudo-mask mIoU with its 95 % bootstrap interval",
+        "gap.png": "2-D PCA of the seed-labelled pixel features, the text prototypes and the paper-literal "
+                   "and recommended VPL prototypes, with each set's modality gap",
+    }
+
+
+def _ci(value: float, ci: Optional[List[float]], sign: bool = False) -> str:
+    """``30.0 [28.1, 31.9]`` (a number with its interval; ``+`` on differences)."""
+    fmt = "{:+.1f}" if sign else "{:.1f}"
+    if not ci:
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
 def _markdown(r: Dict[str, Any]) -> str:
+    boot = r.get("bootstrap") or {}
     lines = ["# vpl demo: CLIP-ES vs CLIP-ES + VPL on the synthetic world", "",
              f"Evaluation: {r['config']['eval_scenes']} held-out scenes with masks; prototypes learned "
              f"on {r['config']['train_scenes']} other scenes with image-level labels only. "
@@ -444,37 +525,17 @@ def _markdown(r: Dict[str, Any]) -> str:
              f"{r['gates']['label_set_accuracy']:.3f} (want >= 0.95), text GradCAM seed mIoU "
              f"(no CAA, no CRF) {r['gates']['text_gradcam_seed_miou']:.1f} (want >= 35); CLIP-ES's "
              f"seed with CAA refinement {r['gates']['clip_es_seed_miou_with_caa']:.1f}.", "",
+             f"Brackets: {100 * boot.get('level', 0.95):.0f} % bootstrap intervals over the evaluation scenes "
+             f"({boot.get('resamples', 'n/a')} resamples, seed {boot.get('seed', 'n/a')}; mIoU recomputed from "
+             "resampled sums of per-scene confusion matrices, the background-exponent search repeated "
+             "inside each resample; per-scene matrices in `confusion.npz`).", "",
              "| row | seed mIoU | pseudo-mask mIoU | gap | context false activation | note |",
              "|---|---:|---:|---:|---:|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['name']} | {row['seed_miou']:.1f} | {row['mask_miou']:.1f} | "
+        lines.append(f"| {row['name']} | {_ci(row['seed_miou'], row.get('seed_ci95'))} | "
+                     f"{_ci(row['mask_miou'], row.get('mask_ci95'))} | "
                      f"{row['gap']:.3f} | {100 * row['context_false_activation']:.1f}% | {row['note']} |")
-    if r.get("cpal_sweep"):
-        base = next((row["seed_miou"] for row in r["rows"] if row["name"].startswith("CLIP-CPAL (")), None)
-        base = "n/a" if base is None else f"{base:.1f}"
-        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the spec "
-                  f"defaults, whose seed is {base}; measured on the evaluation scenes, so not "
-                  "a selection):", "", "| setting | seed mIoU |", "|---|---:|"]
-        for t in r["cpal_sweep"]:
-            lines.append(f"| {t['setting']} | {t['seed']:.1f} |")
-    if r.get("cpal_selection"):
-        n_val = r["config"].get("cpal_val_scenes") or r["config"]["eval_scenes"]
-        lines += ["", f"CLIP-CPAL interpretations on {n_val} separate validation "
-                  "scenes (seeds; the best of each block gives the 'chosen on validation scenes' rows):",
-                  "", "| GradCAM prototypes | features | delta_p | gamma | validation seed mIoU |",
-                  "|---|---|---:|---:|---:|"]
-        for label, seed in (r.get("cpal_validation_without_cpal") or {}).items():
-            lines.append(f"| {label} | (no CPAL) | | | {seed:.1f} |")
-        for t in r["cpal_selection"]:
-            lines.append(f"| {t['prototypes']} | {t['features']} | {t['delta_p']} | {t['gamma']} | "
-                         f"{t['validation_seed']:.1f} |")
-    lines += ["", "tau_I sweep (Table 5 style):", "", "| tau_I | seed (GradCAM) | seed (dense) | gap |",
-              "|---:|---:|---:|---:|"]
-    for t in r["tau_sweep"]:
-        lines.append(f"| {t['tau']:.2f} | {t['seed_gradcam']:.1f} | {t['seed_dense']:.1f} | {t['gap']:.3f} |")
-    lines += ["", "Phi sweep (Table 6 style):", "", "| Phi | seed (GradCAM) | seed (dense) |", "|---:|---:|---:|"]
-    for t in r["phi_sweep"]:
-        lines.append(f"| {t['phi']:.1f} | {t['seed_gradcam']:.1f} | {t['seed_dense']:.1f} |")
+    lines += _markdown_differences(r) + _markdown_cpal(r) + _markdown_sweeps(r) + _markdown_figures(r)
     lines += ["", "Seeds: best background power of upstream's eval_cam.py search for the map type: "
               "{1, 2} for CAA-refined maps (attn_highres), {1, ..., 10} for the rows without CAA "
               "(upstream's raw-GradCAM type, highres); pseudo masks: dense CRF "
@@ -484,25 +545,58 @@ def _markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _colour(m: np.ndarray) -> np.ndarray:
-    m = np.clip(m, 0, 1)
-    return (np.stack([m, m ** 2, 1 - m], -1) * 255).astype(np.uint8)
+def _markdown_differences(r: Dict[str, Any]) -> List[str]:
+    if not r.get("differences"):
+        return []
+    lines = ["", "Differences (row a - row b, mIoU points; paired bootstrap: both rows scored on the same "
+             "resampled scenes):", "", "| difference | a | b | seed mIoU | pseudo-mask mIoU |",
+             "|---|---|---|---:|---:|"]
+    for d in r["differences"]:
+        lines.append(f"| {d['name']} | {d['a']} | {d['b']} | {_ci(d['seed']['difference'], d['seed']['ci95'], True)} | "
+                     f"{_ci(d['mask']['difference'], d['mask']['ci95'], True)} |")
+    return lines
 
 
-def _grid(path: Path, scenes, grids: Dict[str, List[np.ndarray]]) -> None:
-    from vpl_plugin._io import atomic_path
-    from vpl_plugin.pseudo_masks import VOC_PALETTE
+def _markdown_cpal(r: Dict[str, Any]) -> List[str]:
+    lines: List[str] = []
+    if r.get("cpal_sweep"):
+        base = next((row["seed_miou"] for row in r["rows"] if row["name"].startswith("CLIP-CPAL (")), None)
+        base = "n/a" if base is None else f"{base:.1f}"
+        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the spec "
+                  f"defaults, whose seed is {base}; measured on the evaluation scenes, so not "
+                  "a selection):", "", "| setting | seed mIoU |", "|---|---:|"]
+        for t in r["cpal_sweep"]:
+            lines.append(f"| {t['setting']} | {_ci(t['seed'], t.get('seed_ci95'))} |")
+    if r.get("cpal_selection"):
+        n_val = r["config"].get("cpal_val_scenes") or r["config"]["eval_scenes"]
+        lines += ["", f"CLIP-CPAL interpretations on {n_val} separate validation "
+                  "scenes (seeds; the best of each block gives the 'chosen on validation scenes' rows):",
+                  "", "| GradCAM prototypes | features | delta_p | gamma | validation seed mIoU |",
+                  "|---|---|---:|---:|---:|"]
+        base_ci = r.get("cpal_validation_without_cpal_ci95") or {}
+        for label, seed in (r.get("cpal_validation_without_cpal") or {}).items():
+            lines.append(f"| {label} | (no CPAL) | | | {_ci(seed, base_ci.get(label))} |")
+        for t in r["cpal_selection"]:
+            lines.append(f"| {t['prototypes']} | {t['features']} | {t['delta_p']} | {t['gamma']} | "
+                         f"{_ci(t['validation_seed'], t.get('validation_seed_ci95'))} |")
+    return lines
 
-    Image = __import__("PIL.Image", fromlist=["Image"])
-    cols = ["CLIP-ES (text prototypes)", "CLIP-ES + VPL, paper-literal (halving, GradCAM)",
-            "VPL region-pooled (tau_I 0.1), dense map"]
-    tiles = []
-    for i, sc in enumerate(scenes):
-        row = [sc.image, VOC_PALETTE[sc.mask]]
-        for name in cols:
-            cams = grids.get(name, [])
-            row.append(_colour(cams[i].max(axis=0)) if i < len(cams) and len(cams[i]) else np.zeros_like(sc.image))
-        tiles.append(np.concatenate(row, axis=1))
-    grid = np.concatenate(tiles, axis=0)
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(tmp)
+
+def _markdown_sweeps(r: Dict[str, Any]) -> List[str]:
+    lines = ["", "tau_I sweep (Table 5 style):", "", "| tau_I | seed (GradCAM) | seed (dense) | gap |",
+             "|---:|---:|---:|---:|"]
+    for t in r["tau_sweep"]:
+        lines.append(f"| {t['tau']:.2f} | {_ci(t['seed_gradcam'], t.get('seed_gradcam_ci95'))} | "
+                     f"{_ci(t['seed_dense'], t.get('seed_dense_ci95'))} | {t['gap']:.3f} |")
+    lines += ["", "Phi sweep (Table 6 style):", "", "| Phi | seed (GradCAM) | seed (dense) |", "|---:|---:|---:|"]
+    for t in r["phi_sweep"]:
+        lines.append(f"| {t['phi']:.1f} | {_ci(t['seed_gradcam'], t.get('seed_gradcam_ci95'))} | "
+                     f"{_ci(t['seed_dense'], t.get('seed_dense_ci95'))} |")
+    return lines
+
+
+def _markdown_figures(r: Dict[str, Any]) -> List[str]:
+    figures = r.get("figures") or {}
+    if not figures:
+        return []
+    return ["", "Figures:", ""] + [f"- `{name}`: {what}" for name, what in figures.items()]
