@@ -393,14 +393,19 @@ class _DemoRun:
 def run_demo(out: Path, *, clip: Optional[str] = None, quick: bool = False, device: str = "cpu",
              config: Optional[DemoConfig] = None, log: Callable[[str], None] = print,
              cpal_studies: bool = False) -> Dict[str, Any]:
-    """Run the demo and write ``report.json``, ``report.md`` and ``grid.png`` into ``out``.
+    """Run the demo and write ``report.json``, ``report.md``, ``confusion.npz`` and the figures
+    ``grid.png``, ``bars.png`` and ``gap.png`` into ``out``.
 
     ``cpal_studies`` adds the CLIP-CPAL interpretation sweep and the choice of its settings on
     separate validation scenes (several extra minutes).
 
-    ``grid.png`` columns: image, ground truth, then the per-pixel maximum over the image's class
-    CAMs of CLIP-ES (text prototypes), paper-literal VPL (GradCAM) and the recommended
-    configuration (region-pooled prototypes, tau_I 0.1, dense map).
+    Every seed and pseudo-mask mIoU comes with a 95 % bootstrap interval over the evaluation
+    scenes, and the differences the README states with paired intervals
+    (:mod:`vpl_plugin.demo.intervals`); ``confusion.npz`` holds the per-scene confusion matrices
+    they are computed from. ``grid.png``: one row per (scene, class), columns image, ground truth,
+    then the class's CAM of CLIP-ES, the text GradCAM without CAA, paper-literal VPL and the
+    recommended configuration (:data:`GRID_COLUMNS`); ``bars.png``: every row's numbers with their
+    intervals; ``gap.png``: the modality gap (:mod:`vpl_plugin.demo.figures`).
     """
     threads = torch.get_num_threads()
     if str(device).startswith("cpu"):
