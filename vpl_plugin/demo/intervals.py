@@ -122,7 +122,7 @@ def save_confusions(path: Path, names: Sequence[str], confusions: Mapping[str, T
         arrays[f"row{i:02d}_exponents"] = np.asarray(exponents[name], dtype=np.float64)
         arrays[f"row{i:02d}_mask"] = mask.astype(np.int32)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
 
 
 def load_confusions(path: Path) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

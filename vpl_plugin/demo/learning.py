@@ -119,6 +119,7 @@ def recommended_prototypes(probes: List[Probe], text: PrototypeSet, phi: float, 
     """The recommended VPL prototypes: region-pooled learning at tau_I 0.1 (``bb`` rule)."""
     x, q, c = region_targets(probes, text, phi)
     w = learn_vision_prototypes(x, q, text.prototypes, c, tau=0.1, lr=lr, iters=iters, step_rule="bb")
+    assert isinstance(w, torch.Tensor)  # without return_history: the prototypes alone
     return PrototypeSet(w, text.class_names, text.background_names, tau=0.1, kind="vision")
 
 

@@ -113,8 +113,8 @@ def learning_split(encoder, cfg: DemoConfig):
     """``(cfg, world, scenes)``: the demo's world, ``cfg`` with the learning split sized for
     ``encoder`` (:meth:`DemoConfig.learning_scenes`) and the learning scenes."""
     world = SceneWorld(seed=cfg.world_seed)
-    cfg = replace(cfg, train_scenes=cfg.learning_scenes(encoder, world.size))
-    return cfg, world, world.batch(0, cfg.train_scenes)
+    scenes = cfg.learning_scenes(encoder, world.size)
+    return replace(cfg, train_scenes=scenes), world, world.batch(0, scenes)
 
 
 
@@ -474,10 +474,11 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
         "seconds": round(time.time() - start, 1),
     }
     save_confusions(out / "confusion.npz", [r.name for r in rows], run.confusions, run.exponents)
-    report["figures"] = _write_figures(out, run, report)
+    figures = _write_figures(out, run, report)
+    report["figures"] = figures
     write_json(out / "report.json", report)
     write_text(out / "report.md", _markdown(report))
-    log(f"demo: wrote {out / 'report.md'}, {out / 'report.json'}, {', '.join(report['figures'])}, "
+    log(f"demo: wrote {out / 'report.md'}, {out / 'report.json'}, {', '.join(figures)}, "
         f"{out / 'confusion.npz'} ({report['seconds']:.0f} s)")
     return report
 
