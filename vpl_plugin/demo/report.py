@@ -152,7 +152,7 @@ def table_rows(cfg: DemoConfig) -> List[RowSpec]:
         RowSpec("CLIP-ES (text prototypes)", "text",
                 heading="Table 1 (seed / pseudo-mask mIoU on the evaluation scenes):"),
         RowSpec("CLIP-ES + VPL, paper-literal (halving, GradCAM)", "paper-literal",
-                note=f"tau {cfg.tau}, lr {cfg.lr}, {cfg.iters} it, Q-A targets, Phi {cfg.phi}"),
+                note=f"tau {cfg.tau}, lr {cfg.lr}, {cfg.iters} it, seed-hardened targets, Phi {cfg.phi}"),
         RowSpec("CLIP-ES + VPL (bb rule, GradCAM)", "vpl", note="converged optimiser, same objective"),
         RowSpec("VPL prototypes, dense map", "vpl", "dense"),
         RowSpec("VPL prototypes, text GradCAM x dense", "vpl", "fused"),
@@ -169,14 +169,14 @@ def table_rows(cfg: DemoConfig) -> List[RowSpec]:
         RowSpec(f"{region}, dense map, no CAA", "region", "dense", refine=False,
                 note="recommended: CAA off chosen on validation scenes"),
         RowSpec("CLIP-CPAL (text prototypes, GradCAM)", "text", cpal=(),
-                note="spec defaults: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean",
-                heading="CLIP-CPAL (training-free reconstruction, spec cpal.md 2.1; bank from the learning "
+                note="default interpretations: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean",
+                heading="CLIP-CPAL (training-free reconstruction, docs/clip_cpal.md; bank from the learning "
                         "scenes):"),
         RowSpec("CLIP-CPAL + VPL, paper-literal (GradCAM)", "paper-literal", cpal=(),
-                note="spec 2.3: CPAL on the paper-literal VPL GradCAMs"),
+                note="CPAL on the paper-literal VPL GradCAMs"),
         RowSpec("CLIP-CPAL + VPL recommended (region-pooled, dense map)", "region", "dense", cpal=(),
                 note="CPAL on the recommended VPL dense maps"),
-        RowSpec("CLIP-CPAL, trained head (spec 2.2, lambda 1)", "text", cpal=(("head", True),),
+        RowSpec("CLIP-CPAL, trained head (lambda 1)", "text", cpal=(("head", True),),
                 note="1x1-conv CAM head on frozen ln_1 tokens, L_BCE + L_self, 200 Adam steps"),
         RowSpec("CLIP-CPAL, trained head, BCE only (lambda 0)", "text", cpal=(("head", True), ("head_lambda", 0.0)),
                 note="the same head without L_self"),
@@ -357,7 +357,7 @@ class _DemoRun:
                 scores.append((100 * seed, kw))
                 cpal_selection.append({"prototypes": label, **kw, "validation_seed": 100 * seed,
                                        "validation_seed_ci95": self.boot.miou(ev.seed_confusion)})
-            best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the spec default first)
+            best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the documented default first)
             self.log(f"  chosen on {len(val)} validation scenes ({label}): {best} (validation seed {best_seed:.1f}; "
                      f"without CPAL {cpal_val_base[label]:.1f})")
             name = ("CLIP-CPAL, interpretation chosen on validation scenes" if label == "text" else
@@ -568,8 +568,8 @@ def _markdown_cpal(r: Dict[str, Any]) -> List[str]:
     if r.get("cpal_sweep"):
         base = next((row["seed_miou"] for row in r["rows"] if row["name"].startswith("CLIP-CPAL (")), None)
         base = "n/a" if base is None else f"{base:.1f}"
-        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the spec "
-                  f"defaults, whose seed is {base}; measured on the evaluation scenes, so not "
+        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the default "
+                  f"interpretations, whose seed is {base}; measured on the evaluation scenes, so not "
                   "a selection):", "", "| setting | seed mIoU |", "|---|---:|"]
         for t in r["cpal_sweep"]:
             lines.append(f"| {t['setting']} | {_ci(t['seed'], t.get('seed_ci95'))} |")
