@@ -171,8 +171,8 @@ def gap_figure(features: np.ndarray, seed_labels: np.ndarray, sets: Sequence[Pro
     protos = [np.asarray(s.prototypes, dtype=np.float64)[:n_cls] for s in sets]
     mean, axes = pca_2d(np.concatenate([x] + protos))
     pick = np.random.default_rng(seed).permutation(len(x))[:max_points]
-    fig = _figure(11.0, 6.5)
-    ax = fig.add_axes((0.07, 0.08, 0.52, 0.86))
+    fig = _figure(12.0, 6.5)
+    ax = fig.add_axes((0.06, 0.08, 0.5, 0.86))
     colours = [require("matplotlib").colormaps["tab10"](c % 10) for c in range(n_cls)]
     line = require("matplotlib.lines").Line2D
     xy = (x[pick] - mean) @ axes.T
@@ -186,9 +186,9 @@ def gap_figure(features: np.ndarray, seed_labels: np.ndarray, sets: Sequence[Pro
         ax.scatter(pw[:, 0], pw[:, 1], s=110, marker=s.marker, c=colours, edgecolors="black", linewidths=0.8,
                    zorder=3)
         end = (counts @ w / counts.sum() - mean) @ axes.T  # the mean of the seed classes' prototypes
-        ax.plot([centre[0], end[0]], [centre[1], end[1]], linestyle="--", color="black", linewidth=1.0, zorder=2)
-        ax.scatter([end[0]], [end[1]], s=90, marker=s.marker, c="white", edgecolors="black", linewidths=1.2,
-                   zorder=4)
+        ax.plot([centre[0], end[0]], [centre[1], end[1]], linestyle="--", color="black", linewidth=1.6, zorder=5)
+        ax.scatter([end[0]], [end[1]], s=130, marker=s.marker, c="white", edgecolors="black", linewidths=1.2,
+                   zorder=6)
         handles.append(line([], [], marker=s.marker, linestyle="", markerfacecolor="lightgrey",
                             markeredgecolor="black", markersize=10, label=f"{s.label} (gap {s.gap:.3f})"))
     ax.scatter([centre[0]], [centre[1]], s=160, marker="X", c="white", edgecolors="black", linewidths=1.2,
@@ -196,7 +196,7 @@ def gap_figure(features: np.ndarray, seed_labels: np.ndarray, sets: Sequence[Pro
     handles.append(line([], [], marker="X", linestyle="", markerfacecolor="white", markeredgecolor="black",
                         markersize=10, label="mean of the pixel features"))
     handles.append(line([], [], linestyle="--", color="black",
-                        label="gap vector to each set's class-weighted mean (white marker), projected"))
+                        label="gap vector: pixel mean to a set's class-\nweighted prototype mean (white marker)"))
     ax.set_xlabel("PC 1 (fitted on all points)")
     ax.set_ylabel("PC 2")
     ax.set_title("Modality gap: pixel features vs text and vision prototypes", fontsize=10)
