@@ -184,7 +184,8 @@ def test_help_teaches_and_python_m_works():
     proc = subprocess.run([sys.executable, "-m", "vpl_plugin", "learn", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
-    for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened"):
+    for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened",
+                 "torchrun --nproc_per_node 4 -m vpl_plugin learn"):
         assert word in proc.stdout
     assert main(["--version"]) == 0
 

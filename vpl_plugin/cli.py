@@ -12,7 +12,7 @@ Stages, each resumable and each writing its resolved configuration beside its ou
     vpl demo    -> the embedded default: CLIP-ES vs CLIP-ES + VPL on the synthetic world
     vpl train-clip / random-clip          (the demo CLIP / a random-weight CLIP checkpoint)
 
-`vpl cams`, `vpl segment` and `vpl train` run under torchrun too (list sharding; DDP).
+`vpl cams`, `vpl learn`, `vpl segment` and `vpl train` run under torchrun too (list sharding; DDP).
 
 Recommended VPL configuration (measured on the demo world, see README): learn with
 `--pooling region --tau 0.1`, then `vpl cams --prototypes P --map-mode dense`. The
@@ -80,7 +80,14 @@ _EPILOG_LEARN = """examples:
   vpl learn ... --tau clip --iters 0                                  (identity: text CAMs)
   vpl learn ... --pooling region --tau 0.1    (recommended; use with `vpl cams --map-mode dense`)
 The learning pass computes text GradCAMs, seeds them at --phi, builds target distributions and
-runs projected gradient descent on the unit sphere from the text prototypes."""
+runs projected gradient descent on the unit sphere from the text prototypes.
+Several processes (GPUs, or CPU processes with gloo) share the learning pass under torchrun: each
+computes the features of every N-th image into the one feature cache, then takes every N-th
+--chunk-size chunk of the whole set; every pass gathers the chunks' sums and adds them in order, so
+the prototypes are bit for bit those of one process with the same thread count (with --no-cache
+each keeps its images' rows: equal within float rounding). Rank 0 writes the files:
+  torchrun --nproc_per_node 4 -m vpl_plugin learn --device cuda --clip ViT-B/16 --root VOC2012 \\
+      --split-file train_aug.txt --out vpl.pt --pooling region --tau 0.1"""
 
 _EPILOG_MASKS = """examples:
   vpl masks --cams cams_vpl --root VOC2012 --split-file train.txt --out pseudo --crf
@@ -836,50 +843,89 @@ def _cams_status(summary) -> int:
 def cmd_learn(args) -> int:
     from contextlib import nullcontext
 
+    from vpl_plugin import distributed
     from vpl_plugin._lock import output_lock
 
     max_tokens = max_tokens_arg(args.max_tokens)
     dataset, spec = _dataset(args)
-    adapter = _adapter(args, spec)
-    out = Path(args.out)
-    cache = None
-    if args.cache:
-        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.stem + ".features")
-    with (output_lock(cache, f"vpl learn --out {out}") if cache is not None else nullcontext()):
-        # the cache (and its memory-mapped features) is this run's until the prototypes are saved
-        return _learn(args, adapter, dataset, out, cache, max_tokens)
+    # under torchrun each rank computes the features of every WORLD_SIZE-th image, all ranks learn
+    # together (loss and gradient summed over ranks each pass) and rank 0 writes the files
+    owns_group = not distributed.is_initialized()
+    env = distributed.init_distributed(args.device)
+    try:
+        adapter = _adapter(args, spec)
+        out = Path(args.out)
+        cache = None
+        if args.cache:
+            cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.stem + ".features")
+        with (output_lock(cache, f"vpl learn --out {out}") if cache is not None else nullcontext()):
+            # the cache (and its memory-mapped features) is this run's until the prototypes are saved;
+            # the lock holder has removed a killed run's temporary files before any rank writes there
+            distributed.barrier()
+            return _learn(args, adapter, dataset, out, cache, max_tokens, env)
+    finally:
+        if env.distributed and owns_group:
+            distributed.destroy()
 
 
-def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens: Optional[int]) -> int:
+def _learn(args, adapter, dataset, out: Path, cache: Optional[Path], max_tokens: Optional[int], env) -> int:
+    from vpl_plugin import distributed
     from vpl_plugin._io import write_json
-    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset
+    from vpl_plugin.pipeline import RunSummary, collect_learning_set, learn_from_dataset, merge_summaries
+    from vpl_plugin.prototypes import ChunkShare
 
     tau: Any = args.tau if args.tau == "clip" else float(args.tau)  # checked by tau_arg
     summary = RunSummary()
+    cpu_start = time.process_time()
     lset = collect_learning_set(adapter, dataset, phi=args.phi, target_mode=args.target_mode,
                                 candidates=args.candidates, seed_source=args.seed_source,
-                                limit=args.limit, progress=args.progress, summary=summary,
+                                limit=args.limit, progress=args.progress and env.is_main, summary=summary,
                                 cache_dir=cache, memmap=args.memmap, pooling=args.pooling,
-                                max_tokens=max_tokens, token_seed=args.token_seed)
+                                max_tokens=max_tokens, token_seed=args.token_seed, rank=env.rank,
+                                world_size=env.world_size,
+                                chunk_size=args.chunk_size if env.distributed and cache is not None else None)
+    parts = distributed.all_gather_object((summary, len(lset.ids), lset.num_pixels))
+    images, pixels = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    share = reduce_sum = None
+    if lset.chunk_size is not None:  # each rank holds chunks of the whole set: one process's sums
+        share = ChunkShare(env.rank, env.world_size, distributed.all_gather_tensor)
+        images, pixels = lset.total_images, lset.total_pixels
+    elif env.distributed:  # --no-cache: each rank holds its images' rows; sums within float rounding
+        reduce_sum = distributed.all_reduce_sum
+    if env.distributed:
+        summary = merge_summaries([p[0] for p in parts], dataset.ids)
     budget = f", at most {max_tokens} by --max-tokens" if max_tokens is not None else ""
-    print(f"vpl learn: features of {len(lset.ids)} images ({lset.num_pixels} pixels{budget}); "
-          f"{len(summary.failed)} skipped")
+    shared = f" over {env.world_size} processes" if env.distributed else ""
+    if env.is_main:
+        print(f"vpl learn: features of {images} images ({pixels} pixels{budget}){shared}; "
+              f"{len(summary.failed)} skipped")
+    started, cpu_features = time.time(), time.process_time() - cpu_start
     ps, history = learn_from_dataset(
         adapter, lset, tau=tau, lr=args.lr, iters=args.iters, step_rule=args.step_rule,
-        level=args.level, chunk_size=args.chunk_size, device=args.device, progress=args.progress,
+        level=args.level, chunk_size=args.chunk_size, device=args.device,
+        progress=args.progress and env.is_main,
+        reduce_sum=reduce_sum, share=share,
         provenance={"checkpoint": str(args.clip), "phi": args.phi, "target_mode": args.target_mode,
                     "pooling": args.pooling, "max_tokens": max_tokens, "token_seed": args.token_seed,
                     "candidates": args.candidates, "seed_source": args.seed_source,
                     "dataset": args.dataset, "split_file": str(args.split_file)})
+    history["learning_seconds"] = round(time.time() - started, 3)
+    history["cpu_seconds"] = {"features": round(cpu_features, 3),  # this process's CPU time
+                              "learning": round(time.process_time() - cpu_start - cpu_features, 3)}
+    if not env.is_main:
+        distributed.barrier()  # rank 0 writes the files
+        return _cams_status(summary)
     ps.save(out)
     base = out.with_suffix("")
     _write_config(Path(f"{base}.yaml"), args, _describe_labels(dataset))
-    write_json(Path(f"{base}.history.json"), {"summary": summary.as_dict(),
+    write_json(Path(f"{base}.history.json"), {"summary": summary.as_dict(), "world_size": env.world_size,
                                                **{k: v for k, v in history.items()}})
     losses = history.get("loss") or [float("nan")]
     print(f"vpl learn: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses) - 1} steps "
           f"(tau_I {ps.tau:.4g}); saved {out}")
-    return _report(summary, "learn", out)
+    code = _report(summary, "learn", out)
+    distributed.barrier()
+    return code
 
 
 def _ids(args, root: Optional[Path]) -> List[str]:
@@ -977,8 +1023,11 @@ def _print_eval(result: Dict[str, Any]) -> None:
         for name, value in per_class.items():
             if value is not None and value == value:
                 print(f"  {name:<14s} {100 * value:6.2f}")
-    for item in (result.get("missing") or [])[:10]:
+    missing = result.get("missing") or []
+    for item in missing[:10]:
         print(f"  missing: {item}", file=sys.stderr)
+    if len(missing) > 10:
+        print(f"  ... and {len(missing) - 10} more (--json FILE writes the full list)", file=sys.stderr)
 
 
 def cmd_reproduce(args) -> int:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
 from vpl_plugin._io import atomic_path
+from vpl_plugin._unpickle import check_tensor_sizes
 
 __all__ = [
     "ContextBank",
@@ -611,6 +612,7 @@ class ContextBank:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a foreign or corrupt file
             raise ValueError(f"{path!r} is not a readable context bank ({type(err).__name__}: {err}).") from err
+        check_tensor_sizes(payload, path, "context bank")
         if not isinstance(payload, dict) or payload.get("format") != _BANK_FORMAT:
             raise ValueError(f"{path!r} is not a CLIP-CPAL context bank (no format tag "
                              f"{_BANK_FORMAT!r}); write it with ContextBank.save.")
@@ -648,7 +650,8 @@ def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
     is ignored and the bank is rebuilt from the start; it is overwritten at the next checkpoint.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = check_tensor_sizes(torch.load(path, map_location="cpu", weights_only=True), path,
+                                   "context-bank resume file")
         ok = (isinstance(state, dict) and isinstance(state.get("settings"), dict)
               and isinstance(state.get("ids"), list) and isinstance(state.get("records"), list)
               and len(state["ids"]) == len(state["records"])

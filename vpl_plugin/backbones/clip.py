@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpl_plugin._imports import require
+from vpl_plugin._unpickle import check_tensor_sizes
 from vpl_plugin.backbones import _torchscript
 
 __all__ = [
@@ -91,6 +92,10 @@ def load_state_dict_file(path: Union[str, os.PathLike], *,
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    try:
+        check_tensor_sizes(state, path, "checkpoint")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if "visual.proj" not in state:
         kind = "a ResNet CLIP" if "visual.attnpool.positional_embedding" in state else "not CLIP"
         raise CheckpointError(

@@ -189,13 +189,28 @@ def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int,
             f"VOC2012/ImageSets/Segmentation/train.txt."
         )
     rows = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            rows.append((number, line.split()))
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for number, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                rows.append((number, line.split()))
+    except UnicodeDecodeError as err:
+        raise DatasetError(path, f"{_first_undecodable_line(path)} is not UTF-8 text ({err.reason})",
+                           "a list file holds one image id per line, as UTF-8 text") from None
     return rows
+
+
+def _first_undecodable_line(path: Path) -> str:
+    """``"line N"`` of the first line of ``path`` that is not UTF-8 (``"a line"`` if none is)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number}"
+    return "a line"
 
 
 def read_split(path: str | os.PathLike[str]) -> List[str]:
