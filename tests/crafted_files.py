@@ -517,7 +517,8 @@ SEGMENTER_CASES: list[Case] = [
     Case("seg_weight_shapes.pt", _proto_edit(lambda p, m: p.update({"decoder": {
         k: (v[..., :1] if v.ndim else v) for k, v in p["decoder"].items()}})), "do not fit its configuration"),
     Case("seg_expanded_view.pt", _proto_edit(lambda p, m: p.update({"decoder": {
-        k: (expanded(tuple(v.shape), 0.01, v.dtype) if v.is_floating_point() else v) for k, v in p["decoder"].items()}})),
+        k: (expanded(tuple(v.shape), 0.01, v.dtype) if v.is_floating_point() else v)
+        for k, v in p["decoder"].items()}})),
          "expanded or overlapping"),
     Case("seg_missing_keys.pt", _proto_edit(lambda p, m: {k: v for k, v in p.items() if k != "decoder"}),
          "missing keys"),

@@ -232,7 +232,8 @@ def test_training_state_readers(case, tmp_path):
     from vpl_plugin.phase2.train import load_train_state
 
     crafted = case.make(tmp_path, tmp_path / "MARKER", filename="last.pt")
-    for call in (lambda: load_train_state(crafted.path), lambda: export_training_state(crafted.path, tmp_path / "o.pt")):
+    for call in (lambda: load_train_state(crafted.path),
+                 lambda: export_training_state(crafted.path, tmp_path / "o.pt")):
         text = _refused(call, crafted)
         assert "--no-resume" in text
     assert not (tmp_path / "o.pt").exists()

@@ -14,7 +14,7 @@ pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch)
 from voc_helpers import FOUR_IDS, copy_voc_layout  # noqa: E402
 
 from vpl_plugin.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
-from vpl_plugin.reproduce import PAPER_TABLE1, STAGE_MARKER  # noqa: E402
+from vpl_plugin.reproduce import STAGE_MARKER, TABLE1_ROWS  # noqa: E402
 
 IDS = FOUR_IDS
 
@@ -43,11 +43,11 @@ def test_table1_on_real_voc_with_a_random_clip_and_rerun_reuses_stages(four_voc,
     assert "projected run time" in text and "prototype steps: 5 steps" in text
     table = json.loads((out / "table1.json").read_text())
     rows = {r["row"]: r for r in table["rows"]}
-    assert set(rows) == set(PAPER_TABLE1)
-    for name, (seed, mask) in PAPER_TABLE1.items():
-        assert (rows[name]["paper_seed"], rows[name]["paper_mask"]) == (seed, mask)
-    for name in PAPER_TABLE1:  # every row is chained (CLIP-CPAL: the reconstruction)
-        r = rows[name]
+    assert set(rows) == {row.name for row in TABLE1_ROWS}
+    for row in TABLE1_ROWS:
+        assert (rows[row.name]["paper_seed"], rows[row.name]["paper_mask"]) == (row.paper_seed, row.paper_mask)
+    for row in TABLE1_ROWS:  # every row is chained (CLIP-CPAL: the reconstruction)
+        r = rows[row.name]
         assert r["available"] is True
         assert 0 <= r["seed"] <= 100 and 0 <= r["mask"] <= 100
         assert r["diff_seed"] == pytest.approx(r["seed"] - r["paper_seed"], abs=0.011)
@@ -145,6 +145,45 @@ def test_no_cpal_leaves_the_clip_cpal_rows_out(four_voc, tiny_checkpoint, tmp_pa
     assert "ready: 9 of 9 stages" in text and "cpal" not in text.split("ready:")[1]
     rows = {r["row"]: r for r in build_table(out, ["clip-es", "clip-cpal"], skipped=("CLIP-CPAL", "CLIP-CPAL + VPL"))}
     assert rows["CLIP-CPAL"]["note"] == "skipped (--no-cpal)" and rows["CLIP-CPAL"]["seed"] is None
+
+
+def test_stage_keys_keep_runs_of_the_former_exact_fp32_default_under_exact_fp32(tmp_path, four_voc,
+                                                                                  tiny_checkpoint):
+    """Stages made before upstream's numerics became the default (exact fp32, keyed without a
+    numerics marker) keep their keys under --exact-fp32; a default run gets other keys, so their
+    outputs are set aside rather than reused."""
+    import hashlib
+
+    from vpl_plugin.cli import UsageError
+    from vpl_plugin.cli import parse_args as _parse
+    from vpl_plugin.reproduce import _DEPENDS, _stages, stage_keys
+
+    def former_keys(stages):  # the key rule of earlier versions: the arguments as given
+        keys = {}
+        for name, argv in stages:
+            argv = [a for a in argv if a != "--exact-fp32"]
+            out, skip = [], 0
+            for a in argv:
+                if skip:
+                    skip -= 1
+                elif a in ("--no-progress", "--workers"):
+                    skip = 1 if a == "--workers" else 0
+                else:
+                    out.append(a)
+            payload = json.dumps([out, [keys[d] for d in _DEPENDS.get(name, ())]])
+            keys[name] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return keys
+
+    base = ["reproduce", "table1", "--voc-root", str(four_voc), "--clip", str(tiny_checkpoint),
+            "--learn-split", "train"]
+    exact = _stages(_parse(base + ["--exact-fp32"]), tmp_path)
+    default = _stages(_parse(base), tmp_path)
+    assert all("--exact-fp32" in argv for name, argv in exact if "--clip" in argv)
+    assert stage_keys(exact) == former_keys(exact)
+    changed = stage_keys(default)
+    assert all(changed[n] != k for n, k in former_keys(default).items())
+    with pytest.raises(UsageError, match="contradicts --exact-fp32"):
+        _stages(_parse(base + ["--exact-fp32", "--fp16-compat"]), tmp_path)
 
 
 def test_stage_keys_ignore_how_a_stage_runs_and_an_interrupted_stage_is_set_aside(tmp_path):

@@ -74,7 +74,7 @@ class UnsafeFileError(ValueError):
                    f"nothing from it was executed.")
         super().__init__(message + (f" {hint}" if hint else ""))
 
-    def __reduce__(self):  # keep the attributes when the error crosses a process boundary
+    def __reduce__(self) -> Tuple[Any, ...]:  # keep the attributes when the error crosses a process boundary
         return (_rebuild_unsafe_error, (self.path, self.global_name, str(self)))
 
 
@@ -110,7 +110,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._path, self._allowed, self._resolve = path, dict(allowed), resolve
         self._kind, self._hint = kind, hint
         if persistent_load is not None:
-            self.persistent_load = persistent_load
+            # the documented way to give a pickle.Unpickler a persistent_load (typeshed: a method)
+            self.persistent_load = persistent_load  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 import torch
 
-from vpl_plugin._io import atomic_path, save_npy_dict
+from vpl_plugin._checks import check_positive, describe_diff, settings_diff
+from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
+from vpl_plugin.data.cam_files import write_cam_file
 from vpl_plugin.data.voc import SampleDataset, sample_image
-from vpl_plugin.prototypes import (ChunkShare, NonFiniteRowsError, PrototypeSet, _check_positive,
-                                   build_targets, learn_vision_prototypes, region_pool, seeds_from_cams)
+from vpl_plugin.prototypes import (ChunkShare, NonFiniteRowsError, PrototypeSet, build_targets,
+                                   learn_vision_prototypes, region_pool, seeds_from_cams)
 
 if TYPE_CHECKING:  # the adapters import this module's callers; the contract is needed for types only
     from vpl_plugin.adapters.base import CAMAdapter
@@ -80,7 +82,7 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
-def _failure(err: BaseException, path: Any = None) -> str:
+def failure_text(err: BaseException, path: Any = None) -> str:
     """``TypeName: message`` of a per-image failure, with the image file when it is not named."""
     text = f"{type(err).__name__}: {err}"
     if path is not None and str(path) not in text:
@@ -114,8 +116,8 @@ def _incomplete_npy(path: Path) -> Optional[str]:
     return None
 
 
-def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
-                  skip_existing: bool = True, progress: bool = True, rank: int = 0,
+def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *,
+                  limit: Optional[int] = None, skip_existing: bool = True, progress: bool = True, rank: int = 0,
                   world_size: int = 1, batch_size: int = 1) -> RunSummary:
     """Write ``<out_dir>/<id>.npy`` (upstream CLIP-ES format) for every image of ``dataset``.
 
@@ -164,9 +166,9 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             try:
                 out = outs[j] if outs is not None else adapter(image, sample.labels)
             except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-                summary.failed.append((image_id, _failure(err, sample.image_path)))
+                summary.failed.append((image_id, failure_text(err, sample.image_path)))
                 continue
-            save_npy_dict(out_dir / f"{image_id}.npy", out.to_upstream())
+            write_cam_file(out_dir / f"{image_id}.npy", out.to_upstream())
             summary.done += 1
 
     bar = progress_bar(total=len(indices), desc="cams", enabled=progress)
@@ -186,7 +188,7 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             sample = dataset[i]
             image = sample_image(dataset, sample)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             tick()
             continue
         if not batched:
@@ -330,8 +332,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
     return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
 
 
-def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates, seed_source,
-                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
+def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates,
+                           seed_source, tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
@@ -343,8 +345,8 @@ def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, imag
                          tau_text=tau_text)
 
 
-def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
-                         candidates: str = "image", seed_source: str = "gradcam",
+def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4,
+                         target_mode: str = "seed_hardened", candidates: str = "image", seed_source: str = "gradcam",
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
@@ -412,7 +414,11 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                              "rows_per_image": per_image, "token_seed": token_seed if per_image else None,
                              "model": adapter.encoder.fingerprint(),
                              "templates": list(text.provenance.get("templates", [])),
-                             "text_prototypes": float(text.prototypes.double().sum())})
+                             "text_prototypes": float(text.prototypes.double().sum()),
+                             # only under upstream's numerics: caches of the former exact-fp32
+                             # default (no such key) stay valid under --exact-fp32
+                             **({} if getattr(adapter.encoder, "exact_fp32", True)
+                                else {"numerics": "upstream"})})
     records: Dict[str, Any] = {}
     start = time.time()
     shape = (int(text.prototypes.shape[0]), int(text.prototypes.shape[1]))
@@ -433,12 +439,12 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                                          target_mode=target_mode, candidates=candidates,
                                          seed_source=seed_source, tau_text=tau_text, pooling=pooling)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             continue
         rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
             with atomic_path(path) as tmp:
-                np.savez(tmp, **rec)
+                np.savez(tmp, **rec)  # type: ignore[arg-type]  # numpy's stubs mistype **arrays
             records[image_id] = path
         else:
             records[image_id] = rec
@@ -448,7 +454,7 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
     sizes = _record_sizes(records)
     if chunk_size is None or world_size == 1 or cache is None:
         pieces = [(image_id, 0, size) for image_id, size in zip(records, sizes)]
-        return _assemble(records, text.prototypes.shape, cache, memmap, suffix, pieces)
+        return assemble_learning_set(records, text.prototypes.shape, cache, memmap, suffix, pieces)
     from vpl_plugin import distributed
 
     position = {image_id: i for i, image_id in enumerate(dataset.ids[:n])}
@@ -461,7 +467,7 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
         raise ValueError(f"process {rank} cannot see {len(unseen)} record(s) the other processes wrote "
                          f"into the feature cache {cache} (first: {unseen[0]}); every process must see one "
                          f"cache folder (a shared file system across machines), or pass --no-cache.")
-    lset = _assemble(every_record, text.prototypes.shape, cache, memmap, suffix, pieces)
+    lset = assemble_learning_set(every_record, text.prototypes.shape, cache, memmap, suffix, pieces)
     lset.chunk_size = int(chunk_size)
     lset.total_images = len(everyone)
     lset.total_pixels = int(sum(size for _, size in everyone))
@@ -502,12 +508,16 @@ def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
     path = cache / "settings.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        diff = settings_diff(saved, settings)
         if diff:
+            hint = ""
+            if "numerics" in diff:
+                hint = (" Its features were computed in exact fp32 (the default before upstream's "
+                        "numerics became the default): rerun with --exact-fp32 to use them, or")
+            text = describe_diff(diff, "{key}: {then!r} there, {now!r} now")
             raise ValueError(
-                f"the feature cache {cache} was written with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                f"pass another --cache-dir or delete that folder.")
+                f"the feature cache {cache} was written with other settings ({text});"
+                f"{hint} pass another --cache-dir or delete that folder.")
     else:
         from vpl_plugin._io import write_json
 
@@ -530,7 +540,7 @@ def _record_problem(path: Path, proto_shape: Tuple[int, int]) -> Optional[str]:
     """Why a cached learning record cannot be used, or None.
 
     Reads the zip directory and the members' ``.npy`` headers only (not the data, which
-    :func:`_assemble` reads once): catches empty, truncated and foreign files, missing members and
+    :func:`assemble_learning_set` reads once): catches empty, truncated and foreign files, missing members and
     shapes that do not fit the prototype set ``(N, D)``.
     """
     n_proto, dim = proto_shape
@@ -574,8 +584,9 @@ def _record_sizes(records: Dict[str, Any]) -> List[int]:
     return sizes
 
 
-def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool],
-              suffix: str = "", pieces: Optional[Sequence[Tuple[str, int, int]]] = None) -> LearningSet:
+def assemble_learning_set(records: Dict[str, Any], proto_shape: Sequence[int], cache: Optional[Path],
+                          memmap: Optional[bool], suffix: str = "",
+                          pieces: Optional[Sequence[Tuple[str, int, int]]] = None) -> LearningSet:
     """The learning set of ``pieces`` (``(image id, first row, end row)`` of ``records``, in order;
     default: every row of every record)."""
     if pieces is None:
@@ -591,9 +602,9 @@ def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memma
     memmap = memmap and k > 0  # a process whose share gave no rows maps nothing
     if memmap:
         assert cache is not None
-        feats = np.lib.format.open_memmap(cache / f"features{suffix}.npy", "w+", np.float16, (k, dim))
-        targets = np.lib.format.open_memmap(cache / f"targets{suffix}.npy", "w+", np.float32, (k, n_proto))
-        cands = np.lib.format.open_memmap(cache / f"candidates{suffix}.npy", "w+", np.bool_, (k, n_proto))
+        feats: Any = np.lib.format.open_memmap(cache / f"features{suffix}.npy", "w+", np.float16, (k, dim))
+        targets: Any = np.lib.format.open_memmap(cache / f"targets{suffix}.npy", "w+", np.float32, (k, n_proto))
+        cands: Any = np.lib.format.open_memmap(cache / f"candidates{suffix}.npy", "w+", np.bool_, (k, n_proto))
     else:
         feats = torch.empty(k, dim, dtype=torch.float32)
         targets = torch.empty(k, n_proto, dtype=torch.float32)
@@ -683,8 +694,8 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
         scale_override = float(text.logit_scale)
         tau_value = 1.0 / scale_override
     else:
-        tau_value = _check_positive("tau", tau)
-    _check_positive("lr", lr)
+        tau_value = check_positive("tau", tau)
+    check_positive("lr", lr)
     images, pixels = len(learning_set.ids), learning_set.num_pixels
     if share is not None:
         if learning_set.chunk_size != chunk_size:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from vpl_plugin._progress import progress as progress_bar
-from ._checks import check_choice, check_ndim, check_range, check_same
+from ._checks import check_choice, check_ndim, check_positive, check_range, check_same
 from ._io import atomic_path
 from ._unpickle import check_tensor_sizes
 
@@ -102,18 +102,6 @@ _FORMAT_VERSION = 1
 _UNIT_TOL = 1e-6  # init rows closer than this to unit norm are taken verbatim (not re-normalised)
 
 
-def _check_positive(name: str, value: Any) -> float:
-    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
-    test, so a plain range check lets it through)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
-    return number
-
-
 class NonFiniteRowsError(ValueError):
     """Rows of ``features`` or ``targets`` hold NaN/inf (found while streaming them).
 
@@ -129,7 +117,7 @@ class NonFiniteRowsError(ValueError):
             f"{name} row {row}{where} holds NaN/inf ({count} non-finite value(s) in its chunk); "
             f"learning from it would give NaN prototypes. Recompute or drop that image's rows.")
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Any, ...]:
         return (type(self), (self.name, self.row, self.count))
 
 
@@ -434,7 +422,7 @@ def _blocks(name: str, data: Any, shape_doc: str) -> List[Any]:
 def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
     per_image = not _is_single(data)
     blocks = _blocks(name, data, shape_doc)
-    cols = None
+    cols: Optional[int] = None
     for j, blk in enumerate(blocks):
         if not (isinstance(blk, (torch.Tensor, np.ndarray)) or _is_array_like(blk)):
             raise TypeError(f"{name}[{j}] must be a tensor or array; got {type(blk).__name__}.")
@@ -444,6 +432,7 @@ def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
         elif int(blk.shape[1]) != cols:
             raise ValueError(f"{name}[{j}] has {blk.shape[1]} columns but {name}[0] has {cols}; "
                              "every image must have the same number of columns.")
+    assert cols is not None  # _blocks refuses an empty list
     return _Rows(name, blocks, int(cols), per_image)
 
 
@@ -723,7 +712,7 @@ def prototype_loss(
         1.0986
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
+    tau = check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
                     reduce_sum, share)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
@@ -753,7 +742,7 @@ def prototype_gradient(
         ``(N, D)`` gradient in ``dtype`` (accumulated over chunks in float64), on ``device``.
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
+    tau = check_positive("tau", tau)
     prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
                     reduce_sum, share)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
@@ -867,7 +856,8 @@ def learn_vision_prototypes(
       Barzilai-Borwein step sizes and Armijo backtracking. Direction: the tangent part
       ``G_t = G - <G, w> w`` of each row (the radial part only changes norms, which the projection
       undoes; with a large step it can even flip a prototype). Trial
-      ``W' = normalize(W - eta G_t)``, accepted when ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
+      ``W' = normalize(W - eta G_t)``, accepted when
+      ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
       ``dtype``: smaller decreases are rounding noise), else ``eta`` is halved and the trial
       repeated; every trial is one pass over the data. The first trial of iteration 1 is
       ``eta = lr``; later first trials are the alternating BB steps ``<s,s>/<s,y>`` and
@@ -961,10 +951,10 @@ def learn_vision_prototypes(
     check_choice("step_rule", step_rule, STEP_RULES)
     check_choice("level", level, ("instance", "class"))
     check_ndim("init_prototypes", init_prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
-    lr = _check_positive("lr", lr)
+    tau = check_positive("tau", tau)
+    lr = check_positive("lr", lr)
     check_range("iters", iters, 0)
-    tau_text = _check_positive("tau_text", tau_text)
+    tau_text = check_positive("tau_text", tau_text)
     if tol is not None:
         check_range("tol", tol, 0.0)
 
@@ -1194,7 +1184,7 @@ class PrototypeSet:
     def __post_init__(self) -> None:
         check_ndim("prototypes", self.prototypes, 2, "(N, D)")
         check_choice("kind", self.kind, ("text", "vision"))
-        self.tau = _check_positive("tau", self.tau)
+        self.tau = check_positive("tau", self.tau)
         if isinstance(self.class_names, str) or isinstance(self.background_names, str):
             raise TypeError("class_names and background_names must be sequences of names, not a "
                             "single string.")
@@ -1205,7 +1195,7 @@ class PrototypeSet:
                    len(self.class_names) + len(self.background_names),
                    "Give one name per prototype row, foreground first.")
         if self.logit_scale_override is not None:
-            self.logit_scale_override = _check_positive("logit_scale_override",
+            self.logit_scale_override = check_positive("logit_scale_override",
                                                         self.logit_scale_override)
         self._check_rows()
         if not isinstance(self.provenance, dict):
@@ -1218,7 +1208,7 @@ class PrototypeSet:
             raise TypeError(f"prototypes must be floating point; got {rows.dtype}.")
         finite = torch.isfinite(rows)
         problems = []
-        names = self.class_names + self.background_names
+        names = list(self.class_names) + list(self.background_names)
         for i in (~finite).any(dim=1).nonzero().flatten().tolist():
             nan = int(torch.isnan(rows[i]).sum())
             inf = int((~finite[i]).sum()) - nan

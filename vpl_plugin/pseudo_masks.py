@@ -32,7 +32,7 @@ from vpl_plugin._imports import require
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.labels import VOC_PALETTE, read_label_png, save_label_png, voc_palette
 from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image, read_image_header
-from vpl_plugin.metrics import _check_cams_keys, _label_lut
+from vpl_plugin.metrics import check_cams_keys, label_lut
 
 __all__ = [
     "MEAN_BGR",
@@ -310,7 +310,7 @@ def cams_to_pseudo_mask(
         ValueError: CAMs holding NaN/inf (a CRF would turn them into an all-background mask),
             keys outside the label space, or sizes that do not match.
     """
-    cams, keys = _check_cams_keys(cams, keys, num_classes, source=source)
+    cams, keys = check_cams_keys(cams, keys, num_classes, source=source)
     if conf is not None:
         conf = float(conf)
     check_choice("crf_image_mode", crf_image_mode, CRF_IMAGE_MODES)
@@ -325,7 +325,7 @@ def cams_to_pseudo_mask(
                              f"{(h, w)}.")
     if n == 0:
         return np.zeros((h, w), dtype=np.uint8)
-    lut = _label_lut(keys)
+    lut = label_lut(keys)
     dt = cams.dtype.type
     bg = np.power(dt(1) - cams.max(axis=0, keepdims=True), dt(bg_power))
     probs = np.concatenate([bg, cams], axis=0)

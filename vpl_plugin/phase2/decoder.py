@@ -264,7 +264,7 @@ class PrototypeSegmenter(nn.Module):
         """The decoder's weights and BN statistics (CPU copies; neither backbone nor prototypes)."""
         return {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
 
-    def load_decoder_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True):
+    def load_decoder_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Load weights written by :meth:`decoder_state_dict` (a ``decoder.`` / ``module.`` prefix
         is stripped)."""
         return self.decoder.load_state_dict(_strip_prefixes(state), strict=strict)
@@ -316,7 +316,7 @@ def build_segmenter(backbone: nn.Module, prototypes: PrototypeSet,
     return PrototypeSegmenter(backbone, prototypes, config)
 
 
-def _unwrap(model: nn.Module) -> PrototypeSegmenter:
+def unwrap_segmenter(model: nn.Module) -> PrototypeSegmenter:
     inner = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
     if not isinstance(inner, PrototypeSegmenter):
         raise TypeError(f"expected a PrototypeSegmenter (optionally DDP-wrapped); got "
@@ -333,7 +333,7 @@ def save_segmenter(path: Union[str, os.PathLike], model: nn.Module,
     rebuilds it; the backbone's weights are not stored. ``extra`` holds plain values (numbers,
     strings, lists, dicts, tensors), e.g. the iteration and the training configuration.
     """
-    model = _unwrap(model)
+    model = unwrap_segmenter(model)
     ps = model.prototype_set
     describe = getattr(model.backbone, "describe", None)
     payload = {
@@ -409,7 +409,7 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
     model.load_decoder_state_dict(payload["decoder"])
     model.to(map_location)
     model.eval()
-    model.checkpoint_extra = dict(payload.get("extra") or {})
+    model.checkpoint_extra = dict(payload.get("extra") or {})  # type: ignore[assignment]  # a new attribute on an nn.Module
     return model
 
 
