@@ -168,21 +168,20 @@ def test_trunk_cache_runs_each_scene_once_and_changes_nothing():
 
     model = build_demo_clip(TINY, seed=3).eval()
     plain, cached = CLIPDense(model, device="cpu"), CLIPDense(model, device="cpu", trunk_cache=TrunkCache())
-    calls = []  # trunk forwards (the patch embedding runs once per trunk forward)
-    hook = model.visual.conv1.register_forward_hook(lambda *args: calls.append(1))
+    calls = {"plain": 0, "cached": 0}  # trunk forwards (the patch embedding runs once per forward)
+    hooks = [enc.visual.conv1.register_forward_hook(lambda *args, n=name: calls.__setitem__(n, calls[n] + 1))
+             for name, enc in (("plain", plain), ("cached", cached))]
     scenes = SceneWorld(seed=5).batch(0, 3)
     for mode in ("gradcam", "dense", "fused"):  # three rows over the same scenes
         a = CLIPESAdapter(plain, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
         b = CLIPESAdapter(cached, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
         for sc in scenes:
-            before = len(calls)
             x = a(pil_image(sc.image), list(sc.labels))
-            plain_calls = len(calls) - before
             y = b(pil_image(sc.image), list(sc.labels))
             assert np.array_equal(x.attn_highres, y.attn_highres) and torch.equal(x.cams, y.cams)
-            assert plain_calls == 1
-    hook.remove()
-    assert len(calls) == 9 + 3  # the plain encoder every time, the cached one once per scene
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"plain": 9, "cached": 3}  # the plain encoder every time, the cached one once per scene
     assert len(cached.trunk_cache) == 3 and plain.trunk_cache is None
 
 
