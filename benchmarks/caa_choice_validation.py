@@ -32,20 +32,22 @@ def main() -> None:
     args = parser.parse_args()
 
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
-    from vpl_plugin.backbones import load_clip
+    from vpl_plugin.backbones import TrunkCache, load_clip
     from vpl_plugin.data.synthetic import SYNTHETIC
     from vpl_plugin.demo import report as demo
+    from vpl_plugin.demo.evaluation import evaluate_adapter
+    from vpl_plugin.demo.learning import probe_scenes, recommended_prototypes
 
     start = time.time()
     cfg = demo.DemoConfig()
     ckpt = Path(args.clip) if args.clip else demo.DEFAULT_CHECKPOINT
     encoder = load_clip(str(ckpt), "cpu")
-    demo._memoise_trunk(encoder)
+    encoder.trunk_cache = TrunkCache()
     cfg, world, train = demo.learning_split(encoder, cfg)
     val = world.batch(20_000_000, args.scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
-    region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)
+    region = recommended_prototypes(probe_scenes(text_adapter, train), text, cfg.phi, cfg.lr, cfg.iters)
 
     rows, table = [], [["map", "CAA", "validation seed mIoU", "validation mask mIoU"]]
     for label, ps, mode in (("text prototypes, GradCAM", text, "gradcam"),
@@ -53,7 +55,8 @@ def main() -> None:
         for refine in (True, False):
             ad = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=demo.DEMO_TEMPLATES, map_mode=mode,
                                refine=refine)
-            seed, mask, *_ = demo._evaluate(ad, val)
+            ev = evaluate_adapter(ad, val)
+            seed, mask = ev.seed, ev.mask
             rows.append({"map": label, "caa": refine, "seed_miou": round(100 * seed, 2),
                          "mask_miou": round(100 * mask, 2)})
             table.append([label, "on" if refine else "off", f"{100 * seed:.1f}", f"{100 * mask:.1f}"])

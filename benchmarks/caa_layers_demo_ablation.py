@@ -45,6 +45,8 @@ def main() -> None:
     from vpl_plugin.backbones import load_clip
     from vpl_plugin.data.synthetic import SYNTHETIC
     from vpl_plugin.demo import report as demo
+    from vpl_plugin.demo.evaluation import evaluate_adapter
+    from vpl_plugin.demo.learning import probe_scenes, recommended_prototypes
 
     torch.set_num_threads(1)  # as `vpl demo` (64-token images)
     start = time.time()
@@ -55,7 +57,7 @@ def main() -> None:
     test = world.batch(10_000_000, cfg.eval_scenes)
     text_adapter = CLIPESAdapter(encoder, SYNTHETIC, templates=demo.DEMO_TEMPLATES)
     text = text_adapter.text_prototypes
-    region = demo.recommended_prototypes(demo._probe(text_adapter, train), text, cfg)
+    region = recommended_prototypes(probe_scenes(text_adapter, train), text, cfg.phi, cfg.lr, cfg.iters)
     depth = len(encoder.model.visual.transformer.resblocks)
 
     rows, table = [], [["map", "CAA affinity", "blocks averaged", "seed mIoU", "best exponent"]]
@@ -69,7 +71,8 @@ def main() -> None:
             kw = {"affinity_layers": n, "box_clip_fix": fix, "box_threshold": box} if refine else {}
             ad = CLIPESAdapter(encoder, SYNTHETIC, prototypes=ps, templates=demo.DEMO_TEMPLATES, map_mode=mode,
                                refine=refine, **kw)
-            seed, _, best, _, _, _ = demo._evaluate(ad, test, crf=False)
+            ev = evaluate_adapter(ad, test, crf=False)
+            seed, best = ev.seed, ev.threshold
             used = f"{min(n, depth)} of {depth}" if refine else "-"
             rows.append({"map": label, "caa": name, "blocks_averaged": min(n, depth) if refine else 0,
                          "box_clip_fix": fix, "box_threshold": box,

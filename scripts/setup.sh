@@ -7,4 +7,4 @@ PY=${PYTHON:-python3}
 $PY -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 $PY -m pip install --quiet "setuptools<81" clip-anytorch pydensecrf2 opencv-python-headless timm
 $PY -m pip install --quiet -e ".[dev]"
-$PY -c "import torch, clip, cv2, pydensecrf.densecrf, vpl_plugin; print('vpl-plugin', vpl_plugin.__version__, 'with torch', torch.__version__)" 2>&1 | grep -v -i "pkg_resources\|from pkg_resources"
+$PY -c "import torch, clip, cv2, matplotlib, pydensecrf.densecrf, vpl_plugin; print('vpl-plugin', vpl_plugin.__version__, 'with torch', torch.__version__)" 2>&1 | grep -v -i "pkg_resources\|from pkg_resources"

@@ -81,16 +81,19 @@ def test_dense_and_fused_maps_follow_their_definitions(tiny_encoder):
 
 
 def test_demo_report_on_a_tiny_model(tmp_path):
-    from vpl_plugin.demo.report import DemoConfig, run_demo
+    from vpl_plugin.demo.report import DemoConfig, control_rows, run_demo, table_rows
     from vpl_plugin.demo.train_clip import build_demo_clip
     from vpl_plugin.backbones import save_checkpoint
 
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(build_demo_clip(TINY), ckpt)
-    cfg = DemoConfig(train_scenes=12, eval_scenes=6, taus=(0.03,), phis=(0.4,), iters=10, grid_scenes=2)
+    cfg = DemoConfig(train_scenes=12, eval_scenes=6, taus=(0.03,), phis=(0.4,), iters=10, grid_scenes=2,
+                     bootstrap_resamples=200)
     report = run_demo(tmp_path / "out", clip=str(ckpt), config=cfg, log=lambda m: None)
+    _check_intervals_and_figures(report, tmp_path / "out", cfg)
     names = [r["name"] for r in report["rows"]]
     assert names[0] == "CLIP-ES (text prototypes)" and any("paper-literal" in n for n in names)
+    assert names == [spec.name for spec in table_rows(cfg) + control_rows(cfg)]  # the table, in order
     for r in report["rows"]:
         assert 0 <= r["seed_miou"] <= 100 and 0 <= r["mask_miou"] <= 100
     assert (tmp_path / "out" / "grid.png").exists() and "| tau_I |" in (tmp_path / "out" / "report.md").read_text()
@@ -116,27 +119,95 @@ def test_demo_report_on_a_tiny_model(tmp_path):
                                                        for t in studies["cpal_selection"])
 
 
-def test_demo_trunk_memo_runs_each_scene_once_and_changes_nothing():
+def _check_intervals_and_figures(report, out, cfg):
+    """Every seed and mask number has an interval that contains it and that the per-scene
+    confusion matrices the demo saved reproduce (bootstrap module, same draws); the figures are
+    written and listed."""
+    from vpl_plugin.bootstrap import bootstrap_miou, paired_bootstrap
+    from vpl_plugin.demo.intervals import load_confusions
+    from vpl_plugin.metrics import iou_from_confusion
+
+    conf = load_confusions(out / "confusion.npz")
+    assert list(conf) == [r["name"] for r in report["rows"]]
+    for r in report["rows"]:
+        seeds, masks = conf[r["name"]]
+        assert seeds.shape[:2] == ((2 if "no CAA" not in r["name"] else 10), cfg.eval_scenes)
+        point = max(iou_from_confusion(seeds[t].sum(0))["miou"] for t in range(len(seeds)))
+        assert 100 * point == pytest.approx(r["seed_miou"], abs=1e-9)
+        assert 100 * iou_from_confusion(masks.sum(0))["miou"] == pytest.approx(r["mask_miou"], abs=1e-9)
+        for key, c in (("seed", seeds), ("mask", masks)):
+            lo, hi = r[f"{key}_ci95"]
+            assert lo - 1e-9 <= r[f"{key}_miou"] <= hi + 1e-9
+            ref = bootstrap_miou(c, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)["ci95"]
+            assert [lo, hi] == pytest.approx([100 * v for v in ref], abs=1e-9)
+    for t in report["tau_sweep"] + report["phi_sweep"]:
+        for key in ("seed_gradcam", "seed_dense"):
+            assert t[f"{key}_ci95"][0] - 1e-9 <= t[key] <= t[f"{key}_ci95"][1] + 1e-9
+    assert report["bootstrap"]["resamples"] == cfg.bootstrap_resamples
+    diffs = {d["name"]: d for d in report["differences"]}
+    assert {"recommended VPL - best text-prototype row", "recommended VPL - CLIP-ES",
+            "paper-literal VPL - CLIP-ES"} <= set(diffs)
+    d = diffs["paper-literal VPL - CLIP-ES"]
+    ref = paired_bootstrap(conf[d["a"]][0], conf[d["b"]][0], resamples=cfg.bootstrap_resamples,
+                           seed=cfg.bootstrap_seed)
+    assert d["seed"]["ci95"] == pytest.approx([100 * v for v in ref["ci95"]], abs=1e-9)
+    assert d["seed"]["difference"] == pytest.approx(100 * ref["difference"], abs=1e-9)
+    md = (out / "report.md").read_text()
+    assert "paper-literal VPL - CLIP-ES" in md and "bootstrap" in md
+    assert set(report["figures"]) == {"grid.png", "bars.png", "gap.png"}
+    for name in report["figures"]:
+        assert (out / name).stat().st_size > 0 and f"`{name}`" in md
+
+
+def test_trunk_cache_runs_each_scene_once_and_changes_nothing():
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
-    from vpl_plugin.backbones import CLIPDense
+    from vpl_plugin.backbones import CLIPDense, TrunkCache
     from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
-    from vpl_plugin.demo.report import DEMO_TEMPLATES, _memoise_trunk, _pil
+    from vpl_plugin.demo.evaluation import DEMO_TEMPLATES, pil_image
     from vpl_plugin.demo.train_clip import build_demo_clip
 
     model = build_demo_clip(TINY, seed=3).eval()
-    plain, remembered = CLIPDense(model, device="cpu"), CLIPDense(model, device="cpu")
-    calls = []
-    inner = remembered.trunk
-    remembered.trunk = lambda images, keep_attention=8: calls.append(1) or inner(images, keep_attention)
-    memo = _memoise_trunk(remembered)
+    plain, cached = CLIPDense(model, device="cpu"), CLIPDense(model, device="cpu", trunk_cache=TrunkCache())
+    calls = {"plain": 0, "cached": 0}  # trunk forwards (the patch embedding runs once per forward)
+    hooks = [enc.visual.conv1.register_forward_hook(lambda *args, n=name: calls.__setitem__(n, calls[n] + 1))
+             for name, enc in (("plain", plain), ("cached", cached))]
     scenes = SceneWorld(seed=5).batch(0, 3)
     for mode in ("gradcam", "dense", "fused"):  # three rows over the same scenes
         a = CLIPESAdapter(plain, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
-        b = CLIPESAdapter(remembered, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
+        b = CLIPESAdapter(cached, SYNTHETIC, templates=DEMO_TEMPLATES, map_mode=mode)
         for sc in scenes:
-            x, y = a(_pil(sc.image), list(sc.labels)), b(_pil(sc.image), list(sc.labels))
+            x = a(pil_image(sc.image), list(sc.labels))
+            y = b(pil_image(sc.image), list(sc.labels))
             assert np.array_equal(x.attn_highres, y.attn_highres) and torch.equal(x.cams, y.cams)
-    assert len(calls) == len(memo) == 3
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"plain": 9, "cached": 3}  # the plain encoder every time, the cached one once per scene
+    assert len(cached.trunk_cache) == 3 and plain.trunk_cache is None
+
+
+def test_demo_modules_import_without_a_cycle():
+    # every import between the demo's modules, also inside functions: the demo CLIP's training
+    # needs the demo's evaluation, never the report (which needs both)
+    import ast
+    from pathlib import Path
+
+    import vpl_plugin.demo
+
+    folder = Path(vpl_plugin.demo.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            deps |= {n.split(".")[2] for n in names if n.startswith("vpl_plugin.demo.")}
+        graph[path.stem] = deps
+    assert "report" not in graph["train_clip"] and "evaluation" in graph["train_clip"]
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,))) for d in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m)], graph
 
 
 def test_learning_split_keeps_its_token_count_across_patch_sizes():
@@ -188,7 +259,7 @@ def test_demo_seeds_search_upstreams_exponents_for_the_map_type(tmp_path, refine
     from vpl_plugin.adapters.clip_es import CLIPESAdapter
     from vpl_plugin.backbones import load_clip, save_checkpoint
     from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
-    from vpl_plugin.demo.report import DEMO_TEMPLATES, _evaluate, _pil
+    from vpl_plugin.demo.evaluation import DEMO_TEMPLATES, evaluate_adapter, pil_image
     from vpl_plugin.demo.train_clip import build_demo_clip
     from vpl_plugin.metrics import evaluate_cams
 
@@ -197,12 +268,13 @@ def test_demo_seeds_search_upstreams_exponents_for_the_map_type(tmp_path, refine
     adapter = CLIPESAdapter(load_clip(str(tmp_path / "tiny.pt")), SYNTHETIC, templates=DEMO_TEMPLATES,
                             refine=refine)
     scenes = SceneWorld(seed=3).batch(0, 5)
-    seed, _, best, _, _, sweep = _evaluate(adapter, scenes, crf=False)
+    ev = evaluate_adapter(adapter, scenes, crf=False)
+    seed, best, sweep = ev.seed, ev.threshold, ev.sweep
     key = "attn_highres" if refine else "highres"
     (tmp_path / "cams").mkdir()
     (tmp_path / "gt").mkdir()
     for i, sc in enumerate(scenes):
-        out = adapter(_pil(sc.image), list(sc.labels))
+        out = adapter(pil_image(sc.image), list(sc.labels))
         np.save(tmp_path / "cams" / f"{i}.npy", {"keys": out.keys, key: out.attn_highres})
         Image.fromarray(sc.mask).save(tmp_path / "gt" / f"{i}.png")
     ref = evaluate_cams(tmp_path / "cams", tmp_path / "gt", [str(i) for i in range(5)],

@@ -47,6 +47,7 @@ __all__ = [
     "CLIPDense",
     "LastBlockOutput",
     "Numerics",
+    "TrunkCache",
     "build_clip_from_state_dict",
     "build_random_clip",
     "clip_normalize",
@@ -549,6 +550,38 @@ class LastBlockOutput:
     cls_embedding: torch.Tensor
 
 
+class TrunkCache:
+    """Remembers :meth:`CLIPDense.trunk`'s outputs per input image (set ``encoder.trunk_cache``).
+
+    The trunk (blocks ``1..L-1``, no gradient, weights frozen) is a function of the image alone,
+    so a caller that sends the same images through many prototype sets or map modes (the demo's
+    rows) can run it once per image; the outputs are read, never written in place, downstream.
+    Entries are keyed by the image bytes, shape and dtype and ``keep_attention``; memory grows by
+    one entry (the tokens and the kept attention maps) per distinct input.
+    """
+
+    def __init__(self) -> None:
+        self._memo: Dict[tuple, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    @staticmethod
+    def key(images: torch.Tensor, keep_attention: int) -> tuple:
+        """The entry of ``images`` (a hash of their bytes, their shape and dtype, ``keep_attention``)."""
+        data = images.detach().cpu().contiguous().numpy().tobytes()
+        return (hashlib.blake2b(data, digest_size=16).digest(), tuple(images.shape), str(images.dtype),
+                keep_attention)
+
+    def get(self, key: tuple) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The remembered output of ``key``, or None."""
+        return self._memo.get(key)
+
+    def put(self, key: tuple, value: Tuple[torch.Tensor, List[torch.Tensor]]) -> None:
+        """Remember ``value`` as the output of ``key``."""
+        self._memo[key] = value
+
+
 class CLIPDense(nn.Module):
     """Dense-token wrapper around an OpenAI ``clip.model.CLIP`` ViT (weights frozen).
 
@@ -563,11 +596,13 @@ class CLIPDense(nn.Module):
         device: where to run.
         numerics: an explicit plan instead of ``numerics_for(device, exact_fp32=...)``, e.g. the
             CUDA plan on a CPU to exercise the half-precision code path without a GPU.
+        trunk_cache: a :class:`TrunkCache` that makes :meth:`trunk` run once per distinct input
+            (also settable later as the ``trunk_cache`` attribute; None: no caching).
     """
 
     def __init__(self, model: nn.Module, *, exact_fp32: bool = False,
                  fp16_compat: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
-                 numerics: Optional[Numerics] = None) -> None:
+                 numerics: Optional[Numerics] = None, trunk_cache: Optional[TrunkCache] = None) -> None:
         super().__init__()
         visual = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "proj") or not hasattr(visual, "conv1"):
@@ -580,6 +615,7 @@ class CLIPDense(nn.Module):
         self.numerics = numerics if numerics is not None else numerics_for(self.device, exact_fp32=exact)
         self.model = _prepared_model(model, self.numerics, self.device)
         self.checkpoint: Optional[str] = None
+        self.trunk_cache = trunk_cache
 
     @property
     def exact_fp32(self) -> bool:
@@ -718,7 +754,18 @@ class CLIPDense(nn.Module):
         Returns:
             tokens ``(L, B, width)`` and the head-averaged attention maps ``(B, L, L)`` of the last
             ``keep_attention - 1`` trunk blocks (the last block's map is added by the caller).
+            With a :attr:`trunk_cache`, an input seen before returns its remembered output.
         """
+        if self.trunk_cache is not None:
+            key = self.trunk_cache.key(images, keep_attention)
+            hit = self.trunk_cache.get(key)
+            if hit is None:
+                hit = self._trunk(images, keep_attention)
+                self.trunk_cache.put(key, hit)
+            return hit
+        return self._trunk(images, keep_attention)
+
+    def _trunk(self, images: torch.Tensor, keep_attention: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         with torch.no_grad():
             x = self.embed(images)
             blocks = self.visual.transformer.resblocks

@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         NAME, help="CLIP-ES vs CLIP-ES + VPL on the synthetic world (the embedded default)",
         description="Run the embedded default: held-out synthetic scenes, the shipped demo "
                     "CLIP, CLIP-ES with text and vision prototypes, CRF pseudo masks, "
-                    "controls and sweeps. Writes report.json, report.md and grid.png.",
+                    "controls and sweeps, with 95 % bootstrap intervals. Writes report.json, report.md, "
+                    "confusion.npz and the figures grid.png, bars.png and gap.png.",
         formatter_class=FORMATTER,
         epilog="examples:\n  vpl demo --quick            (about 2 minutes on 2 CPU cores)\n"
                "  vpl demo --out demo_out     (the full report)")

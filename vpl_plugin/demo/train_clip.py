@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
-from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
+from vpl_plugin.demo.evaluation import images_to_tensor, text_gradcam_seed_miou
 
 __all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "export_training_state", "images_to_tensor",
            "train_demo_clip"]
@@ -87,14 +87,6 @@ def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
     return model.train()
 
 
-def images_to_tensor(images: List[np.ndarray]) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 RGB scenes -> ``(B, 3, H, W)`` CLIP-normalised float32."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _batch(world, step: int, batch_size: int, context_length: int):
     clip = require("clip")
     scenes = world.batch(step * batch_size, batch_size)
@@ -128,7 +120,6 @@ def selection_score(state: Dict[str, torch.Tensor], scenes) -> float:
     """The demo's second quality gate (text-prototype GradCAM seed mIoU, no CAA, no CRF) of a CLIP
     given as an fp16 state dict, loaded exactly as ``load_clip`` loads the saved checkpoint."""
     from vpl_plugin.backbones.clip import CLIPDense, build_clip_from_state_dict
-    from vpl_plugin.demo.report import text_gradcam_seed_miou
 
     encoder = CLIPDense(build_clip_from_state_dict(state), device="cpu")
     return text_gradcam_seed_miou(encoder, scenes)
