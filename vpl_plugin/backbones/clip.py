@@ -191,20 +191,40 @@ def build_clip_from_state_dict(state: Dict[str, torch.Tensor], *, round_weights:
     """
     clip_model = require("clip.model")
     _check_clip_state(state, source)
-    state = {k: v for k, v in state.items()}
-    fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
-        model = clip_model.build_model(dict(state)).float()  # build_model rounds through fp16
-        if not round_weights:
-            for key in ("input_resolution", "context_length", "vocab_size"):
-                fp32.pop(key, None)
-            model.load_state_dict(fp32)
+        # build_model on the meta device: its shape inference, fp16 conversion and strict key and
+        # shape checks, without allocating or randomly initialising weights that are replaced
+        with torch.device("meta"):
+            model = clip_model.build_model({k: v.to("meta") for k, v in state.items()})
+        # build_model rounds through fp16 exactly the tensors it stores in fp16 (load_state_dict
+        # copies into them); the CPU model is fp32 (a copy: the model never aliases ``state``)
+        values = {}
+        for key, slot in model.state_dict().items():
+            value = state[key].to(slot.dtype) if round_weights else state[key]
+            values[key] = value.to(torch.float32, copy=True)
+        model.load_state_dict(values, assign=True)
     except (RuntimeError, KeyError, ValueError, AssertionError, ZeroDivisionError) as err:
         raise CheckpointError(
             f"{source} is not a consistent OpenAI CLIP ViT state dict: {err}") from err
+    _materialise_attention_masks(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _materialise_attention_masks(model: nn.Module) -> None:
+    """Replace the meta-device causal masks of a CLIP built under ``torch.device("meta")`` by
+    ``model.build_attention_mask()`` (the text blocks share one mask, as ``CLIP.__init__`` makes
+    them), and check that no meta tensor is left anywhere in the model."""
+    mask = model.build_attention_mask()
+    for block in model.transformer.resblocks:
+        if block.attn_mask is not None:
+            block.attn_mask = mask
+    left = [f"{name}.{attr}" for name, module in model.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]
+    left += [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"the CLIP built from the checkpoint left meta tensors: {left[:5]}")
 
 
 def build_random_clip(
