@@ -5,6 +5,8 @@ upstream parity (``--fp16-compat``), CPU, one thread.
 The baseline is ``benchmarks/upstream_cams_script.py`` (the command line and structure of upstream
 CLIP-ES's ``generate_cams_voc12.py``, see its docstring). Runs alternate (upstream, ours, ours,
 upstream, ...) into fresh output folders after one warm-up of each; the ratio is of the medians.
+With ``--baseline-root`` a second checkout of vpl-plugin (e.g. the code before a change) runs as a
+third contestant in the same rotation, so before and after are measured under the same load.
 Wall time and CPU time (user + system, of the child process alone) are both reported: on a machine
 shared with other work the CPU time is the steadier of the two, and the load average is recorded
 before every run. Each process's own CAM-loop time (printed by both) splits the total into the loop
@@ -14,11 +16,14 @@ and everything else. Parity: the CAM files of the two must hold the same keys an
 Weights: ``--clip`` or, by default, a random-weight ViT-B/16 written by ``vpl random-clip`` into a
 temporary folder, with the query and key projections scaled by ``--qk-scale`` (8: peaked
 attention, as in a trained CLIP; the refinement then has real dynamic range, which makes the parity
-check meaningful). Images: the first ``--images`` ids of the VOC train list.
+check meaningful). Images: the first ``--images`` ids of the VOC train list (``--select first``)
+or the ``--images`` with the most classes (``--select most-classes``, as ``bench_cams.py`` picks
+them; per-class work is where the two differ most).
 Writes benchmarks/results/cams_process.{json,md}.
 
     python benchmarks/bench_cams_process.py [--voc-root VOC2012] [--images 8] [--repeats 5]
-        [--clip vitb16.pt] [--vpl-root CHECKOUT] [--name cams_process]
+        [--select first|most-classes] [--clip vitb16.pt] [--vpl-root CHECKOUT]
+        [--baseline-root OLD_CHECKOUT] [--name cams_process]
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -100,80 +107,109 @@ def parity(ours: Path, upstream: Path) -> float:
     return worst
 
 
+def pick_images(root: Path, count: int, select: str) -> list[str]:
+    """The first ``count`` ids of the train list, or the ``count`` with the most distinct object
+    classes in their annotations (ties in list order)."""
+    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    if select == "first":
+        return ids[:count]
+
+    def classes(i: str) -> int:
+        objects = ET.parse(root / "Annotations" / f"{i}.xml").getroot().findall("object")
+        return len({o.findtext("name", "").strip() for o in objects})
+
+    return sorted(ids, key=lambda i: -classes(i))[:count]
+
+
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def summarise(args, runs: dict[str, list[dict[str, float]]], diff: float, digests: set) -> None:
-    up, ours = runs["upstream"], runs["ours"]
-    ratio = {k: median(up, k) / median(ours, k) for k in ("wall", "cpu", "loop_wall")}
+def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], diff: float,
+              digests: set) -> None:
+    up = runs["upstream"]
+    ratio = {f"{name}_{k}": median(up, k) / median(rs, k)
+             for name, rs in runs.items() if name != "upstream" for k in ("wall", "cpu", "loop_wall")}
     outside = {name: statistics.median(r["wall"] - r["loop_wall"] for r in rs) for name, rs in runs.items()}
     loads = [r["load_before"] for rs in runs.values() for r in rs]
-    result = {"images": args.images, "repeats": args.repeats, "vpl_root": str(args.vpl_root),
-              "vpl_args": args.vpl_args, "runs": runs, "ratio_of_medians": ratio,
+    result = {"images": args.images, "select": args.select, "image_ids": ids, "repeats": args.repeats,
+              "vpl_root": str(args.vpl_root), "baseline_root": str(args.baseline_root or ""),
+              "vpl_args": args.vpl_args, "runs": runs, "ratio_upstream_over": ratio,
               "outside_loop_wall_median": outside, "max_abs_diff_attn_highres": diff,
               "within_tolerance": diff <= args.tolerance, "tolerance": args.tolerance,
-              "ours_byte_identical_across_runs": len(digests) == 1, "ours_digest": sorted(digests),
+              "ours_byte_identical_across_runs": len(digests) == 1, "ours_digests": sorted(digests),
               "load_average_before_runs": {"min": min(loads), "median": statistics.median(loads),
                                            "max": max(loads)}}
-    write_results(args.name, result, [
-        ["measure (median of runs)", "upstream-interface script", "vpl cams", "ratio"],
-        ["process wall, s", f"{median(up, 'wall'):.2f}", f"{median(ours, 'wall'):.2f}", f"{ratio['wall']:.3f}x"],
-        ["process CPU, s", f"{median(up, 'cpu'):.2f}", f"{median(ours, 'cpu'):.2f}", f"{ratio['cpu']:.3f}x"],
-        ["CAM loop wall, s", f"{median(up, 'loop_wall'):.2f}", f"{median(ours, 'loop_wall'):.2f}",
-         f"{ratio['loop_wall']:.3f}x"],
-        ["outside the loop wall, s", f"{outside['upstream']:.2f}", f"{outside['ours']:.2f}", ""],
-        ["peak RSS, GB", f"{median(up, 'max_rss_gb'):.2f}", f"{median(ours, 'max_rss_gb'):.2f}", ""],
-        ["max |difference| of attn_highres", f"{diff:.2e}", "", ""],
-        ["load average before runs (min-max)", f"{min(loads):.1f}-{max(loads):.1f}", "", ""],
-    ])
+    table = [["contestant (median of runs)", "process wall, s", "process CPU, s", "CAM loop wall, s",
+              "outside the loop wall, s", "peak RSS, GB", "upstream / this: wall, CPU, loop"]]
+    for name, rs in runs.items():
+        table.append([name, f"{median(rs, 'wall'):.2f}", f"{median(rs, 'cpu'):.2f}",
+                      f"{median(rs, 'loop_wall'):.2f}", f"{outside[name]:.2f}",
+                      f"{median(rs, 'max_rss_gb'):.2f}",
+                      "" if name == "upstream" else " / ".join(
+                          f"{ratio[f'{name}_{k}']:.3f}x" for k in ("wall", "cpu", "loop_wall"))])
+    table.append([f"max abs difference of attn_highres (ours - upstream): {diff:.2e}; ours byte-identical "
+                  f"across runs: {len(digests) == 1}; load average before runs {min(loads):.1f}-"
+                  f"{max(loads):.1f}", "", "", "", "", "", ""])
+    write_results(args.name, result, table)
+
+
+def commands(args, root: Path, split: Path, clip: Path) -> dict:
+    upstream = [sys.executable, str(HERE / "upstream_cams_script.py"), "--img_root", str(root / "JPEGImages"),
+                "--split_file", str(split), "--model", str(clip), "--cam_out_dir"]
+    ours = [sys.executable, "-m", "vpl_plugin", "cams", "--clip", str(clip), "--root", str(root),
+            "--split-file", str(split), "--no-progress", *args.vpl_args.split(), "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = {"upstream": (upstream, env), "ours": (ours, {**env, "PYTHONPATH": str(args.vpl_root.resolve())})}
+    if args.baseline_root:
+        out["baseline"] = (ours, {**env, "PYTHONPATH": str(args.baseline_root.resolve())})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc-root", type=Path, default=None, help="VOC2012 folder (default: the shared subset)")
     ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--select", choices=["first", "most-classes"], default="first")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first (page cache)")
     ap.add_argument("--clip", type=Path, help="checkpoint (default: a random ViT-B/16, see --qk-scale)")
     ap.add_argument("--qk-scale", type=float, default=8.0)
     ap.add_argument("--vpl-root", type=Path, default=REPO, help="checkout whose vpl_plugin is timed")
+    ap.add_argument("--baseline-root", type=Path, help="another checkout, timed as a third contestant")
     ap.add_argument("--vpl-args", default="--fp16-compat", help="extra `vpl cams` flags (parity)")
     ap.add_argument("--tolerance", type=float, default=1e-2)
     ap.add_argument("--name", default="cams_process", help="results file name")
     args = ap.parse_args()
     root = args.voc_root or voc_root()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    ours_env = {**env, "PYTHONPATH": str(args.vpl_root.resolve())}
     with tempfile.TemporaryDirectory(prefix="bench_cams_process_") as tmp:
         work = Path(tmp)
-        clip = args.clip or make_checkpoint(work, args.qk_scale, ours_env)
-        ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[: args.images]
+        base_env = {**os.environ, "PYTHONPATH": str(args.vpl_root.resolve())}
+        clip = args.clip or make_checkpoint(work, args.qk_scale, base_env)
+        ids = pick_images(root, args.images, args.select)
         split = work / "ids.txt"
         split.write_text("\n".join(ids) + "\n")
-        commands = {
-            "upstream": lambda out: [sys.executable, str(HERE / "upstream_cams_script.py"), "--img_root",
-                                     str(root / "JPEGImages"), "--split_file", str(split), "--model",
-                                     str(clip), "--cam_out_dir", str(out)],
-            "ours": lambda out: [sys.executable, "-m", "vpl_plugin", "cams", "--clip", str(clip), "--root",
-                                 str(root), "--split-file", str(split), "--out", str(out), "--no-progress",
-                                 *args.vpl_args.split()],
-        }
-        envs = {"upstream": env, "ours": ours_env}
-        runs: dict[str, list[dict[str, float]]] = {"upstream": [], "ours": []}
+        cmds = commands(args, root, split, clip)
+        names = list(cmds)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         digests = set()
-        for rep in range(args.repeats + 1):  # repeat 0 is the warm-up (page cache, bytecode)
-            order = ["upstream", "ours"] if rep % 2 == 0 else ["ours", "upstream"]
+        for rep in range(args.warmup + args.repeats):
+            order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
             for name in order:
                 out = work / f"{name}_{rep}"
-                r = timed(commands[name](out), envs[name])
+                cmd, env = cmds[name]
+                r = timed([*cmd, str(out)], env)
                 print(f"run {rep} {name:9s} wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  loop "
                       f"{r['loop_wall']:6.2f} s  load {r['load_before']:.1f}", flush=True)
-                if rep:
+                if rep >= args.warmup:
                     runs[name].append(r)
-                if name == "ours":
+                if name != "upstream":
                     digests.add(digest(out))
-        diff = parity(work / f"ours_{args.repeats}", work / f"upstream_{args.repeats}")
-    summarise(args, runs, diff, digests)
+                if rep < args.warmup + args.repeats - 1:
+                    shutil.rmtree(out)
+        last = args.warmup + args.repeats - 1
+        diff = parity(work / f"ours_{last}", work / f"upstream_{last}")
+    summarise(args, ids, runs, diff, digests)
 
 
 if __name__ == "__main__":
