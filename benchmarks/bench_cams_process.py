@@ -108,9 +108,10 @@ def parity(ours: Path, upstream: Path) -> float:
 
 
 def pick_images(root: Path, count: int, select: str) -> list[str]:
-    """The first ``count`` ids of the train list, or the ``count`` with the most distinct object
-    classes in their annotations (ties in list order)."""
-    ids = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    """The first ``count`` annotated ids of the train list, or the ``count`` with the most distinct
+    object classes in their annotations (ties in list order)."""
+    ids = [i for i in (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+           if (root / "Annotations" / f"{i}.xml").is_file()]  # the upstream script reads the XML
     if select == "first":
         return ids[:count]
 
