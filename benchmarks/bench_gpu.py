@@ -1,4 +1,4 @@
-"""GPU measurements of issue 6, each a ratio against a baseline measured in the same run.
+"""Pending GPU measurements, each a ratio against a baseline measured in the same run.
 
 * ``cams``: CAM throughput (text prototypes, with affinity refinement) on real VOC images with a
   random-weight ViT-B/16 of the real size: the upstream-style one-image, one-backward-per-class

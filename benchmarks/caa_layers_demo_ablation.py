@@ -1,14 +1,16 @@
 """Why does CLIP-ES's CAA refinement cost seeds on the demo world? An ablation of its affinity depth.
 
 CLIP-ES averages the attention maps of the last 8 blocks of ViT-B/16 (12 blocks: blocks 5-12) to
-build the affinity that refines the GradCAM (spec clip_es.md section 7). The demo CLIP has 6 blocks,
+build the affinity that refines the GradCAM
+(docs/upstream_clip_es.md#class-aware-attention-affinity-caa). The demo CLIP has 6 blocks,
 so "the last 8" is every block, including the first ones, whose attention is close to local or
 uniform. This script varies the number of averaged blocks (``CLIPESConfig.affinity_layers``) and
 scores the seeds (no CRF) of the two maps the demo reports with CAA: the text-prototype GradCAM
 (CLIP-ES) and the recommended VPL dense map (region-pooled learning, tau_I 0.1), next to the same
-maps without CAA, and upstream's 8 with its box-mask quirk Q7 fixed (``box_clip_fix``: upstream
+maps without CAA, and upstream's 8 with its box mask fixed (``box_clip_fix``: upstream
 never puts the last token row and column in the CAA box mask, 15 of the 64 tokens of an 8x8 grid;
-spec clip_es.md section 7.1), and with the box threshold at 0 (every token in the box) and 0.6
+docs/upstream_clip_es.md#box-mask-last-row-column), and with the box threshold at 0 (every token in
+the box) and 0.6
 (upstream: 0.4 on VOC). It is an ablation on the demo's evaluation scenes, measured after every
 configuration was fixed; nothing is chosen from it (the demo keeps upstream's 8).
 
@@ -60,7 +62,7 @@ def main() -> None:
     for label, ps, mode in (("text prototypes, GradCAM (CLIP-ES)", text, "gradcam"),
                             ("VPL recommended, dense map", region, "dense")):
         settings = ([(f"last {n}", n, True, False, None) for n in args.layers]
-                    + [("last 8, Q7 fixed", 8, True, True, None)]
+                    + [("last 8, box clip fixed", 8, True, True, None)]
                     + [(f"last 8, box threshold {t}", 8, True, False, t) for t in (0.0, 0.6)]
                     + [("no CAA", 0, False, False, None)])
         for name, n, refine, fix, box in settings:

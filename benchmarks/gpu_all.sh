@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 6 in one prepared script, sized for one H100/H200 inside 9 minutes.
+# Every pending GPU measurement in one prepared script, sized for one H100/H200 inside 9 minutes.
 # Here, first:   bash scripts/prepare_device.sh        (wheels + a few VOC images into .device/)
 # Device call:   command "bash benchmarks/gpu_all.sh", carry [".device"], timeout_s 600
 # Results come back under $OUT (gpu.json, gpu.md, log.txt) and are also written to benchmarks/results/.

@@ -134,7 +134,7 @@ def run(work: Path, *, train_scenes: int, eval_scenes: int, iters: int, crop: in
                     max(1, iters // 4), "--workers", 0, "--seed", 0, "--val-split-file", "val.txt",
                     "--eval-every", max(1, iters // 6), "--val-limit", min(100, eval_scenes), *quiet]
     run_("train CE", *train_common, "--lambda-rsc", 0, "--out", work / "dec_ce")
-    # rows V-VI: the spec's reading of Eq. 13 (tau_RSC 0.01), stated explicitly because `vpl train`
+    # rows V-VI: the literal reading of Eq. 13 (tau_RSC 0.01), stated explicitly because `vpl train`
     # defaults to 0.07 (0.01 collapsed to all background on this world; README, phase 2)
     run_("train CE+RSC", *train_common, "--tau-rsc", 0.01, "--out", work / "dec_ce_rsc")
     seg = ["segment", "--root", root, "--split-file", "val.txt", "--dataset", "synthetic",
@@ -147,7 +147,7 @@ def run(work: Path, *, train_scenes: int, eval_scenes: int, iters: int, crop: in
     run_("segment IV+CRF", *seg, "--checkpoint", work / "dec_ce" / "segmenter.pt", "--crf",
          "--out", work / "seg_IV_crf")
     extra_rows = []
-    for tau in rsc_taus:  # sensitivity of rows V-VI to the RSC temperature (spec 8.6 sweep)
+    for tau in rsc_taus:  # sensitivity of rows V-VI to the RSC temperature (docs/vpl.md#loss)
         tag = f"tau{tau:g}"
         run_(f"train CE+RSC {tag}", *train_common, "--tau-rsc", tau, "--out", work / f"dec_ce_rsc_{tag}")
         ckpt = work / f"dec_ce_rsc_{tag}" / "segmenter.pt"

@@ -7,6 +7,13 @@ What an upstream ``generate_cams_voc12.py`` user adds (see ``adapters/clip_es/RE
     with use_logit_scale(model, dp.logit_scale):
         ...  # the unchanged GradCAM loop
 
+and, for the configuration the project recommends (region pooling at tau_I 0.1, the dense
+per-token map, no refinement), one call per image that returns upstream's ``.npy`` dict:
+
+    dp = learn_vision_prototypes_for(model, fg_text_features, bg_text_features, samples,
+                                     tau=0.1, pooling="region")
+    np.save(path, dense_cams_for(model, image_path, label_id_list, dp))
+
 Here ``model`` is ``tests/clip_es_standin.CLIPESStandIn`` (upstream's interface: ``encode_image(image,
 H, W)`` and ``forward_last_layer``) over a *random-weight* tiny CLIP, and the images are 4 real VOC
 images of the shared subset. Random weights: the numbers show what the drop-in changes, not
@@ -35,7 +42,12 @@ from vpl_plugin.adapters import text_prototype_set  # noqa: E402
 from vpl_plugin.backbones import CLIPDense, build_random_clip  # noqa: E402
 from vpl_plugin.data.classes import VOC  # noqa: E402
 from vpl_plugin.data.voc import VOCDataset  # noqa: E402
-from vpl_plugin.dropin import check_imports, learn_vision_prototypes_for, use_logit_scale  # noqa: E402
+from vpl_plugin.dropin import (  # noqa: E402
+    check_imports,
+    dense_cams_for,
+    learn_vision_prototypes_for,
+    use_logit_scale,
+)
 
 IDS = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
 
@@ -94,6 +106,11 @@ def script_gradcams(model, image_path, fg, bg, labels):
     return torch.stack(cams), probs_out
 
 
+def fmt(values) -> str:
+    """``[0.123, 0.456]`` of a tensor or array."""
+    return "[" + ", ".join(f"{v:.3f}" for v in np.asarray(values).tolist()) + "]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc-root", help="VOC2012 folder (default: the shared subset or $VPL_VOC_ROOT)")
@@ -133,9 +150,18 @@ def main() -> None:
             cams_v, p_v = script_gradcams(model, path, dp.fg, dp.bg, labels)
         names = [VOC.names[c] for c in labels]
         change = (cams_v - cams_t).abs().flatten(1).mean(1)
-        fmt = lambda t: "[" + ", ".join(f"{v:.3f}" for v in t.tolist()) + "]"  # noqa: E731
         print(f"{image_id} {names}: class prob text {fmt(p_t)} -> vision {fmt(p_v)}; "
               f"mean |GradCAM change| {fmt(change)}")
+
+    # --- the recommended configuration: region pooling at tau_I 0.1, dense map, no refinement ---
+    rec = learn_vision_prototypes_for(model, fg_text_features, bg_text_features, samples, tau=0.1,
+                                      pooling="region", iters=args.iters, progress=False)
+    for image_id, (path, labels) in zip(ids, samples):
+        out = dense_cams_for(model, path, labels, rec)  # what np.save writes as <id>.npy
+        area = (out["attn_highres"].astype(np.float32) >= 0.4).mean(axis=(1, 2))
+        print(f"{image_id}: recommended maps {out['attn_highres'].dtype} "
+              f"{tuple(out['attn_highres'].shape)}, keys {out['keys'].tolist()}, "
+              f"area >= 0.4 {fmt(area)}")
     print(f"model logit scale restored: {model.logit_scale.exp().item():.4f}; "
           f"model.encode_image calls by the drop-in: 0 (the loop above made "
           f"{model.calls['encode_image']})")

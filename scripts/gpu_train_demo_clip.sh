@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 3's GPU path: train the demo CLIP with the GPU recipe in one device call (sized for one
+# The GPU path of the demo CLIP: train the demo CLIP with the GPU recipe in one device call (sized
+# for one
 # H100/H200 inside 9 minutes), scoring the second gate every 250 steps on held-out scenes of the
 # training world and keeping the best-scored state.
 # Here, first:   bash scripts/prepare_device.sh            (wheels into .device/)
@@ -8,18 +9,20 @@
 #                vpl demo --clip <that folder>/demo_clip.pt --out demo_out_gpu
 # A run cut by LIMIT resumes on the same warm machine (the training state stays in runs/gpu/);
 # whatever happens, the best (or last) saved state is exported to $OUT/demo_clip.pt.
+# The shipped CPU recipe with another seed, on the GPU: STEPS=2500 BATCH=128 SEED=1 (same batches).
 # CPU dry run:   DEVICE=cpu STEPS=4 BATCH=8 WORKERS=2 SELECT=2 OUT=/tmp/dry bash scripts/gpu_train_demo_clip.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu/out}"; DEVICE="${DEVICE:-cuda}"; STEPS="${STEPS:-6000}"; BATCH="${BATCH:-512}"
 WORKERS="${WORKERS:-14}"; SELECT="${SELECT:-250}"; LIMIT="${LIMIT:-520}"; PATCH="${PATCH:-4}"
+SEED="${SEED:-0}"
 mkdir -p "$OUT" runs/gpu
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 source scripts/device_env.sh
 timeout "$LIMIT" python3 -m vpl_plugin train-clip --out runs/gpu/demo_clip.pt --device "$DEVICE" \
     --steps "$STEPS" --batch-size "$BATCH" --workers "$WORKERS" --select-every "$SELECT" --patch-size "$PATCH" \
-    --no-progress
+    --seed "$SEED" --no-progress
 echo "train-clip: exit $?"
 python3 - "$OUT" <<'PY'
 import shutil, sys

@@ -1,5 +1,5 @@
 """A stand-in for upstream CLIP-ES's modified CLIP model, written from the published description
-(spec ``clip_es.md`` section 4), not copied from CLIP-ES.
+(``docs/upstream_clip_es.md#the-image-forward``), not copied from CLIP-ES.
 
 It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same names: ``visual.conv1``,
 ``visual.transformer.resblocks[i].ln_1`` ..., ``logit_scale``) and adds upstream's interface:
@@ -10,7 +10,8 @@ It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same name
   last block (with gradient), ``ln_post`` on all tokens, mean of the patch tokens, ``proj``, both
   sides L2-normalised, ``logit_scale.exp() * f`` times the text features, softmax.
 
-The positional table is interpolated bilinearly to the token grid (spec 4.1) without upstream's
+The positional table is interpolated bilinearly to the token grid
+(``docs/upstream_clip_es.md#positional-table``) without upstream's
 fp16 cast. Calls of ``encode_image`` / ``forward_last_layer`` are counted (``calls``) so tests can
 check that the drop-in API never uses them.
 """

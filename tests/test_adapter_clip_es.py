@@ -51,7 +51,7 @@ def _vision(adapter, tau, override=None):
 
 
 def test_vision_prototypes_at_init_with_clip_temperature_give_the_text_cams(adapter, tiny_encoder, voc_image):
-    """Spec check 1: W = Z, T_w = 0 and tau_I = CLIP's temperature reproduce the text CAMs exactly."""
+    """W = Z, T_w = 0 and tau_I = CLIP's temperature reproduce the text CAMs exactly."""
     text_out = adapter(voc_image, [0, 14])
     scale = float(tiny_encoder.logit_scale)
     vis = CLIPESAdapter(tiny_encoder, prototypes=_vision(adapter, 1 / scale, override=scale))

@@ -1,23 +1,67 @@
-"""The contract every registered adapter keeps (parametrised over ``list_adapters()``).
+"""The contract every registered adapter keeps (parametrised over ``list_adapters()``), and two
+small third adapters written against it (``docs/adapters.md``).
 
 A new adapter inherits these tests by registering itself. An adapter that needs a preparation step
-before it can make CAMs (CLIP-CPAL's pass 1) adds it to ``PREPARE``.
+before it can make CAMs (CLIP-CPAL's pass 1) adds it to ``PREPARE``. The third adapters below are
+not registered (the registry is process-wide); ``THIRD`` adds them to the same parametrisation.
 """
 
 from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import Optional, Sequence
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
 pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
 
-from vpl_plugin.adapters import CAMAdapter, create_adapter, list_adapters  # noqa: E402
+from vpl_plugin.adapters import (CAMAdapter, CLIPESAdapter, create_adapter, list_adapters,  # noqa: E402
+                                 text_prototype_set)
+from vpl_plugin.cam import GradCAMResult, image_gradcams, resize_maps  # noqa: E402
 from vpl_plugin.cpal import build_context_bank  # noqa: E402
 from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld, export_voc  # noqa: E402
+from vpl_plugin.prototypes import PrototypeSet  # noqa: E402
+
+
+class SquaredCAMAdapter(CLIPESAdapter):
+    """A third adapter that changes one hook: the map entering CAA is the GradCAM squared (a
+    gamma correction that sharpens peaks). Everything else is CLIP-ES's."""
+
+    name = "squared-gradcam"
+
+    def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
+        return super().fuse(result, labels) ** 2
+
+
+class PlainGradCAMAdapter(CAMAdapter):
+    """A third adapter written on the bare contract: CLIP-ES's GradCAM with the text prototypes,
+    no refinement (the base class's ``fuse``/``refine``/``finish``/``call_batch`` defaults)."""
+
+    name = "plain-gradcam"
+
+    def __init__(self, encoder, class_spec) -> None:
+        self.encoder = encoder
+        self.class_spec = class_spec
+        self.text_prototypes = self.prototypes = text_prototype_set(encoder, class_spec)
+
+    def gradcams(self, image: torch.Tensor, labels: Sequence[int],
+                 prototypes: Optional[PrototypeSet] = None) -> GradCAMResult:
+        ps = prototypes or self.prototypes
+        idx = torch.as_tensor(list(labels), dtype=torch.long)
+        stacked = torch.cat([ps.fg[idx], ps.bg], dim=0).float()
+        return image_gradcams(self.encoder, image, stacked, list(range(len(labels))),
+                              torch.tensor(ps.logit_scale, dtype=torch.float32))
+
+    def describe(self) -> dict:
+        return {"adapter": self.name, "dataset": self.class_spec.name}
+
+
+#: unregistered adapters run through the same contract tests
+THIRD = {"squared-gradcam": SquaredCAMAdapter, "plain-gradcam": PlainGradCAMAdapter}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
@@ -40,21 +84,21 @@ def samples():
 
 
 def _make(name, encoder, samples):
-    adapter = create_adapter(name, encoder, SYNTHETIC)
+    adapter = THIRD[name](encoder, SYNTHETIC) if name in THIRD else create_adapter(name, encoder, SYNTHETIC)
     prepare = PREPARE.get(name)
     if prepare is not None:
         prepare(adapter, samples)
     return adapter
 
 
-@pytest.fixture(scope="module", params=list_adapters())
+@pytest.fixture(scope="module", params=list_adapters() + list(THIRD))
 def adapter(request, tiny_encoder, samples):
     return _make(request.param, tiny_encoder, samples)
 
 
 def test_every_adapter_is_a_cam_adapter_with_its_registered_name(adapter):
     assert isinstance(adapter, CAMAdapter)
-    assert adapter.name in list_adapters()
+    assert adapter.name in list_adapters() + list(THIRD)
     description = adapter.describe()
     assert description["adapter"] == adapter.name
     json.dumps(description)  # written beside outputs: must be plain JSON
@@ -116,3 +160,107 @@ def test_dataset_runs_resume_and_report_bad_images(adapter, tmp_path):
     redone = np.load(tmp_path / "cams" / f"{ids[0]}.npy", allow_pickle=True).item()
     np.testing.assert_array_equal(redone["attn_highres"], kept["attn_highres"])
     assert not list((tmp_path / "cams").glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+# ------------------------------------------------------------------------------------------------
+# Third adapters end to end, against a direct computation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def syn_dataset(tmp_path_factory):
+    from vpl_plugin.data.voc import VOCDataset
+
+    root = export_voc(SceneWorld(seed=7), tmp_path_factory.mktemp("third") / "syn", {"train": (0, 4)})
+    return VOCDataset(root, "train.txt", class_spec=SYNTHETIC)
+
+
+def _direct_cams(encoder, sample, image, *, square: bool, refine: bool) -> np.ndarray:
+    """The CAM file's ``attn_highres`` recomputed from the pieces: text GradCAM, optional
+    squaring, optional CAA, resize, float16."""
+    plain = CLIPESAdapter(encoder, SYNTHETIC)
+    x, size = encoder.preprocess(image)
+    result = plain.gradcams(x, list(sample.labels))
+    maps = result.cams ** 2 if square else result.cams
+    final = plain.refine(result, maps) if refine else maps
+    return resize_maps(final, size).astype(np.float16)
+
+
+@pytest.mark.parametrize("name", list(THIRD))
+def test_third_adapter_cams_through_generate_cams_equal_a_direct_computation(
+        name, tiny_encoder, syn_dataset, tmp_path):
+    from vpl_plugin.data.voc import sample_image
+    from vpl_plugin.pipeline import generate_cams
+
+    adapter = THIRD[name](tiny_encoder, SYNTHETIC)
+    summary = generate_cams(adapter, syn_dataset, tmp_path / "cams", progress=False, batch_size=2)
+    assert (summary.done, summary.failed) == (len(syn_dataset), [])
+    squared = name == "squared-gradcam"
+    assert adapter.supports_batch is squared  # only the CLIP-ES subclass batches
+    for i, image_id in enumerate(syn_dataset.ids):
+        sample = syn_dataset[i]
+        saved = np.load(tmp_path / "cams" / f"{image_id}.npy", allow_pickle=True).item()
+        want = _direct_cams(tiny_encoder, sample, sample_image(syn_dataset, sample),
+                            square=squared, refine=squared)
+        assert saved["keys"].tolist() == list(sample.labels)
+        if squared:  # batched forward: equal up to float summation order
+            np.testing.assert_allclose(saved["attn_highres"].astype(np.float32),
+                                       want.astype(np.float32), atol=2e-3)
+        else:
+            np.testing.assert_array_equal(saved["attn_highres"], want)
+    if squared:  # one image per call: bit-identical
+        out = adapter(sample_image(syn_dataset, syn_dataset[0]), syn_dataset[0].labels)
+        want = _direct_cams(tiny_encoder, syn_dataset[0], sample_image(syn_dataset, syn_dataset[0]),
+                            square=True, refine=True)
+        np.testing.assert_array_equal(out.attn_highres, want)
+        assert not np.array_equal(want, _direct_cams(
+            tiny_encoder, syn_dataset[0], sample_image(syn_dataset, syn_dataset[0]),
+            square=False, refine=True))  # the hook changes the output
+
+
+@pytest.mark.parametrize("name", list(THIRD))
+def test_third_adapter_learning_set_equals_rows_from_its_text_gradcams(name, tiny_encoder, syn_dataset):
+    from vpl_plugin.data.voc import sample_image
+    from vpl_plugin.pipeline import collect_learning_set, learn_from_dataset, learning_rows
+
+    adapter = THIRD[name](tiny_encoder, SYNTHETIC)
+    lset = collect_learning_set(adapter, syn_dataset, progress=False, pooling="region")
+    assert lset.ids == syn_dataset.ids
+    text = text_prototype_set(tiny_encoder, SYNTHETIC)
+    pos = 0
+    for i, image_id in enumerate(syn_dataset.ids):
+        sample = syn_dataset[i]
+        x, _ = tiny_encoder.preprocess(sample_image(syn_dataset, sample))
+        labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
+        stacked = torch.cat([text.fg[labels], text.bg], dim=0).float()
+        res = image_gradcams(tiny_encoder, x, stacked, list(range(len(labels))),
+                             torch.tensor(text.logit_scale, dtype=torch.float32))
+        rows = learning_rows(res.features, res.cams.reshape(len(labels), -1).float(), labels, text,
+                             phi=0.4, target_mode="seed_hardened", candidates="image",
+                             pooling="region", tau_text=1.0 / float(text.logit_scale))
+        n = rows["features"].shape[0]
+        assert lset.sizes[i] == n
+        np.testing.assert_array_equal(lset.features[pos:pos + n].numpy(),
+                                      rows["features"].astype(np.float32))
+        np.testing.assert_array_equal(lset.targets[pos:pos + n].numpy(), rows["targets"])
+        pos += n
+    ps, _ = learn_from_dataset(adapter, lset, tau=0.1, iters=5, progress=False)
+    assert ps.kind == "vision" and ps.class_names == text.class_names
+    assert torch.isfinite(ps.prototypes).all()
+
+
+def test_a_clip_es_subclass_that_overrides_gradcams_does_not_batch_unless_it_says_so():
+    class OwnForward(CLIPESAdapter):
+        def gradcams(self, image, labels, prototypes=None):
+            return super().gradcams(image, labels, prototypes)
+
+    class OwnForwardBatched(OwnForward):
+        supports_batch = True
+
+    class OnlyFuse(CLIPESAdapter):
+        def fuse(self, result, labels):
+            return result.cams
+
+    assert CLIPESAdapter.supports_batch and OnlyFuse.supports_batch
+    assert not OwnForward.supports_batch and OwnForwardBatched.supports_batch
+    assert not CAMAdapter.supports_batch and not PlainGradCAMAdapter.supports_batch

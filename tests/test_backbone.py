@@ -194,7 +194,7 @@ def test_logit_scale_is_the_fp32_exp_of_the_stored_parameter(tiny_clip):
     model.logit_scale.data = torch.tensor(np.float32(math.log(100)))
     enc = CLIPDense(model)
     assert enc.logit_scale.dtype == torch.float32
-    # known answer from the spec: float32(ln 100) = 4.60517025, its fp32 exp is one ulp above 100
+    # known answer: float32(ln 100) = 4.60517025, its fp32 exp is one ulp above 100
     assert float(enc.logit_scale) == 100.00000762939453
 
 

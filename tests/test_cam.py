@@ -90,7 +90,7 @@ def test_gradcam_matches_a_float64_reference():
 
 
 def test_box_mask_is_the_union_of_component_boxes_without_last_row_and_column():
-    """Spec check 17: the union of bounding boxes of 8-connected components of {G >= 0.4}."""
+    """Box mask: the union of bounding boxes of 8-connected components of {G >= 0.4}."""
     from scipy import ndimage
 
     rng = np.random.default_rng(0)

@@ -210,7 +210,7 @@ def test_bank_load_names_every_mismatch(tmp_path):
         ContextBank.from_instances(torch.eye(3), torch.tensor([0, 1, 2]), 2)
 
 
-# -- trained CAM head (spec 2.2) ------------------------------------------------------------------
+# -- trained CAM head (docs/clip_cpal.md) ----------------------------------------------------------
 def _planted_tokens(n_images=24, seed=0):
     """Images of 16 tokens (4x4): background along e_7, objects of class c (0..2) along e_c."""
     g = torch.Generator().manual_seed(seed)
@@ -343,7 +343,8 @@ def test_the_bank_must_exist_and_match_the_adapter(tiny_encoder, samples, cpal):
         bare(samples[0].image, samples[0].labels)
     with pytest.raises(ValueError, match="features: 'ln1' in the bank, 'proj' now"):
         CLIPCPALAdapter(tiny_encoder, SYNTHETIC, features="proj", bank=cpal.bank)
-    # VPL: a bank made from the text GradCAMs cannot serve vision prototypes (spec 2.3)
+    # VPL: a bank made from the text GradCAMs cannot serve vision prototypes
+    # (docs/clip_cpal.md#clip-cpal--vpl)
     text = cpal.text_prototypes
     from vpl_plugin.prototypes import PrototypeSet
 

@@ -244,7 +244,8 @@ def test_labels_from_rgb_mask_rejected(tmp_path):
 def test_load_image_keeps_mode_and_names_bad_file(tmp_path):
     p_img = tmp_path / "p.png"
     Image.new("P", (5, 4)).save(p_img)
-    assert load_image(p_img).mode == "P"  # Q2: resize first, convert later
+    # resize first, convert later (docs/upstream_clip_es.md#resize-then-rgb)
+    assert load_image(p_img).mode == "P"
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match="broken.jpg"):
@@ -297,7 +298,7 @@ def test_missing_root_message(tmp_path):
 
 def test_voc_dataset_auto_mixes_xml_and_mask(tmp_path):
     root = _make_voc(tmp_path / "VOC2012", {
-        "a": {"xml": ["dog", "person"], "mask": [12]},          # Q18 mismatch: xml has person
+        "a": {"xml": ["dog", "person"], "mask": [12]},          # XML / mask mismatch: xml has person
         "b": {"mask": [8, 1]},                                  # no XML -> mask
         "c": {"xml": ["cat"]},                                  # no mask -> gt_path None
     })

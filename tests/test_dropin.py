@@ -1,4 +1,4 @@
-"""The CLIP-ES drop-in API (`vpl_plugin.dropin`, issue 7) against a stand-in of upstream's model."""
+"""The CLIP-ES drop-in API (`vpl_plugin.dropin`) against a stand-in of upstream's model."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def voc_text(small_voc):
 
 
 def _script_style_cams(model, image, fg, bg, labels, thr=0.4):
-    """Upstream ``generate_cams_voc12.py``'s per-image loop on the stand-in (spec sections 4-8):
+    """Upstream ``generate_cams_voc12.py``'s per-image loop on the stand-in (docs/upstream_clip_es.md):
     ``encode_image``, then per class ``forward_last_layer`` + GradCAM through a forward hook on
     ``resblocks[-1].ln_1`` with a tensor hook for the gradient, numpy GradCAM normalised twice,
     CAA with the affinity of the last 8 layers."""
@@ -264,6 +264,7 @@ def test_example_runs(voc_root):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "logit scale: text" in proc.stdout and "mean |GradCAM change|" in proc.stdout
+    assert proc.stdout.count("recommended maps float16") == 4
 
 
 def test_mixed_fp16_model_like_clip_load_on_gpu(samples):

@@ -1,4 +1,4 @@
-"""Metrics vs naive oracles and hand-computed examples (clip_es.md s.9, vpl.md s.14 item 18)."""
+"""Metrics vs naive oracles and hand-computed examples (docs/upstream_clip_es.md)."""
 
 from __future__ import annotations
 

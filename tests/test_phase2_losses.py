@@ -1,7 +1,7 @@
-"""Phase-2 losses against their definitions (spec vpl.md 8.3-8.7 and section 14, checks 12-14).
+"""Phase-2 losses against their definitions (docs/vpl.md#loss).
 
-Oracles are float64 naive loops over the definitions; spec check 13e (``P_r = w_{n_r}`` is a
-minimiser) is deliberately not tested: it is false in general.
+Oracles are float64 naive loops over the definitions; the claim that ``P_r = w_{n_r}`` is a
+minimiser of RSC is deliberately not tested: it is false in general.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from vpl_plugin.phase2 import (
 
 
 def naive_rsc_pairs(regions, prototypes, classes, tau):
-    """Spec 8.6: S[r,s] = cos(P_r, w_{n_s}) / tau; same-class off-diagonals dropped; symmetric CE."""
+    """RSC, pairs form: S[r,s] = cos(P_r, w_{n_s}) / tau; same-class off-diagonals dropped; symmetric CE."""
     P = [F.normalize(r.double(), dim=0) for r in regions]
     W = [F.normalize(w.double(), dim=0) for w in prototypes]
     c = [int(x) for x in classes]
@@ -50,7 +50,7 @@ def naive_rsc_pairs(regions, prototypes, classes, tau):
 
 
 def naive_rsc_class(regions, classes, all_prototypes, tau):
-    """Spec 8.6 (a): row CE over all prototypes; column multi-positive CE over regions per class."""
+    """RSC, class form: row CE over all prototypes; column multi-positive CE over regions per class."""
     P = [F.normalize(r.double(), dim=0) for r in regions]
     W = [F.normalize(w.double(), dim=0) for w in all_prototypes]
     c = [int(x) for x in classes]
@@ -96,7 +96,7 @@ def test_map_one_hot_mask_gives_region_mean():
     pooled = masked_average_pool(f, m, eps=0.0, normalize=False)
     torch.testing.assert_close(pooled[0, 0], f[0, :, 1:3, 2:5].mean(dim=(1, 2)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pooled[1, 0], f[1, :, 0, 0], rtol=1e-12, atol=1e-12)
-    # with the spec's eps the difference is of order eps / mass
+    # with the default eps the difference is of order eps / mass
     pooled_eps = masked_average_pool(f, m, normalize=False)
     torch.testing.assert_close(pooled_eps, pooled, rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""Phase-2 segmentation network: backbones, decoder, frozen parts, save / load (spec vpl.md 8.2-8.3).
+"""Phase-2 segmentation network: backbones, decoder, frozen parts, save / load (docs/vpl.md).
 
 One contract suite runs on both backbone families: a tiny random OpenAI CLIP (conftest fixtures)
 and timm's CLIP ViT at tiny width with random weights. The full-size timm

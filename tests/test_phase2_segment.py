@@ -1,4 +1,4 @@
-"""Phase-2 inference (spec vpl.md 8.9): multi-scale + flip averaging, label PNGs, `vpl segment`."""
+"""Phase-2 inference (docs/vpl.md): multi-scale + flip averaging, label PNGs, `vpl segment`."""
 
 from __future__ import annotations
 

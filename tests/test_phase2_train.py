@@ -1,5 +1,5 @@
 """Phase-2 training: augmentation, the deterministic batch stream, the poly schedule, resume
-equality, curves and `vpl train` (spec vpl.md 8.8)."""
+equality, curves and `vpl train` (docs/vpl.md#training-recipe)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of vision prototype learning (spec ``vpl.md`` section 14, items 2-11) against float64
+"""Tests of vision prototype learning (``docs/vpl.md#choices-the-paper-leaves-open``) against float64
 oracles written independently of the implementation (explicit log-sum-exp, autograd, naive loops).
 """
 

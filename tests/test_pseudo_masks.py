@@ -1,4 +1,4 @@
-"""CRF pseudo masks, palette PNGs, the resumable batch writer (clip_es.md s.10, Q10/Q17/Q19)."""
+"""CRF pseudo masks, palette PNGs, the resumable batch writer (docs/upstream_clip_es.md)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_save_label_png_rejects_bad_labels(tmp_path):
         save_label_png(tmp_path / "a.png", np.zeros((2, 2, 3), np.uint8))
 
 
-# ------------------------------------------------------------------ CRF image (Q10)
+# ------------------------------------------------------------------ CRF image (--crf-image)
 
 
 def test_crf_image_wraps_like_upstream():
@@ -251,7 +251,8 @@ def test_make_pseudo_masks_records_failures_and_continues(tmp_path):
     assert "(16, 20)" in failed["img3"] and "(10, 20)" in failed["img3"]
     assert "img3.jpg" in failed["img3"]
     assert sorted(p.name for p in out.iterdir()) == ["img0.png"]
-    # no GT directory anywhere (Q19) and the CRF-free path needs no images at all
+    # no GT directory anywhere (docs/upstream_clip_es.md#crf-reads-ground-truth) and the CRF-free
+    # path needs no images at all
     s_nocrf = make_pseudo_masks(cam_dir, tmp_path / "no_images", ["img3"], tmp_path / "o2",
                                 crf=False, conf=None, progress=False)
     assert s_nocrf["done"] == ["img3"]

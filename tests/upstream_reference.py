@@ -1,5 +1,6 @@
-"""A slow, literal re-statement of upstream CLIP-ES's CAM loop, written from the spec
-(``shared/spec/clip_es.md``), used as the oracle the package is compared against.
+"""A slow, literal re-statement of upstream CLIP-ES's CAM loop, written from its
+description (``docs/upstream_clip_es.md#how-upstream-computes-a-cam``), used as the oracle the
+package is compared against.
 
 One image, one last-block forward and one backward *per class*, the GradCAM target captured by a
 forward hook on the last block's ``ln_1`` with a tensor hook for its gradient (as

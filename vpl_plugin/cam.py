@@ -1,11 +1,13 @@
 """GradCAM over any prototype set and CLIP-ES's class-aware attention-affinity (CAA) refinement.
 
-Functional pieces, each faithful to upstream CLIP-ES (spec ``clip_es.md`` sections 6 and 7):
+Functional pieces, each faithful to upstream CLIP-ES (``docs/upstream_clip_es.md#gradcam`` and
+``docs/upstream_clip_es.md#class-aware-attention-affinity-caa``):
 
 * :func:`prototype_probabilities` - softmax of ``scale * normalise(f) @ normalise(T)^T``.
 * :func:`gradcam` - channel weights = spatial mean of the gradient, ReLU of the weighted sum,
-  min-max normalised twice (quirk Q6).
-* :func:`box_mask` - the ``scoremap2bbox`` box mask (quirk Q7 switchable).
+  min-max normalised twice (``docs/upstream_clip_es.md#double-min-max``).
+* :func:`box_mask` - the ``scoremap2bbox`` box mask (upstream's dropped last row and column
+  switchable, ``box_clip_fix``).
 * :func:`affinity_transition` - attention affinity: last layers' patch attention averaged, three
   Sinkhorn rounds, symmetrised, squared. It does not depend on the class, so it is computed once
   per image.
@@ -28,6 +30,7 @@ __all__ = [
     "GradCAMResult",
     "affinity_transition",
     "box_mask",
+    "dense_maps",
     "gradcam",
     "image_gradcams",
     "minmax_scale",
@@ -48,6 +51,33 @@ def minmax_scale(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     flat = flat - flat.min(dim=-1, keepdim=True).values
     flat = flat / (eps + flat.max(dim=-1, keepdim=True).values)
     return flat.reshape(x.shape)
+
+
+def dense_maps(features: torch.Tensor, stacked: torch.Tensor, k: int, grid: Tuple[int, int],
+               logit_scale: float, kind: str = "softmax") -> torch.Tensor:
+    """Per-class dense maps ``(k, h, w)`` of the first ``k`` rows of ``stacked`` (VPL's per-token
+    map, ``--map-mode dense``; ``docs/vpl.md``).
+
+    Args:
+        features: ``(h*w, D)`` unit patch features.
+        stacked: ``(k + n_bg, D)`` prototypes, the image's classes first, then the background.
+        k: how many leading rows are the image's classes.
+        grid: ``(h, w)``.
+        logit_scale: the set's scale (``1/tau``) for the softmax.
+        kind: ``"softmax"`` (per-token posterior over the ``stacked`` rows) or ``"cosine"``.
+
+    Returns:
+        float32 maps, min-max normalised per class (:func:`minmax_scale`).
+    """
+    stacked = stacked / stacked.norm(dim=-1, keepdim=True)
+    sims = features.float() @ stacked.t()  # (n, k + n_bg)
+    if kind == "softmax":
+        maps = (sims * float(logit_scale)).softmax(dim=-1)[:, :k]
+    elif kind == "cosine":
+        maps = sims[:, :k]
+    else:
+        raise ValueError(f"kind must be 'softmax' or 'cosine'; got {kind!r}.")
+    return minmax_scale(maps.t().reshape(k, *grid))
 
 
 def prototype_probabilities(image_embedding: torch.Tensor, prototypes: torch.Tensor,
@@ -77,7 +107,8 @@ def gradcam(activation: torch.Tensor, gradient: torch.Tensor, grid: Tuple[int, i
         activation: ``(L, B, C)`` target-layer tokens (CLS first).
         gradient: ``(L, B, C)`` gradient of each copy's score with respect to ``activation``.
         grid: token grid ``(h, w)``.
-        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path, quirk Q1).
+        half_arithmetic: emulate upstream's fp16 numpy arithmetic (its GPU path,
+            docs/upstream_clip_es.md#fp16-on-gpu).
 
     Returns:
         ``(B, h, w)`` float32 maps in ``[0, 1)``.
@@ -105,7 +136,8 @@ def box_mask(cam: Union[np.ndarray, torch.Tensor], threshold: float, clip_fix: b
         cam: ``(h, w)`` float32 map in ``[0, 1)``.
         threshold: relative threshold (0.4 VOC, 0.7 COCO) of the uint8 map's maximum.
         clip_fix: ``False`` reproduces upstream (box ends clamped to ``size - 1`` and used as
-            exclusive ends, so the last row and column are never in the mask, quirk Q7).
+            exclusive ends, so the last row and column are never in the mask,
+            docs/upstream_clip_es.md#box-mask-last-row-column).
 
     Returns:
         ``(h, w)`` float32 0/1 mask.

@@ -144,12 +144,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                         "GradCAM x dense map)")
     g.add_argument("--box-threshold", type=finite_float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
     g.add_argument("--box-clip-fix", action="store_true",
-                   help="fix upstream quirk Q7 (last box row/column dropped); off = upstream")
+                   help="fix upstream's box mask, which drops the last row and column; off = upstream "
+                        "(docs/upstream_clip_es.md#box-mask-last-row-column)")
 
 
 def _add_cpal(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("CLIP-CPAL (--adapter clip-cpal; a reconstruction, spec cpal.md; "
-                             "defaults = the spec's interpretations)")
+    g = p.add_argument_group("CLIP-CPAL (--adapter clip-cpal; a reconstruction, see docs/clip_cpal.md; "
+                             "defaults = its documented interpretations)")
     g.add_argument("--cpal-bank", metavar="FILE",
                    help="context bank of pass 1: loaded when it exists (its settings must match), "
                         "else built over the same list and saved there (default: OUT/cpal_bank.pt)")
@@ -168,13 +169,14 @@ def _add_cpal(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpal-kmeans-iters", type=nonnegative_int, metavar="N", help="spherical k-means iterations (10)")
     g.add_argument("--cpal-kmeans-seed", type=int, metavar="S", help="k-means++ seed (0)")
     g.add_argument("--cpal-head", action="store_const", const=True, default=None,
-                   help="the trained-head alternative (spec 2.2): pass 1 trains a CAM head on the frozen "
+                   help="the trained-head alternative (docs/clip_cpal.md): pass 1 trains a CAM head on the "
+                        "frozen "
                         "dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
                         "the head's PA-CAM")
     g.add_argument("--cpal-head-iters", type=nonnegative_int, metavar="N", help="head training steps (200)")
     g.add_argument("--cpal-head-lr", type=finite_float, metavar="LR", help="head learning rate, Adam (0.05)")
     g.add_argument("--cpal-head-lambda", type=finite_float, metavar="L",
-                   help="weight of the self-supervised L_self term (spec 1; 0 = BCE only)")
+                   help="weight of the self-supervised L_self term (0 = BCE only)")
 
 
 _CPAL_FLAGS = {"cpal_features": "features", "cpal_candidates": "candidates", "cpal_fusion": "fusion",
@@ -221,8 +223,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi on the GradCAM (0.4)")
     p.add_argument("--target-mode", default="seed_hardened",
                    choices=["seed_hardened", "inmap", "cam", "kl"],
-                   help="target distribution: seed_hardened (Q-A, default), inmap (Q-B), cam (Q-C), "
-                        "kl (Q-D, Eq. 7 literally)")
+                   help="target distribution: seed_hardened (default), inmap, cam, "
+                        "kl (Eq. 7 literally); see docs/vpl.md#targets")
     p.add_argument("--candidates", default="image", choices=["image", "all"],
                    help="softmax candidates: the image's classes + background (default) or all")
     p.add_argument("--step-rule", default=None,
@@ -238,8 +240,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="seeds from the raw GradCAM (default) or the CAA-refined map")
     p.add_argument("--chunk-size", type=positive_int, default=65536, help="pixels per gradient chunk")
     p.add_argument("--max-tokens", metavar="N",
-                   help="learn from at most N rows (e.g. 1e7 for COCO, spec vpl.md 6): each image keeps "
-                        "N // images rows drawn uniformly with --token-seed (default: every row)")
+                   help="learn from at most N rows (e.g. 1e7 for COCO): each image keeps N // images rows "
+                        "drawn uniformly with --token-seed (default: every row; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--token-seed", type=int, default=0, help="seed of the --max-tokens draw (default 0)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="per-image features and targets (<id>.npz; a rerun reuses them, so an "
@@ -274,7 +277,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="pixels with CRF confidence below this become 255 (default 0.95)")
     p.add_argument("--crf-image", default="upstream_wrapped", choices=["upstream_wrapped", "rgb"],
                    help="image the bilateral kernel sees: upstream's uint8-wrapped mean-subtracted "
-                        "BGR (quirk Q10, default) or the plain RGB image")
+                        "BGR (default) or the plain RGB image (docs/upstream_clip_es.md#crf-image)")
     p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (default 1)")
     p.add_argument("--greyscale", dest="palette", action="store_false",
                    help="write L-mode PNGs like upstream's cv2.imwrite (for trainers that read masks "
@@ -416,7 +419,7 @@ the files.""")
     g.add_argument("--tau-seg", type=positive_float, metavar="T",
                    help="temperature of the mask logits (default: the prototype set's tau_I)")
     g.add_argument("--out", metavar="DIR", help="output folder")
-    g = p.add_argument_group("optimisation (defaults: the paper / spec 8.8)")
+    g = p.add_argument_group("optimisation (defaults: the paper; docs/vpl.md#training-recipe)")
     g.add_argument("--iters", type=nonnegative_int, default=30000, help="iterations (30000)")
     g.add_argument("--batch-size", type=positive_int, default=6,
                    help="global batch over all processes (6); a multiple of the process count")
@@ -430,10 +433,10 @@ the files.""")
     g.add_argument("--lambda-ce", type=finite_float, default=1.0, help="CE weight (1)")
     g.add_argument("--lambda-rsc", type=finite_float, default=1.0, help="RSC weight (1; 0 = CE only)")
     g.add_argument("--tau-rsc", type=positive_float, default=0.07,
-                   help="RSC temperature (0.07; the spec's reading of Eq. 13 is 0.01, which collapsed "
-                        "training to all background on the demo world: README, phase 2)")
+                   help="RSC temperature (0.07; the other reading of Eq. 13 is 0.01, which collapsed "
+                        "training to all background on the demo world: docs/vpl.md#loss)")
     g.add_argument("--rsc-form", default="pairs", choices=["pairs", "class", "literal"],
-                   help="RSC definition (spec 8.6; default pairs)")
+                   help="RSC definition (default pairs; docs/vpl.md#loss)")
     g.add_argument("--checkpoint-every", type=positive_int, default=1000, metavar="N",
                    help="write OUT/last.pt every N iterations (1000) and at the end")
     g.add_argument("--eval-every", type=positive_int, metavar="N",
@@ -453,7 +456,8 @@ the files.""")
     p = sub.add_parser(
         "segment", help="VPL phase 2: segment images with a trained decoder",
         description="Segment the images of a list with a `vpl train` segmenter: softmax averaged over "
-                    "scales and a horizontal flip (spec 8.9), optional dense CRF on the RGB image, "
+                    "scales and a horizontal flip (docs/vpl.md#inference), optional dense CRF on the RGB "
+                    "image, "
                     "argmax. Writes OUT/<id>.png label maps (0 = background, c + 1 = class c; the "
                     "format of `vpl masks`, scored by `vpl eval --masks`), OUT/vpl_segment.yaml and "
                     "OUT/vpl_segment_summary.json.",

@@ -1,20 +1,23 @@
-"""CLIP-CPAL's training-free core (spec ``cpal.md`` section 2.1), as pure tensor functions.
+"""CLIP-CPAL's training-free core, as pure tensor functions (``docs/clip_cpal.md``).
 
-CPAL (Tang et al., CVPR 2024) has no released code; every formula here is the spec's labelled
-interpretation ([I]). The pieces, in the order a CAM goes through them:
+CPAL (Tang et al., CVPR 2024) has no released code; every formula here is the project's
+interpretation (``docs/clip_cpal.md#every-interpretation-and-its-switch``). The pieces, in the order
+a CAM goes through them:
 
 * :func:`instance_prototypes` - per class, the unit mean of the image's unit dense features
-  weighted by ``G * 1[G >= delta_p]`` (spec 1.2).
+  weighted by ``G * 1[G >= delta_p]`` (``docs/clip_cpal.md#pass-1-the-context-bank``).
 * :func:`spherical_kmeans` - per-class context prototypes from a bank of instance prototypes
-  (cosine, k-means++ init, seeded; spec 1.3).
+  (cosine, k-means++ init, seeded).
 * :func:`soft_neighbours` - top-``k`` context prototypes by cosine, softmax weights at ``tau_s``
-  (spec 1.4); with ``candidates="all"`` the weights of other classes' prototypes are zeroed.
-* :func:`align_prototypes` - ``q = normalise(p + gamma * sum_m pi_m (c_m - p))`` (spec 1.5).
-* :func:`prototype_maps` - ``ReLU(cos(F_k, q))``, max-normalised over tokens (spec 1.6).
+  (``docs/clip_cpal.md#pass-2-the-fused-map``); with ``candidates="all"`` the weights of other
+  classes' prototypes are zeroed.
+* :func:`align_prototypes` - ``q = normalise(p + gamma * sum_m pi_m (c_m - p))``.
+* :func:`prototype_maps` - ``ReLU(cos(F_k, q))``, max-normalised over tokens.
 * :func:`fuse_maps` - ``maxnorm((G + S) / 2)`` (default) or ``maxnorm(max(G, S))``.
 * :func:`context_aware_maps` - the above for one image's classes given a :class:`ContextBank`.
 
-The trained-head alternative (spec 2.2): :func:`head_cams` (1x1-conv head CAMs) and
+The trained-head alternative (``docs/clip_cpal.md#the-trained-head-alternative``): :func:`head_cams`
+(1x1-conv head CAMs) and
 :func:`train_cam_head` (``L_BCE + lambda * L_self`` on frozen dense features, PA-CAM targets
 refreshed from an offline bank of the head's instance prototypes).
 
@@ -96,7 +99,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int = 10, seed: int = 0
     Args:
         x: ``(N, D)`` rows (need not be unit norm; zero rows are not allowed).
         k: number of centres; ``min(k, N)`` are returned.
-        iters: Lloyd iterations (spec: 10).
+        iters: Lloyd iterations (default 10).
         seed: seed of the initialisation.
 
     Returns:
@@ -160,7 +163,7 @@ def instance_prototypes(features: torch.Tensor, cams: torch.Tensor, threshold: f
     Args:
         features: ``(n, D)`` dense features of the ``n`` tokens (normalised here).
         cams: ``(k, n)`` or ``(k, h, w)`` maps in ``[0, 1]`` (``h * w = n``).
-        threshold: ``delta_p`` (spec: 0.4, CLIP-ES's box threshold).
+        threshold: ``delta_p`` (default 0.4, CLIP-ES's box threshold).
 
     Returns:
         ``(k, D)`` unit rows; a class whose map has no token at or above ``threshold`` gets a zero
@@ -275,7 +278,7 @@ def fuse_maps(cams: torch.Tensor, maps: torch.Tensor, mode: str = "mean") -> tor
     Args:
         cams: ``(k, h, w)`` GradCAMs ``G`` in ``[0, 1]``.
         maps: ``(k, h, w)`` prototype maps ``S``.
-        mode: ``"mean"`` (``maxnorm((G + S) / 2)``, the spec's default) or ``"max"``.
+        mode: ``"mean"`` (``maxnorm((G + S) / 2)``, the default) or ``"max"``.
 
     Returns:
         ``(k, h, w)`` maps whose maximum is 1 (or all zero).
@@ -331,12 +334,12 @@ def context_aware_maps(features: torch.Tensor, cams: torch.Tensor, labels: Seque
     return {"instance": p, "weights": weights, "aligned": q, "prototype_maps": s, "fused": fused}
 
 
-# -- the trained CAM head (spec 2.2) -----------------------------------------------------------------
+# -- the trained CAM head (docs/clip_cpal.md) ------------------------------------------------------
 _HEAD_SCALE = 10.0  # logits = 10 * GAP(F) @ W^T (with Adam the scale only sets the early step size)
 
 
 def head_cams(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """CAM of a 1x1-conv head: ``ReLU(F W_c) / (max_k ReLU(F W_c) + 1e-5)`` (spec 1.1).
+    """CAM of a 1x1-conv head: ``ReLU(F W_c) / (max_k ReLU(F W_c) + 1e-5)``.
 
     Args:
         features: ``(..., n, D)`` dense features.
@@ -353,7 +356,9 @@ def train_cam_head(tokens: Sequence[torch.Tensor], labels: Sequence[Sequence[int
                    iters: int = 200, lr: float = 0.05, lambda_self: float = 1.0, recluster_every: int = 25,
                    grid: Optional[Sequence[Tuple[int, int]]] = None, pacam: Optional[Dict[str, Any]] = None,
                    batched: Optional[bool] = None) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
-    """Train CPAL's CAM head on frozen dense features: ``L = L_BCE + lambda * L_self`` (spec 2.2).
+    """Train CPAL's CAM head on frozen dense features: ``L = L_BCE + lambda * L_self``.
+
+    The trained-head alternative of ``docs/clip_cpal.md#the-trained-head-alternative``.
 
     ``L_BCE``: multi-label BCE of ``10 * GAP(F) @ W^T`` against the image labels. ``L_self``: mean
     ``|CAM_c(k) - sg(PACAM_c(k))|`` over the labelled classes and tokens, where the PA-CAM targets
@@ -471,7 +476,8 @@ class ContextBank:
             ``delta_p``, the model and the GradCAM prototypes; clustering settings ``num_context``,
             ``kmeans_iters``, ``kmeans_seed``).
         ids: image ids whose prototypes are in the bank.
-        head: ``(K, D)`` weights of the trained CAM head (spec 2.2), or ``None`` (training-free).
+        head: ``(K, D)`` weights of the trained CAM head (the trained-head alternative), or ``None``
+            (training-free).
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
@@ -661,7 +667,8 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
                        summary=None) -> ContextBank:
     """Pass 1 of CLIP-CPAL: instance prototypes of every image of ``dataset``, then k-means.
 
-    With ``adapter.config.head`` (the trained-head alternative, spec 2.2) it keeps every image's
+    With ``adapter.config.head`` (``docs/clip_cpal.md#the-trained-head-alternative``) it keeps every
+    image's
     dense features in memory (and in the resume file), trains the CAM head on them
     (:func:`train_cam_head`) and builds the bank from the head's CAMs; the head is stored in the bank.
 

@@ -1,9 +1,9 @@
-"""VPL as a drop-in for an existing CLIP-ES checkout (issue 7).
+"""VPL as a drop-in for an existing CLIP-ES checkout.
 
 Users who keep upstream's ``generate_cams_voc12.py`` already hold a loaded ``model``, the
 ``fg_text_features`` ``(N_fg, D)`` / ``bg_text_features`` ``(N_bg, D)`` tensors they pass to
 GradCAM, and an image list. Three changed lines give them VPL's paper-literal substitution
-(spec ``vpl.md`` section 7):
+(``docs/vpl.md#the-method``):
 
 >>> dp = learn_vision_prototypes_for(  # doctest: +SKIP
 ...     model, fg_text_features, bg_text_features, samples)
@@ -31,9 +31,9 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
@@ -43,6 +43,7 @@ from vpl_plugin.prototypes import PrototypeSet
 __all__ = [
     "DropInPrototypes",
     "check_imports",
+    "dense_cams_for",
     "learn_vision_prototypes_for",
     "use_logit_scale",
     "vision_logit_scale",
@@ -150,6 +151,7 @@ def use_logit_scale(model: Any, scale: float) -> Iterator[Any]:
         scale: the scale ``exp(logit_scale)`` must give, e.g. :attr:`DropInPrototypes.logit_scale`.
 
     Example:
+        >>> from types import SimpleNamespace
         >>> m = SimpleNamespace(logit_scale=torch.nn.Parameter(torch.tensor(4.6052)))
         >>> with use_logit_scale(m, 33.333335876464844):
         ...     print(f"{float(m.logit_scale.exp()):.4f}")
@@ -268,31 +270,31 @@ def _model_device(model: Any) -> torch.device:
     return model.visual.conv1.weight.device
 
 
-def _open_image(image: Any, index: int):
+def _open_image(image: Any, where: str):
     from vpl_plugin.data.voc import load_image
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if hasattr(image, "size") and hasattr(image, "resize") and hasattr(image, "convert"):
         return image
-    raise TypeError(f"samples[{index}]: the image must be a PIL image or a path; got "
+    raise TypeError(f"{where}: the image must be a PIL image or a path; got "
                     f"{type(image).__name__}.")
 
 
-def _labels(labels: Any, num_fg: int, index: int) -> List[int]:
+def _labels(labels: Any, num_fg: int, where: str, rows: str = "fg_text_features") -> List[int]:
     if isinstance(labels, torch.Tensor):
         labels = labels.tolist()
     try:
         out = [int(c) for c in labels]
     except TypeError:
-        raise TypeError(f"samples[{index}]: labels must be a list of 0-based foreground class "
+        raise TypeError(f"{where}: labels must be a list of 0-based foreground class "
                         f"indices; got {labels!r}.") from None
     bad = [c for c in out if not 0 <= c < num_fg]
     if bad:
-        raise ValueError(f"samples[{index}]: labels {bad} are outside 0..{num_fg - 1} "
-                         f"(fg_text_features has {num_fg} rows; labels are 0-based).")
+        raise ValueError(f"{where}: labels {bad} are outside 0..{num_fg - 1} "
+                         f"({rows} has {num_fg} rows; labels are 0-based).")
     if len(set(out)) != len(out):
-        raise ValueError(f"samples[{index}]: labels {out} repeat a class; give each class once "
+        raise ValueError(f"{where}: labels {out} repeat a class; give each class once "
                          f"(CLIP-ES's label_id_list).")
     return out
 
@@ -319,7 +321,8 @@ def learn_vision_prototypes_for(
     and the model's exact fp32 ``logit_scale.exp()`` (one trunk forward, one backward, as
     :func:`vpl_plugin.cam.image_gradcams`), then seeds and targets
     (:func:`~vpl_plugin.build_targets` or :func:`~vpl_plugin.prototypes.region_pool`); finally
-    :func:`~vpl_plugin.learn_from_dataset` (projected gradient descent from the text features).
+    :func:`~vpl_plugin.pipeline.learn_from_text_prototypes` (projected gradient descent from the
+    text features).
 
     Args:
         model: OpenAI CLIP ViT or CLIP-ES's modified CLIP (only its modules are used; the model is
@@ -347,7 +350,7 @@ def learn_vision_prototypes_for(
     """
     from vpl_plugin.backbones.clip import CLIPDense
     from vpl_plugin.cam import image_gradcams
-    from vpl_plugin.pipeline import _assemble, learn_from_dataset, learning_rows
+    from vpl_plugin.pipeline import _assemble, learn_from_text_prototypes, learning_rows
 
     _check_model(model)
     check_ndim("fg_text_features", fg_text_features, 2, "(N_fg, D)")
@@ -386,8 +389,8 @@ def learn_vision_prototypes_for(
         except (TypeError, ValueError):
             raise TypeError(f"samples[{index}] must be an (image, labels) pair; got "
                             f"{type(sample).__name__}.") from None
-        labels = _labels(labels, num_fg, index)
-        x, _ = encoder.preprocess(_open_image(image, index))
+        labels = _labels(labels, num_fg, f"samples[{index}]")
+        x, _ = encoder.preprocess(_open_image(image, f"samples[{index}]"))
         idx = torch.as_tensor(labels, dtype=torch.long)
         stacked = torch.cat([text.fg[idx], text.bg], dim=0)
         result = image_gradcams(encoder, x, stacked, list(range(len(labels))), scale)
@@ -403,10 +406,10 @@ def learn_vision_prototypes_for(
     provenance = {"source": "vpl_plugin.dropin", "phi": float(phi), "target_mode": target_mode,
                   "pooling": pooling, "model_class": type(model).__name__,
                   "clip_module": check_imports()["clip"]}
-    ps, history = learn_from_dataset(SimpleNamespace(text_prototypes=text), lset, tau=tau, lr=lr,
-                                     iters=iters, step_rule=step_rule,
-                                     device=device if device is not None else dev,
-                                     progress=progress, provenance=provenance)
+    ps, history = learn_from_text_prototypes(text, lset, tau=tau, lr=lr, iters=iters,
+                                             step_rule=step_rule,
+                                             device=device if device is not None else dev,
+                                             progress=progress, provenance=provenance)
     if before is not None and _model_state(model) != before:  # pragma: no cover - a bug guard
         raise RuntimeError("internal error: learn_vision_prototypes_for changed the model.")
     logit_scale = float(scale) if tau == "clip" else _scale_for_tau(float(tau))
@@ -416,3 +419,77 @@ def learn_vision_prototypes_for(
         bg=ps.bg.clone().to(device=bg_text_features.device, dtype=bg_text_features.dtype),
         tau=float(ps.tau), logit_scale=logit_scale, history=history,
         provenance=dict(ps.provenance))
+
+
+# ------------------------------------------------------------------------------------------------
+# The recommended configuration: dense per-token maps, no refinement
+# ------------------------------------------------------------------------------------------------
+
+
+def dense_cams_for(model: Any, image: Any, labels: Sequence[int], prototypes: DropInPrototypes, *,
+                   image_features: Optional[torch.Tensor] = None) -> Dict[str, np.ndarray]:
+    """One image's CAMs in the recommended VPL configuration, as upstream's ``.npy`` dict.
+
+    The map of class ``c`` is the per-token posterior of ``c`` among the image's classes and the
+    background concepts under the vision prototypes at ``prototypes.logit_scale``, min-max
+    normalised and resized to the image (``docs/vpl.md#the-recommended-configuration``): no
+    GradCAM and no attention-affinity refinement. It equals ``vpl cams --prototypes P
+    --map-mode dense --no-refine`` with ``P`` saved by ``prototypes.save(...)`` on the same
+    weights (tested within one fp16 step). Learn the prototypes as recommended with
+    ``learn_vision_prototypes_for(..., tau=0.1, pooling="region")``.
+
+    Args:
+        model: the script's CLIP (upstream's modified CLIP or a stock OpenAI CLIP ViT); used
+            through its modules only, never modified, no gradient is written.
+        image: the original image (PIL image or path); it gives the output size and, without
+            ``image_features``, the model input (upstream's preprocessing: bicubic resize to
+            multiples of the patch size, RGB, CLIP normalisation).
+        labels: 0-based foreground class indices (upstream's ``label_id_list``).
+        prototypes: :class:`DropInPrototypes` from :func:`learn_vision_prototypes_for`.
+        image_features: optional, the trunk tokens ``(1 + h*w, 1, width)`` the script already has
+            from ``model.encode_image(image, H, W)``; then only the last block runs here.
+
+    Returns:
+        ``{"keys": (k,) int64, "attn_highres": (k, H0, W0) float16}``: pass it to ``np.save`` as
+        upstream does, and its ``eval_cam.py`` and CRF scripts read the file.
+
+    Raises:
+        TypeError: the model lacks a CLIP ViT module, or the image is neither a PIL image nor a
+            path.
+        ValueError: labels outside the prototype rows or repeated, or ``image_features`` of
+            another shape than the image's token grid gives.
+
+    Example:
+        >>> out = dense_cams_for(model, image_path, label_id_list, dp)  # doctest: +SKIP
+        >>> np.save(os.path.join(args.cam_out_dir, image_id + '.npy'), out)  # doctest: +SKIP
+    """
+    from vpl_plugin.backbones.clip import CLIPDense
+    from vpl_plugin.cam import dense_maps, resize_maps
+
+    _check_model(model)
+    labels = _labels(labels, int(prototypes.fg.shape[0]), "dense_cams_for", "prototypes.fg")
+    # the model's own device makes CLIPDense's .to() a no-op; fp16_compat off: no .half()
+    encoder = CLIPDense(model, device=_model_device(model))
+    x, size = encoder.preprocess(_open_image(image, "dense_cams_for"))
+    p = encoder.patch_size
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    if image_features is None:
+        tokens, _ = encoder.trunk(x[None], keep_attention=1)
+    else:
+        want = (1 + grid[0] * grid[1], 1, encoder.width)
+        if tuple(image_features.shape) != want:
+            raise ValueError(f"image_features has shape {tuple(image_features.shape)}; this image "
+                             f"({size[1]}x{size[0]}, a {grid[0]}x{grid[1]} token grid) needs the "
+                             f"trunk tokens {want} that model.encode_image(image, H, W) returns "
+                             f"for it.")
+        tokens = image_features.detach().to(encoder.device)
+    keys = np.asarray(labels, dtype=np.int64)
+    if not labels:
+        return {"keys": keys, "attn_highres": np.zeros((0, *size), dtype=np.float16)}
+    features = encoder.last_block(tokens).patch_features[0].detach().float()
+    features = (features / features.norm(dim=-1, keepdim=True)).cpu()
+    idx = torch.as_tensor(labels, dtype=torch.long)
+    fg = prototypes.fg.detach().float().cpu()
+    stacked = torch.cat([fg[idx], prototypes.bg.detach().float().cpu()], dim=0)
+    maps = dense_maps(features, stacked, len(labels), grid, prototypes.logit_scale)
+    return {"keys": keys, "attn_highres": resize_maps(maps, size).astype(np.float16)}

@@ -4,7 +4,8 @@ The functional core (:func:`confusion_matrix`, :func:`iou_from_confusion`, :func
 :func:`cams_to_label`) needs only numpy (torch tensors are accepted and moved to the CPU);
 :class:`MeanIoU` is the stateful accumulator twin. :func:`evaluate_cams` and
 :func:`evaluate_masks` score CAM files / mask PNGs on disk exactly as upstream CLIP-ES
-``eval_cam.py`` does (spec ``clip_es.md`` section 9); they read PNGs with Pillow, imported lazily.
+``eval_cam.py`` does (``docs/upstream_clip_es.md#evaluation-and-its-threshold-search``); they read
+PNGs with Pillow, imported lazily.
 
 Conventions (as upstream ``eval_cam.py`` / deeplab-pytorch ``scores``):
 
@@ -54,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-#: Upstream's candidate lists for the background threshold search (spec section 9).
+#: Upstream's candidate lists for the background threshold search
+#: (docs/upstream_clip_es.md#threshold-search).
 POWER_CANDIDATES: Tuple[float, ...] = (1.0, 2.0)  # upstream's exponents for 'attn*' CAM types
 # upstream's exponents for every other CAM type (e.g. the raw GradCAM saved as 'highres')
 POWER_CANDIDATES_RAW: Tuple[float, ...] = tuple(float(k) for k in range(1, 11))

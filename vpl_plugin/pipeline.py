@@ -14,19 +14,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from vpl_plugin._io import atomic_path, save_npy_dict
 from vpl_plugin._progress import progress as progress_bar
-from vpl_plugin.data.voc import sample_image
+from vpl_plugin.data.voc import SampleDataset, sample_image
 from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
                                    learn_vision_prototypes, region_pool, seeds_from_cams)
 
-__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset", "learning_rows",
-           "LearningSet", "merge_summaries", "subsample_rows"]
+if TYPE_CHECKING:  # the adapters import this module's callers; the contract is needed for types only
+    from vpl_plugin.adapters.base import CAMAdapter
+
+__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset",
+           "learn_from_text_prototypes", "learning_rows", "LearningSet", "merge_summaries",
+           "subsample_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +114,15 @@ def _incomplete_npy(path: Path) -> Optional[str]:
     return None
 
 
-def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
+def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
                   skip_existing: bool = True, progress: bool = True, rank: int = 0,
                   world_size: int = 1, batch_size: int = 1) -> RunSummary:
     """Write ``<out_dir>/<id>.npy`` (upstream CLIP-ES format) for every image of ``dataset``.
 
     Args:
-        adapter: a :class:`~vpl_plugin.adapters.CAMAdapter`.
-        dataset: a :class:`~vpl_plugin.data.voc.VOCDataset` (or any indexable of samples). Its
+        adapter: a :class:`~vpl_plugin.adapters.CAMAdapter`: called once per image, or through
+            ``call_batch`` when its ``supports_batch`` is true and ``batch_size > 1``.
+        dataset: a :class:`~vpl_plugin.data.voc.SampleDataset` (``VOCDataset``, ``COCODataset``). Its
             ``max_pixels`` (``VOCDataset(..., max_pixels=N)``; default
             :data:`~vpl_plugin.data.voc.DEFAULT_MAX_PIXELS`) refuses larger images by name before
             they are decoded (:func:`~vpl_plugin.data.voc.sample_image`).
@@ -145,7 +150,7 @@ def generate_cams(adapter, dataset, out_dir: Union[str, os.PathLike], *, limit: 
     indices = _shard(n, rank, world_size)
     summary = RunSummary(total=len(indices))
     start = time.time()
-    batched = batch_size > 1 and getattr(adapter, "supports_batch", False)
+    batched = batch_size > 1 and adapter.supports_batch
     pending: Dict[Tuple[int, int], List[Tuple[str, Any, Any]]] = {}
 
     def run(items: List[Tuple[str, Any, Any]]) -> None:
@@ -220,7 +225,9 @@ def _done_already(path: Path) -> bool:
 
 @dataclass
 class LearningSet:
-    """Pixel features, targets and candidates of VPL phase 1 (spec ``vpl.md`` sections 3-4).
+    """Pixel features, targets and candidates of VPL phase 1.
+
+    See ``docs/vpl.md#pixel-features`` and ``docs/vpl.md#targets``.
 
     Attributes:
         features: ``(K, D)`` float32 tensor, or a float16 ``np.memmap`` for large sets.
@@ -285,7 +292,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
 
     The choice depends only on ``(seed, key, number of rows)``, never on the order or the process
     the images are handled in, so a rerun, a resumed run and a sharded run pick the same rows. Rows
-    keep their original order. Spec ``vpl.md`` section 6: COCO learns from at most 1e7 tokens,
+    keep their original order. ``docs/vpl.md#learning-set-size-and-memory``: COCO learns from at
+    most 1e7 tokens,
     an equal count per image, with a fixed seed.
 
     Args:
@@ -313,12 +321,12 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
     return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
 
 
-def _image_learning_record(adapter, text, sample, image, *, phi, target_mode, candidates, seed_source,
+def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates, seed_source,
                            tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
-    maps = result.cams  # seeds come from the text-prototype GradCAMs (spec vpl.md 4.2)
+    maps = result.cams  # seeds come from the text-prototype GradCAMs (docs/vpl.md#seeds)
     if seed_source == "refined":
         maps = adapter.refine(result, maps)
     return learning_rows(result.features, maps.reshape(len(labels), -1).float(), labels, text, phi=phi,
@@ -326,7 +334,7 @@ def _image_learning_record(adapter, text, sample, image, *, phi, target_mode, ca
                          tau_text=tau_text)
 
 
-def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
+def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
                          candidates: str = "image", seed_source: str = "gradcam",
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
@@ -336,9 +344,11 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
-        adapter: a CLIP-ES-style adapter (its text prototypes are used, whatever it holds).
+        adapter: a :class:`~vpl_plugin.adapters.CAMAdapter`; its ``text_prototypes`` are used
+            (whatever prototypes it holds) through its ``gradcams`` hook, and ``refine`` with
+            ``seed_source="refined"``.
         phi: seed threshold on the GradCAM (0.4).
-        target_mode: ``seed_hardened`` (Q-A), ``inmap`` (Q-B), ``cam`` (Q-C), ``kl`` (Q-D).
+        target_mode: ``seed_hardened``, ``inmap``, ``cam`` or ``kl`` (``docs/vpl.md#targets``).
         candidates: ``image`` (GT classes + background, like CLIP-ES's softmax) or ``all``.
         seed_source: ``gradcam`` (raw map, the default reading) or ``refined`` (CAA map at patch
             resolution).
@@ -353,7 +363,8 @@ def collect_learning_set(adapter, dataset, *, phi: float = 0.4, target_mode: str
             :func:`~vpl_plugin.prototypes.region_pool`).
         max_tokens: learn from at most this many rows in all: every image keeps
             ``max_tokens // images`` of its rows (all of them when it has fewer), drawn by
-            :func:`subsample_rows` with ``token_seed`` (spec ``vpl.md`` section 6: at most 1e7
+            :func:`subsample_rows` with ``token_seed``
+            (``docs/vpl.md#learning-set-size-and-memory``: at most 1e7
             tokens for COCO). ``None``: every row.
         token_seed: seed of that draw.
     """
@@ -535,12 +546,29 @@ def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
     return "?", row
 
 
-def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, str] = 0.03,
-                       lr: float = 10.0, iters: int = 3000, step_rule: Optional[str] = None,
-                       level: str = "instance", chunk_size: int = 65536, device: Optional[str] = None,
+def learn_from_dataset(adapter: CAMAdapter, learning_set: LearningSet, *,
+                       tau: Union[float, str] = 0.03, lr: float = 10.0, iters: int = 3000,
+                       step_rule: Optional[str] = None, level: str = "instance",
+                       chunk_size: int = 65536, device: Optional[Union[str, torch.device]] = None,
                        progress: bool = True, provenance: Optional[dict] = None
                        ) -> Tuple[PrototypeSet, Dict[str, Any]]:
-    """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes.
+    """Learn vision prototypes from a :class:`LearningSet`, initialised at the adapter's
+    ``text_prototypes`` (the only hook used): :func:`learn_from_text_prototypes` with them."""
+    return learn_from_text_prototypes(adapter.text_prototypes, learning_set, tau=tau, lr=lr,
+                                      iters=iters, step_rule=step_rule, level=level,
+                                      chunk_size=chunk_size, device=device, progress=progress,
+                                      provenance=provenance)
+
+
+def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
+                               tau: Union[float, str] = 0.03, lr: float = 10.0, iters: int = 3000,
+                               step_rule: Optional[str] = None, level: str = "instance",
+                               chunk_size: int = 65536,
+                               device: Optional[Union[str, torch.device]] = None,
+                               progress: bool = True, provenance: Optional[dict] = None
+                               ) -> Tuple[PrototypeSet, Dict[str, Any]]:
+    """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes
+    ``text`` (whose class and background names and temperature the result carries).
 
     Args:
         tau: ``tau_I`` (0.03), or ``"clip"`` for CLIP's own temperature (then the set carries
@@ -554,7 +582,6 @@ def learn_from_dataset(adapter, learning_set: LearningSet, *, tau: Union[float, 
         ValueError: ``tau`` or ``lr`` is not a finite number > 0, the set is empty, or a row of
             the set holds NaN/inf (the message names the image it came from).
     """
-    text = adapter.text_prototypes
     scale_override = None
     if isinstance(tau, str):
         if tau != "clip":

@@ -1,4 +1,4 @@
-"""Vision prototype learning (VPL phase 1, spec ``vpl.md`` sections 4-6 and 9).
+"""Vision prototype learning (VPL phase 1, ``docs/vpl.md#choices-the-paper-leaves-open``).
 
 Everything here is a pure function of tensors except :class:`PrototypeSet`, a small container that
 saves and loads a learned (or text) prototype set.
@@ -6,14 +6,14 @@ saves and loads a learned (or text) prototype set.
 Conventions (all public functions):
 
 * prototypes are stored **row-wise**, shape ``(N, D)``, ``N = N_fg + N_bg`` (foreground classes
-  first, then background concepts; VOC 20 + 25), unit rows. The spec writes ``W`` column-wise
-  (``D x N``); ``W_here = W_spec^T``.
-* pixel features ``X`` are ``(K, D)`` unit rows (spec section 3).
+  first, then background concepts; VOC 20 + 25), unit rows. The paper writes ``W`` column-wise
+  (``D x N``); ``W_here = W_paper^T``.
+* pixel features ``X`` are ``(K, D)`` unit rows (``docs/vpl.md#pixel-features``).
 * targets ``Q`` are ``(K, N)``; rows sum to 1 and are zero outside the candidates (an all-zero
   row is an ignored pixel: it contributes no loss and no gradient but still counts in ``K``).
 * candidates are boolean; a non-candidate prototype gets probability exactly 0 for that pixel.
 
-The objective (spec section 5, instance level) is
+The objective (instance level, ``docs/vpl.md#level``) is
 
     L(W) = (1/K) sum_k sum_n -Q[k, n] log P[k, n](W),
     P[k] = softmax over the candidates of X[k] W^T / tau,
@@ -66,7 +66,7 @@ STEP_RULES: Tuple[str, ...] = ("bb", "halving")
 """Step rules of :func:`learn_vision_prototypes`; ``"bb"`` is the recommended default."""
 
 TARGET_MODES: Tuple[str, ...] = ("seed_hardened", "inmap", "cam", "kl")
-"""Target constructions of :func:`build_targets` (spec section 4.3: Q-A, Q-B, Q-C, Q-D)."""
+"""Target constructions of :func:`build_targets` (``docs/vpl.md#targets``)."""
 
 RowData = Union[torch.Tensor, np.ndarray, Sequence[Any], Iterable[Any]]
 
@@ -107,12 +107,12 @@ class NonFiniteRowsError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Seeds and targets (spec section 4)
+# Seeds and targets (docs/vpl.md#seeds, docs/vpl.md#targets)
 # ------------------------------------------------------------------------------------------------
 
 
 def seeds_from_cams(cams: torch.Tensor, phi: float = 0.4) -> torch.Tensor:
-    """Seed labels from an image's text GradCAMs with threshold ``phi`` (spec section 4.2).
+    """Seed labels from an image's text GradCAMs with threshold ``phi`` (``docs/vpl.md#seeds``).
 
     ``m_k = argmax_c cams[c, k]`` where ``max_c cams[c, k] > phi``, else background (``-1``). A
     maximum equal to ``phi`` is background; among foreground classes tied for the maximum the first
@@ -205,17 +205,17 @@ def build_targets(
     mode: str = "seed_hardened",
     candidates: str = "image",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Target distribution ``Q_i`` and candidate set ``Omega_i`` of one image (spec 4.1-4.3).
+    """Target distribution ``Q_i`` and candidate set ``Omega_i`` of one image (``docs/vpl.md#targets``).
 
     The text distribution ``P'`` (Eq. 5) is the softmax over the candidates of
     ``X Z^T / tau_text``. ``B`` is the set of background rows ``num_fg..N-1``. Modes:
 
-    * ``"seed_hardened"`` (Q-A, default): a foreground seed pixel (``seeds_from_cams(cams, phi)``)
+    * ``"seed_hardened"`` (default): a foreground seed pixel (``seeds_from_cams(cams, phi)``)
       gets ``onehot(c)``; every other pixel gets ``P'`` restricted to ``B`` and renormalised.
-    * ``"inmap"`` (Q-B, pure InMaP): ``Q = P'``; rows with ``max P' > phi`` become one-hot argmax.
-    * ``"cam"`` (Q-C): over ``{bg} + C_i``, ``Q ∝ [phi, G_c(k) ...]``; the bg mass is split over
+    * ``"inmap"`` (pure InMaP): ``Q = P'``; rows with ``max P' > phi`` become one-hot argmax.
+    * ``"cam"``: over ``{bg} + C_i``, ``Q ∝ [phi, G_c(k) ...]``; the bg mass is split over
       ``B`` by the restricted text softmax. Needs non-negative ``cams``.
-    * ``"kl"`` (Q-D, Eq. 7 literally): ``Q = P'``.
+    * ``"kl"`` (Eq. 7 literally): ``Q = P'``.
 
     Args:
         features: ``(n, D)`` pixel features of the image (unit rows).
@@ -571,7 +571,7 @@ def prototype_loss(
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Mean cross-entropy ``(1/K) sum -Q log P(W)`` (spec section 5), computed in chunks.
+    """Mean cross-entropy ``(1/K) sum -Q log P(W)``, computed in chunks.
 
     Equals ``mean KL(Q || P) + mean H(Q)``. ``inf`` when a target puts mass on a non-candidate.
     ``prototypes`` is used as given (not normalised), so the function is convex in it.
@@ -680,7 +680,7 @@ def _bb_step(s: torch.Tensor, y: torch.Tensor, iteration: int, last: float) -> f
 
 def _class_level_problem(prob: _Problem, init: torch.Tensor, tau_text: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spec section 5 class-level anchors: ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
+    """Class-level anchors (``docs/vpl.md#level``): ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
     ``softmax_j(mu_n . z_j / tau_text)`` over the prototypes that are a candidate somewhere."""
     base = torch.zeros(prob.N, prob.D, dtype=torch.float64, device=prob.device)
     mass = torch.zeros(prob.N, dtype=torch.float64, device=prob.device)
@@ -743,7 +743,8 @@ def learn_vision_prototypes(
       monotone non-increasing by construction. When backtracking reaches a step whose first-order
       decrease ``eta ||G_t||^2`` is below the noise floor (or 40 halvings), no representable
       progress is possible and learning stops early with ``history['stopped'] == 'converged'``.
-    * ``"halving"`` (the paper / InMaP Algorithm 1 literally, spec section 6):
+    * ``"halving"`` (the paper / InMaP Algorithm 1 literally,
+      ``docs/vpl.md#step-rule-and-what-lr-means``):
       ``R = (P - Q)^T X``; ``alpha`` (``= lr`` at the start) is halved whenever ``||R||_F`` grew
       since the previous iteration; ``W <- normalize(W - (alpha / (K tau)) R)``; one pass per
       iteration, always ``iters`` iterations. ``alpha`` never grows back, so it can collapse long
@@ -772,8 +773,9 @@ def learn_vision_prototypes(
         lr: step size in mean-gradient units (paper 10); see the step rules above.
         iters: number of iterations (accepted steps for ``"bb"``; paper: 3000, fixed).
         step_rule: ``"bb"`` (default) or ``"halving"``.
-        level: ``"instance"`` (default; anchor = each pixel) or ``"class"`` (spec section 5
-            ablation: anchors ``mu_n = normalize(sum_k Q[k, n] x_k)``, i.e. the seed-pixel centroid
+        level: ``"instance"`` (default; anchor = each pixel) or ``"class"`` (an
+            ablation, ``docs/vpl.md#level``: anchors ``mu_n = normalize(sum_k Q[k, n] x_k)``, i.e.
+            the seed-pixel centroid
             for a one-hot class and the ``Q``-weighted bg centroid for a bg concept; target
             ``softmax_j(mu_n . z_j / tau_text)`` with ``Z = init_prototypes`` over the prototypes
             that are a candidate anywhere; loss = mean over anchors of the cross-entropy).
@@ -908,13 +910,13 @@ def learn_vision_prototypes(
 
 
 # ------------------------------------------------------------------------------------------------
-# Modality gap (spec section 9)
+# Modality gap (docs/vpl.md#measuring-the-modality-gap)
 # ------------------------------------------------------------------------------------------------
 
 
 def modality_gap(features: torch.Tensor, seed_labels: torch.Tensor,
                  prototypes: torch.Tensor) -> float:
-    """Centroid gap between seed pixels and their class prototypes (spec section 9).
+    """Centroid gap between seed pixels and their class prototypes (``docs/vpl.md``, modality gap).
 
     ``Gap = || mean_{k in F} x_k - mean_{k in F} psi_{m_k} ||_2`` over the pixels ``F`` with a
     label ``m_k >= 0`` (Liang et al.'s centroid gap on (pixel, its-class-prototype) pairs).
@@ -954,7 +956,9 @@ def modality_gap(features: torch.Tensor, seed_labels: torch.Tensor,
 
 def shift_text_prototypes(text: torch.Tensor, features: torch.Tensor,
                           lam: float = 0.5) -> torch.Tensor:
-    """The "modify gap" baseline (Liang et al. 2022; spec section 9): move ``Z`` toward the images.
+    """The "modify gap" baseline (Liang et al. 2022): move ``Z`` toward the images.
+
+    See ``docs/vpl.md#measuring-the-modality-gap``.
 
     ``delta = mean(x) - mean(z)``; returns ``z' = normalize(z + lam * delta / 2)`` (the features
     would move by ``-lam * delta / 2``; only the prototypes are needed for CAMs).

@@ -1,11 +1,12 @@
 """CRF post-processing and confidence-guided pseudo masks (CLIP-ES ``eval_cam_with_crf.py``).
 
-Spec ``clip_es.md`` section 10. Per image: background plane ``(1 - max_c cams) ** 1`` is
-prepended to the CAMs (float16, *not* normalised to sum 1, quirk Q17), a dense CRF (pydensecrf,
+``docs/upstream_clip_es.md#crf-pseudo-masks``. Per image: background plane ``(1 - max_c cams) ** 1``
+is
+prepended to the CAMs (float16, *not* normalised to sum 1, as upstream), a dense CRF (pydensecrf,
 10 mean-field iterations) refines it, the label is ``keys'[argmax Q]`` with
 ``keys' = [0, keys + 1]``, and pixels whose max marginal is below 0.95 become 255 (the ignore
 label of the confidence-guided segmentation loss). Unlike upstream, ground truth is never read
-(quirk Q19).
+(``docs/upstream_clip_es.md#crf-reads-ground-truth``).
 
 OpenCV, pydensecrf and Pillow are optional and imported inside the functions that need them.
 
@@ -130,7 +131,8 @@ def read_image_bgr(path: Union[str, os.PathLike], *,
 def crf_image(image_bgr_uint8: np.ndarray, mode: str = "upstream_wrapped") -> np.ndarray:
     """The image that the CRF's bilateral kernel sees.
 
-    ``"upstream_wrapped"`` (default, quirk Q10): upstream subtracts the BGR mean
+    ``"upstream_wrapped"`` (default, ``docs/upstream_clip_es.md#crf-image``): upstream subtracts the
+    BGR mean
     ``(104.008, 116.669, 122.675)`` from the float32 BGR image and then casts the result to
     uint8 before handing it to pydensecrf. Negative values wrap around (on x86 the cast truncates
     toward zero, modulo 256: -1.008 -> 255, -104.008 -> 152), so the bilateral kernel works on a
@@ -189,7 +191,8 @@ def dense_crf(
     """Fully connected CRF (pydensecrf) over class scores, as deeplab-pytorch's ``DenseCRF``.
 
     The unary is ``-log(clip(probs, 1e-5, 1))`` computed in ``probs``' own dtype (upstream passes
-    float16) and cast to float32; the scores need not sum to 1 (quirk Q17). Pairwise terms: a
+    float16) and cast to float32; the scores need not sum to 1
+    (``docs/upstream_clip_es.md#crf-unnormalised-scores``). Pairwise terms: a
     Gaussian kernel (``gauss_sxy``, ``gauss_compat``) and a bilateral kernel (``bi_sxy``,
     ``bi_srgb``, ``bi_compat``) on ``image_uint8``.
 
@@ -248,7 +251,7 @@ def cams_to_pseudo_mask(
     """One image's pseudo mask from its CAMs (upstream ``eval_cam_with_crf.py``).
 
     Scores ``probs = [(1 - max_c cams) ** bg_power; cams]`` are built in the CAMs' dtype
-    (float16 for CLIP-ES files) and not normalised (Q17); ``keys' = [0, keys + 1]``.
+    (float16 for CLIP-ES files) and not normalised; ``keys' = [0, keys + 1]``.
 
     * ``crf=True``: ``Q = dense_crf(probs, crf_image(image_bgr, crf_image_mode))``, label
       ``keys'[argmax Q]``; with ``conf`` set, pixels with ``max Q < conf`` become 255.
@@ -264,7 +267,7 @@ def cams_to_pseudo_mask(
         image_bgr: ``(H, W, 3)`` uint8 BGR image (required when ``crf=True``).
         crf: run the dense CRF.
         conf: confidence below which a pixel is set to 255 (upstream 0.95); None disables it.
-        crf_image_mode: ``"upstream_wrapped"`` (Q10, default) or ``"rgb"``.
+        crf_image_mode: ``"upstream_wrapped"`` (default) or ``"rgb"``.
         bg_power: exponent of the background plane (upstream 1).
         n_iters: mean-field iterations.
         num_classes: the dataset's label count including background (VOC 21); keys outside its
@@ -369,7 +372,7 @@ def make_pseudo_masks(
 
     For each id, reads ``<cam_dir>/<id>.npy`` and (with ``crf``) ``<image_dir>/<id><image_ext>``
     and writes :func:`cams_to_pseudo_mask`'s label with :func:`save_label_png` (atomic, so an
-    interrupted run never leaves a truncated PNG). Ground truth is not read (fixes Q19).
+    interrupted run never leaves a truncated PNG). Ground truth is not read (unlike upstream).
     With ``skip_existing`` an id whose PNG exists is skipped, so a rerun only computes what is
     missing. A failing image (missing CAM, unreadable image, CAM/image size mismatch) is recorded
     in ``failed`` and the run continues; so is one whose CAMs hold NaN/inf or (with

@@ -59,11 +59,12 @@ ROW_ADAPTER = {"CLIP-ES": "clip-es", "CLIP-ES + VPL": "clip-es",
 CHAINED_ADAPTERS = ("clip-es", "clip-cpal")
 # the stage-name prefix of each row's CAMs and masks (ROW_PREFIX[row] + "_cams", + "_masks")
 ROW_PREFIX = {"CLIP-ES": "text", "CLIP-ES + VPL": "vpl", "CLIP-CPAL": "cpal", "CLIP-CPAL + VPL": "cpal_vpl"}
-# COCO val segmentation mIoU after phase 2 / DeepLab (vpl.md section 12, cpal.md section 3): the only
+# COCO val segmentation mIoU after phase 2 / DeepLab (the VPL and CPAL papers): the only
 # COCO numbers the papers give; they are not seed or pseudo-mask mIoU, so they are shown as context.
 PAPER_COCO_VAL_SEGMENTATION: Dict[str, float] = {
     "CLIP-ES": 45.4, "CLIP-ES + VPL": 49.2, "CLIP-CPAL": 46.8, "CLIP-CPAL + VPL": 49.8}
-COCO_MAX_TOKENS = 10_000_000  # spec vpl.md section 6: at most 1e7 learning tokens on COCO
+# at most 1e7 learning tokens on COCO (docs/vpl.md#learning-set-size-and-memory)
+COCO_MAX_TOKENS = 10_000_000
 # passes over the learning set per step of the default "bb" rule (prototypes.py: at most 400
 # passes for 300 iterations in its measurements); the paper's "halving" rule makes exactly one
 BB_PASSES_PER_STEP = 1.33
@@ -125,7 +126,8 @@ def add_arguments(p) -> None:
                         "paper; train on COCO)")
     p.add_argument("--max-tokens", metavar="N",
                    help="learn from at most N patch tokens, an equal count per image drawn with a fixed "
-                        "seed (default: every token on VOC, 1e7 on COCO as the spec says)")
+                        "seed (default: every token on VOC, 1e7 on COCO; "
+                        "docs/vpl.md#learning-set-size-and-memory)")
     p.add_argument("--out", default="reproduce_table1", metavar="DIR",
                    help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -152,7 +154,7 @@ def add_arguments(p) -> None:
     p.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
                    help="map of the VPL CAMs: gradcam (the paper, default), dense or fused (see vpl cams)")
     p.add_argument("--no-cpal", dest="cpal", action="store_false",
-                   help="skip the CLIP-CPAL rows (the reconstruction of spec cpal.md; each of its rows "
+                   help="skip the CLIP-CPAL rows (the reconstruction of docs/clip_cpal.md; each of its rows "
                         "runs a bank pass and a CAM pass over --split)")
     p.add_argument("--no-projection", dest="project", action="store_false",
                    help="do not time a few images per stage before the run")
@@ -178,7 +180,7 @@ EPILOG = """examples:
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --dry-run
   vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --device cuda --out t1_coco
 
-The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; spec cpal.md,
+The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; docs/clip_cpal.md,
 adapters/clip_cpal/README.md); --no-cpal skips them. The paper has no COCO seed or mask numbers:
 the COCO table prints "n/a" in the paper columns.
 Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
@@ -551,8 +553,9 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
     ]
     kinds = ["text", "vpl"]
     if getattr(args, "cpal", True):
-        # CLIP-CPAL (spec cpal.md 2.1): pass 1 builds the context bank over the same list (saved in
-        # the stage folder), pass 2 writes the CAMs; + VPL (2.3): the same on the VPL maps
+        # CLIP-CPAL (docs/clip_cpal.md#what-the-adapter-does): pass 1 builds the context bank over
+        # the same list (saved in the stage folder), pass 2 writes the CAMs; + VPL
+        # (docs/clip_cpal.md#clip-cpal--vpl): the same on the VPL maps
         stages += [
             ("cpal_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
                            "--out", out / "cpal_cams", *common]),
@@ -850,7 +853,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 COCO_NOTE = ("The papers give no COCO seed or pseudo-mask mIoU (Table 1 is VOC train), hence \"n/a\". "
              "Their only COCO numbers are val segmentation mIoU after training a segmenter on the masks, "
              "not comparable with these columns: CLIP-ES 45.4 -> +VPL 49.2, CLIP-CPAL 46.8 -> +VPL 49.8 "
-             "(spec vpl.md section 12, cpal.md section 3).")
+             "(VPL and CPAL papers).")
 
 
 # -- command ----------------------------------------------------------------------------------------

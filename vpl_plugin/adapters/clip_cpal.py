@@ -1,7 +1,8 @@
 """CLIP-CPAL as an adapter: CLIP-ES with CPAL's context-prototype fusion before CAA refinement.
 
 A reconstruction: CPAL's code is unreleased and its method section was not readable. This follows
-the training-free default of spec ``cpal.md`` section 2.1 (every [I] choice is a config field):
+the training-free default of ``docs/clip_cpal.md#what-the-adapter-does`` (every interpretation is a
+config field):
 
 * pass 1 (:func:`vpl_plugin.cpal.build_context_bank`): per image and labelled class, an instance
   prototype from the dense features weighted by the CLIP-ES map ``G`` above ``delta_p``; per class,
@@ -11,17 +12,19 @@ the training-free default of spec ``cpal.md`` section 2.1 (every [I] choice is a
   ``S = maxnorm(ReLU(cos(F, q)))`` and the fused map ``P = maxnorm((G + S) / 2)``, which replaces
   ``G`` for the box mask and the CAA refinement (the :meth:`fuse` hook of CLIP-ES).
 
-``head=True`` is the trained-head alternative (spec 2.2): pass 1 also trains a CAM head on the
+``head=True`` is the trained-head alternative (``docs/clip_cpal.md#the-trained-head-alternative``):
+pass 1 also trains a CAM head on the
 frozen dense features, pass 2 refines ``maxnorm((G + PACAM_head) / 2)``.
 
 With vision prototypes (``prototypes=`` a VPL set), ``G`` is the VPL GradCAM (or the dense map with
-``map_mode="dense"``), i.e. CLIP-CPAL + VPL (spec 2.3). The bank must come from the same ``G``.
+``map_mode="dense"``), i.e. CLIP-CPAL + VPL (``docs/clip_cpal.md#clip-cpal--vpl``). The bank must
+come from the same ``G``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,7 +48,7 @@ __all__ = ["CPAL_FIELDS", "CLIPCPALAdapter", "CLIPCPALConfig", "CPALResult"]
 
 @dataclass
 class CLIPCPALConfig(CLIPESConfig):
-    """CLIP-ES settings plus CPAL's (all interpretations of spec ``cpal.md``, defaults = the spec).
+    """CLIP-ES settings plus CPAL's (all interpretations of ``docs/clip_cpal.md``, with its defaults).
 
     Attributes:
         features: dense features ``F``: ``"ln1"`` (the GradCAM activation, last block's ``ln_1``
@@ -59,11 +62,11 @@ class CLIPCPALConfig(CLIPESConfig):
         gamma: shift strength toward the soft positive context (0.5; 0 = no alignment).
         delta_p: instance-prototype map threshold (0.4).
         kmeans_iters, kmeans_seed: spherical k-means iterations (10) and initialisation seed (0).
-        head: the trained-head alternative (spec 2.2): pass 1 trains a 1x1-conv CAM head on the
+        head: the trained-head alternative: pass 1 trains a 1x1-conv CAM head on the
             frozen dense features (``L_BCE + head_lambda * L_self``); pass 2 fuses CLIP-ES's map
-            with the head's PA-CAM, ``maxnorm((G + PACAM_head) / 2)``. Default off (spec 2.1).
+            with the head's PA-CAM, ``maxnorm((G + PACAM_head) / 2)``. Default off (training-free).
         head_iters, head_lr: Adam steps (200) and learning rate (0.05) of the head.
-        head_lambda: weight of ``L_self`` (spec: 1; 0 = BCE only).
+        head_lambda: weight of ``L_self`` (default 1; 0 = BCE only).
     """
 
     features: str = "ln1"
@@ -99,7 +102,8 @@ class CPALResult(GradCAMResult):
 
 @register_adapter("clip-cpal")
 class CLIPCPALAdapter(CLIPESAdapter):
-    """CLIP-CPAL CAMs (training-free reconstruction, spec ``cpal.md`` 2.1; with VPL: 2.3).
+    """CLIP-CPAL CAMs (training-free reconstruction, ``docs/clip_cpal.md``; with VPL:
+    ``docs/clip_cpal.md#clip-cpal--vpl``).
 
     Args:
         encoder: the CLIP encoder.
@@ -116,6 +120,8 @@ class CLIPCPALAdapter(CLIPESAdapter):
     """
 
     config_class = CLIPCPALConfig
+    #: one image at a time: the ``ln_1`` tokens are captured inside :meth:`gradcams`
+    supports_batch: ClassVar[bool] = False
 
     def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPCPALConfig] = None, bank: Optional[ContextBank] = None,
@@ -145,7 +151,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
     # -- settings -----------------------------------------------------------------------------------
     @property
     def num_context(self) -> int:
-        """``M``: the configured value, else 4 for COCO and 8 otherwise (spec 2.1)."""
+        """``M``: the configured value, else 4 for COCO and 8 otherwise."""
         if self.config.num_context is not None:
             return int(self.config.num_context)
         return 4 if self.class_spec.name.lower().startswith("coco") else 8

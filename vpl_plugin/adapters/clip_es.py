@@ -1,14 +1,15 @@
 """CLIP-ES (Lin et al., CVPR 2023) as an adapter, with text or vision prototypes.
 
-Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images (spec
-``clip_es.md``), except where a documented switch fixes an upstream quirk, and except that all
+Faithful to upstream CLIP-ES's ``generate_cams_voc12.py`` on the same weights and images
+(``docs/upstream_clip_es.md``), except where a documented switch fixes an upstream quirk, and except
+that all
 classes of an image share one trunk forward and one backward (identical results, fewer passes).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from vpl_plugin.cam import (
     GradCAMResult,
     affinity_transition,
     box_mask,
+    dense_maps,
     image_gradcams,
     minmax_scale,
     refine_cams,
@@ -27,6 +29,9 @@ from vpl_plugin.cam import (
 )
 from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
+
+if TYPE_CHECKING:
+    from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
 
@@ -41,7 +46,9 @@ class CLIPESConfig:
         box_threshold: CAA box threshold; ``None`` takes the dataset's (0.4 VOC, 0.7 COCO).
         affinity_layers: attention maps of the last this-many blocks are averaged (8).
         sinkhorn_rounds: column/row normalisation rounds of the affinity (3).
-        box_clip_fix: ``True`` fixes quirk Q7 (last row/column never in the box mask).
+        box_clip_fix: ``True`` fixes upstream's box mask, which never includes the last row and
+            column
+            (``docs/upstream_clip_es.md#box-mask-last-row-column``).
         refine: apply CAA (``False`` saves the upsampled GradCAM instead, for ablations).
         save_gradcam: also save the raw upsampled GradCAM under ``highres`` (float16).
         templates: prompt templates averaged per class (CLIP-ES: one).
@@ -105,6 +112,19 @@ class CLIPESAdapter(CAMAdapter):
 
     #: the configuration dataclass (a subclass adapter may extend it)
     config_class = CLIPESConfig
+    #: CLIP-ES needs more of the encoder than the contract's ``ImageEncoder`` (text encoder,
+    #: trunk and last block, embedding size)
+    encoder: CLIPDense
+
+    #: :meth:`call_batch` runs a whole batch through one trunk forward. A subclass that overrides
+    #: :meth:`gradcams` gets ``False`` (the batched forward would bypass its hook) unless it sets
+    #: the attribute itself.
+    supports_batch: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "gradcams" in vars(cls) and "supports_batch" not in vars(cls):
+            cls.supports_batch = False
 
     def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPESConfig] = None, **overrides) -> None:
@@ -153,7 +173,8 @@ class CLIPESAdapter(CAMAdapter):
         return torch.tensor(self.prototypes.logit_scale, dtype=torch.float32)
 
     def stacked_prototypes(self, labels: Sequence[int], prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
-        """``[fg[labels]; bg]`` rows, the per-image softmax candidates (quirk Q12)."""
+        """``[fg[labels]; bg]`` rows, the per-image softmax candidates
+        (``docs/upstream_clip_es.md#per-image-softmax``)."""
         ps = prototypes or self.prototypes
         idx = torch.as_tensor(list(labels), dtype=torch.long)
         return torch.cat([ps.fg[idx], ps.bg], dim=0).float()
@@ -171,15 +192,8 @@ class CLIPESAdapter(CAMAdapter):
                    prototypes: Optional[PrototypeSet] = None) -> torch.Tensor:
         """Per-class dense maps ``(k, h, w)`` from the patch features and the (current) prototypes."""
         ps = prototypes or self.prototypes
-        stacked = self.stacked_prototypes(labels, ps)
-        stacked = stacked / stacked.norm(dim=-1, keepdim=True)
-        sims = features.float() @ stacked.t()  # (n, k + n_bg)
-        k = len(labels)
-        if self.config.dense_kind == "softmax":
-            maps = (sims * float(ps.logit_scale)).softmax(dim=-1)[:, :k]
-        else:
-            maps = sims[:, :k]
-        return minmax_scale(maps.t().reshape(k, *grid))
+        return dense_maps(features, self.stacked_prototypes(labels, ps), len(labels), grid,
+                          float(ps.logit_scale), self.config.dense_kind)
 
     def fuse(self, result: GradCAMResult, labels: Sequence[int]) -> torch.Tensor:
         """Hook: the maps that enter refinement (``map_mode``; CLIP-ES: the GradCAMs unchanged)."""
@@ -200,53 +214,34 @@ class CLIPESAdapter(CAMAdapter):
         return refine_cams(transition, maps, masks)
 
     # -- the whole stage --------------------------------------------------------------------------
-    def _check_labels(self, labels: Sequence[int]) -> List[int]:
-        labels = [int(c) for c in labels]
-        bad = [c for c in labels if not 0 <= c < len(self.class_spec.names)]
-        if bad:
-            raise ValueError(f"labels {bad} are outside 0..{len(self.class_spec.names) - 1} "
-                             f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
-        return labels
-
-    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], list]:
-        """Validate ``labels``, preprocess ``image`` and run the GradCAM forward.
+    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
+        """Validate ``labels``, preprocess ``image`` and run the GradCAM forward (with the text
+        prototypes when ``map_mode="fused"``, else the current ones).
 
         Returns:
             the :class:`GradCAMResult`, the original size ``(H0, W0)`` and the labels as ints.
         """
-        labels = self._check_labels(labels)
+        labels = self.check_labels(labels)
         x, size = self.encoder.preprocess(image)
         # "fused" explains the image with the text prototypes and localises with the current ones
         gradcam_set = self.text_prototypes if self.config.map_mode == "fused" else None
         return self.gradcams(x, labels, prototypes=gradcam_set), size, labels
-
-    def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
-        result, size, labels = self.analyse(image, labels)
-        return self.finish(result, size, labels)
-
-    @property
-    def supports_batch(self) -> bool:
-        """Whether :meth:`call_batch` really batches (False for adapters that override
-        :meth:`gradcams`, such as CLIP-CPAL, which it serves one image at a time)."""
-        return type(self).gradcams is CLIPESAdapter.gradcams
 
     def call_batch(self, images: Sequence, labels: Sequence[Sequence[int]]) -> List[CAMOutput]:
         """CAMs of several images whose preprocessed sizes are equal, through one trunk forward and
         one last-block backward (:func:`~vpl_plugin.cam.batch_image_gradcams`): each output equals
         ``self(image, labels)`` up to float summation order (tested within 1e-5 on the GradCAMs).
         Worth it on a GPU; on a CPU thread per-image calls were faster (``benchmarks/NOTES.md``).
-        An adapter that overrides :meth:`gradcams` (CLIP-CPAL) is served one image at a time.
+        An adapter whose :attr:`supports_batch` is false (CLIP-CPAL, which overrides
+        :meth:`gradcams`) is served one image at a time.
 
         Raises:
             ValueError: lengths differ, a label is out of range, or the sizes differ (group images
                 by ``encoder.padded_size`` first, as :func:`~vpl_plugin.pipeline.generate_cams` does).
         """
-        if len(images) != len(labels):
-            raise ValueError(f"call_batch needs one label list per image; got {len(images)} images and "
-                             f"{len(labels)} label lists.")
-        if not self.supports_batch or len(images) <= 1:
-            return [self(im, lab) for im, lab in zip(images, labels)]
-        checked = [self._check_labels(lab) for lab in labels]
+        if len(images) != len(labels) or not self.supports_batch or len(images) <= 1:
+            return super().call_batch(images, labels)
+        checked = [self.check_labels(lab) for lab in labels]
         prepared = [self.encoder.preprocess(im) for im in images]
         shapes = {tuple(x.shape) for x, _ in prepared}
         if len(shapes) > 1:
@@ -262,7 +257,8 @@ class CLIPESAdapter(CAMAdapter):
         return [self.finish(r, size, lab) for r, (_, size), lab in zip(results, prepared, checked)]
 
     def finish(self, result: GradCAMResult, size: Tuple[int, int], labels: List[int]) -> CAMOutput:
-        """Fuse, refine and resize one image's GradCAM result into its :class:`CAMOutput`."""
+        """Fuse, refine (when ``config.refine``) and resize one image's GradCAM result into its
+        :class:`CAMOutput` (with the raw GradCAM under ``highres`` when ``config.save_gradcam``)."""
         maps = self.fuse(result, labels)
         final = self.refine(result, maps) if self.config.refine else maps
         extra = {}

@@ -6,7 +6,7 @@ stripped, and no code stored in a checkpoint is ever run), then run :class:`CLIP
 preprocessing at sizes rounded up to the patch size, positional embeddings interpolated to the
 token grid, the first ``L-1`` blocks without gradient (keeping head-averaged attention maps), and
 the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES
-(spec ``clip_es.md`` sections 1, 2 and 4).
+(``docs/upstream_clip_es.md#how-upstream-computes-a-cam``).
 """
 
 from __future__ import annotations
@@ -451,7 +451,8 @@ class CLIPDense(nn.Module):
     def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
-        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream (quirk Q2).
+        Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream
+        (``docs/upstream_clip_es.md#resize-then-rgb``).
         """
         Image = require("PIL.Image")
         w0, h0 = image.size
@@ -472,7 +473,8 @@ class CLIPDense(nn.Module):
         patch = F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
         table = torch.cat([pos[:1].float(), patch], dim=0)
-        if self.fp16_compat:  # quirk Q3: upstream always stores the table in fp16
+        # upstream always stores the table in fp16 (docs/upstream_clip_es.md#fp16-positional-table)
+        if self.fp16_compat:
             table = table.half()
         return table
 

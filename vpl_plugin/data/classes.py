@@ -1,7 +1,8 @@
 """Class names, CLIP-ES prompt names and background concept lists for VOC and COCO.
 
 The prompt names (with synonyms inserted verbatim, commas included) and background lists are those
-of upstream CLIP-ES (spec ``clip_es.md`` section 3), including COCO's ``sknowboard`` typo.
+of upstream CLIP-ES (``docs/upstream_clip_es.md#text-prototypes``), including COCO's ``sknowboard``
+typo.
 """
 
 from __future__ import annotations

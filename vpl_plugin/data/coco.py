@@ -1,7 +1,8 @@
 """COCO 2014 as CLIP-ES reads it: image-level labels come from the split list itself.
 
 A CLIP-ES COCO list line is ``<id> l1 l2 ...`` with 0-based class indices (0..79) in the order
-CLIP-ES loops over them (spec ``clip_es.md`` section 5). Upstream crashes on a line without
+CLIP-ES loops over them (``docs/upstream_clip_es.md#labels-and-class-order``). Upstream crashes on a
+line without
 labels; here such an image raises a :class:`~vpl_plugin.data.voc.DatasetError` when it is read,
 so the CAM loop can skip it.
 

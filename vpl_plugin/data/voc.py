@@ -1,15 +1,17 @@
 """PASCAL VOC 2012 as CLIP-ES reads it: split lists, image-level labels, images.
 
 CLIP-ES needs three things per image: the JPEG, its image-level foreground labels in
-*first-appearance order* (spec ``clip_es.md`` section 5) and, for VOC, the original size
+*first-appearance order* (``docs/upstream_clip_es.md#labels-and-class-order``) and, for VOC, the
+original size
 ``(H0, W0)`` from the XML. Labels come from ``Annotations/<id>.xml`` exactly as upstream reads them
-(every ``<object>`` in file order, difficult and truncated ones included, quirk Q18). Images
+(every ``<object>`` in file order, difficult and truncated ones included,
+``docs/upstream_clip_es.md#voc-labels-from-xml``). Images
 without an XML (e.g. ``train_aug`` ids from SBD) can take their labels from the ground-truth mask
 instead (``label_source="auto"`` or ``"mask"``).
 
-Quirk Q5: upstream crashes on an annotation without objects; here that image raises a
+Upstream crashes on an annotation without objects; here that image raises a
 :class:`DatasetError`, which the CAM loop turns into "skip this image with a warning"
-(see :meth:`VOCDataset.iter_samples`).
+(see :meth:`VOCDataset.iter_samples` and ``docs/upstream_clip_es.md#annotation-without-objects``).
 
 Example:
     >>> ds = VOCDataset("VOCdevkit/VOC2012", "train.txt")  # doctest: +SKIP
@@ -28,7 +30,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -72,7 +74,7 @@ _VOC_LAYOUT = (
 class DatasetError(ValueError):
     """A dataset file that cannot be used, with the path and the reason.
 
-    Raised for one sample (the caller may skip it, e.g. an annotation without objects, Q5) or for
+    Raised for one sample (the caller may skip it, e.g. an annotation without objects) or for
     a whole dataset whose layout is wrong.
 
     Attributes:
@@ -114,6 +116,24 @@ class Sample:
     label_source: str
     gt_path: Optional[Path] = None
     size: Optional[Tuple[int, int]] = None
+
+
+class SampleDataset(Protocol):
+    """What the dataset stages (CAMs, learning set, context bank) use of a dataset:
+    :class:`VOCDataset` and :class:`~vpl_plugin.data.coco.COCODataset` provide it, and so does
+    any indexable with ``ids`` whose items carry ``image_path`` and ``labels``.
+
+    An optional ``max_pixels`` attribute sets the pixel limit of :func:`sample_image`.
+    """
+
+    @property
+    def ids(self) -> List[str]:
+        """Image ids in list order; output files are named ``<id>.npy``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample:
+        """The ``index``-th sample (raises :class:`DatasetError` for a broken one)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +258,7 @@ def parse_voc_xml(
     """Image-level labels and size from a VOC annotation, as upstream CLIP-ES reads them.
 
     Every ``<object>`` child of the root is visited in file order (difficult and truncated ones
-    included, Q18); its ``<name>`` (whitespace stripped) is mapped to its index in
+    included, as upstream); its ``<name>`` (whitespace stripped) is mapped to its index in
     ``class_spec.names``; repeated classes keep their first position. ``<name>`` tags of
     ``<part>`` elements (person layout) are not objects and are ignored.
 
@@ -251,7 +271,7 @@ def parse_voc_xml(
         from ``<size>`` or None when the XML has no usable size.
 
     Raises:
-        DatasetError: unreadable or malformed XML; no ``<object>`` (Q5: upstream crashes; callers
+        DatasetError: unreadable or malformed XML; no ``<object>`` (upstream crashes; callers
             skip the image); an object without ``<name>``; a name not in ``class_spec.names``
             (the message lists the valid names).
 
@@ -271,7 +291,7 @@ def parse_voc_xml(
     objects = root.findall("object")
     if not objects:
         raise DatasetError(
-            path, "annotation has no <object>, so the image has no image-level labels (Q5)",
+            path, "annotation has no <object>, so the image has no image-level labels",
             "upstream CLIP-ES crashes here; skip the image or drop the id from the list",
         )
     index = {name: i for i, name in enumerate(class_spec.names)}
@@ -614,7 +634,7 @@ class _ListDataset:
 
         Args:
             skip_errors: if True, a sample raising :class:`DatasetError` (e.g. an annotation
-                without objects, Q5) is logged as a warning and skipped instead of raised.
+                without objects) is logged as a warning and skipped instead of raised.
             skipped: if given, ``(id, message)`` of each skipped sample is appended to it (for
                 the run summary and the exit status).
         """
@@ -840,7 +860,7 @@ def _check_voc_root(root: str | os.PathLike[str]) -> Path:
 def image_level_label_mismatches(
     dataset: VOCDataset,
 ) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
-    """Images whose XML labels differ (as sets) from the classes in their ground-truth mask (Q18).
+    """Images whose XML labels differ (as sets) from the classes in their ground-truth mask.
 
     CLIP-ES takes labels from the XML, difficult objects included, so an image may carry a class
     that its segmentation mask lacks. This is for logging, not for changing labels.

@@ -419,7 +419,7 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     evaluate("CLIP-ES (text prototypes)", text)
     literal, lit_hist = learn(cfg.phi, cfg.tau, "halving")
     evaluate("CLIP-ES + VPL, paper-literal (halving, GradCAM)", literal,
-             note=f"tau {cfg.tau}, lr {cfg.lr}, {cfg.iters} it, Q-A targets, Phi {cfg.phi}")
+             note=f"tau {cfg.tau}, lr {cfg.lr}, {cfg.iters} it, seed-hardened targets, Phi {cfg.phi}")
     vpl, vpl_hist = learn(cfg.phi, cfg.tau, "bb")
     evaluate("CLIP-ES + VPL (bb rule, GradCAM)", vpl, note="converged optimiser, same objective")
     evaluate("VPL prototypes, dense map", vpl, "dense")
@@ -438,14 +438,14 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
     text_raw = evaluate("text prototypes, GradCAM, no CAA", text, note="CAA off", refine=False)
     evaluate("VPL region-pooled (tau_I 0.1), dense map, no CAA", region, "dense",
              note="recommended: CAA off chosen on validation scenes", refine=False)
-    log("CLIP-CPAL (training-free reconstruction, spec cpal.md 2.1; bank from the learning scenes):")
+    log("CLIP-CPAL (training-free reconstruction, docs/clip_cpal.md; bank from the learning scenes):")
     evaluate("CLIP-CPAL (text prototypes, GradCAM)", text, adapter=cpal_adapter(text),
-             note="spec defaults: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean")
+             note="default interpretations: ln_1 tokens, same-class, M 8, k 3, tau_s 0.1, gamma 0.5, mean")
     evaluate("CLIP-CPAL + VPL, paper-literal (GradCAM)", literal, adapter=cpal_adapter(literal),
-             note="spec 2.3: CPAL on the paper-literal VPL GradCAMs")
+             note="CPAL on the paper-literal VPL GradCAMs")
     evaluate("CLIP-CPAL + VPL recommended (region-pooled, dense map)", region,
              adapter=cpal_adapter(region, "dense"), note="CPAL on the recommended VPL dense maps")
-    evaluate("CLIP-CPAL, trained head (spec 2.2, lambda 1)", text, adapter=cpal_adapter(text, head=True),
+    evaluate("CLIP-CPAL, trained head (lambda 1)", text, adapter=cpal_adapter(text, head=True),
              note="1x1-conv CAM head on frozen ln_1 tokens, L_BCE + L_self, 200 Adam steps")
     evaluate("CLIP-CPAL, trained head, BCE only (lambda 0)", text,
              adapter=cpal_adapter(text, head=True, head_lambda=0.0), note="the same head without L_self")
@@ -466,7 +466,7 @@ def _run_demo(out: Path, *, clip: Optional[str], quick: bool, device: str,
             seed = _evaluate(cpal_adapter(ps, mode, **kw), val, crf=False)[0]
             scores.append((100 * seed, kw))
             cpal_selection.append({"prototypes": label, **kw, "validation_seed": 100 * seed})
-        best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the spec default first)
+        best_seed, best = max(scores, key=lambda t: t[0])  # ties -> first (the documented default first)
         log(f"  chosen on {len(val)} validation scenes ({label}): {best} (validation seed {best_seed:.1f}; "
             f"without CPAL {cpal_val_base[label]:.1f})")
         name = ("CLIP-CPAL, interpretation chosen on validation scenes" if label == "text" else
@@ -559,8 +559,8 @@ def _markdown(r: Dict[str, Any]) -> str:
     if r.get("cpal_sweep"):
         base = next((row["seed_miou"] for row in r["rows"] if row["name"].startswith("CLIP-CPAL (")), None)
         base = "n/a" if base is None else f"{base:.1f}"
-        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the spec "
-                  f"defaults, whose seed is {base}; measured on the evaluation scenes, so not "
+        lines += ["", "CLIP-CPAL interpretations (text prototypes, seeds; one change from the default "
+                  f"interpretations, whose seed is {base}; measured on the evaluation scenes, so not "
                   "a selection):", "", "| setting | seed mIoU |", "|---|---:|"]
         for t in r["cpal_sweep"]:
             lines.append(f"| {t['setting']} | {t['seed']:.1f} |")

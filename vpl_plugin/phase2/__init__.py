@@ -1,6 +1,6 @@
 """VPL phase 2: a segmentation decoder on a frozen CLIP encoder, trained with cross-entropy on the
 phase-1 pseudo masks and regional semantic contrast (RSC) against the frozen vision prototypes
-(spec ``vpl.md`` section 8).
+(``docs/vpl.md#phase-2-the-decoder``).
 
 * :mod:`~vpl_plugin.phase2.losses`: :func:`masked_average_pool` (Eq. 12), :func:`rsc_loss` /
   :class:`RSCLoss` (Eq. 13), :func:`segmentation_logits`, :class:`Phase2Loss` (Eq. 14).
@@ -8,7 +8,7 @@ phase-1 pseudo masks and regional semantic contrast (RSC) against the frozen vis
 * :mod:`~vpl_plugin.phase2.decoder`: :class:`PrototypeSegmenter`, save / load.
 * :mod:`~vpl_plugin.phase2.segment`: multi-scale + flip inference, CRF, label PNGs.
 * :mod:`~vpl_plugin.phase2.data` / :mod:`~vpl_plugin.phase2.train`: the pseudo-mask dataset with
-  the spec's augmentation and :func:`train_segmenter` (SGD, poly, resumable, DDP under torchrun).
+  the paper's augmentation and :func:`train_segmenter` (SGD, poly, resumable, DDP under torchrun).
 
 timm (``pip install 'vpl-plugin[decoder]'``) is needed to build the decoder; importing this
 package does not need it.

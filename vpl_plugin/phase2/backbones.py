@@ -149,7 +149,8 @@ class TimmCLIPBackbone(_FrozenBackbone):
             size that is a multiple of the patch works.
 
     Deviation: timm resamples the positional table with its own defaults (bicubic, antialiased),
-    while spec 8.2 and the OpenAI path (:class:`OpenAICLIPBackbone`, CLIP-ES's section 4.1)
+    while the OpenAI path (:class:`OpenAICLIPBackbone`,
+    ``docs/upstream_clip_es.md#positional-table``)
     interpolate bilinearly; the same weights therefore give slightly different tokens under
     ``timm:`` and ``clip:`` at sizes other than the pretraining grid.
     """

@@ -1,6 +1,6 @@
 """Phase-2 training data: images, pseudo masks (255 = ignore) and image-level labels.
 
-Spec ``vpl.md`` section 8.1 and 8.8: the decoder trains on the phase-1 pseudo masks with random
+``docs/vpl.md#training-recipe``: the decoder trains on the phase-1 pseudo masks with random
 rescale ``x[0.5, 2.0]``, random crop (image padded with the mean pixel, mask with 255) and
 horizontal flip.
 
@@ -159,7 +159,9 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
                  scale_range: Tuple[float, float] = (0.5, 2.0), flip: bool = True,
                  fill: Sequence[float] = _MEAN_PIXEL,
                  ignore_index: int = IGNORE_INDEX) -> Tuple[np.ndarray, np.ndarray]:
-    """Random rescale, pad, random crop and horizontal flip of an image and its mask (spec 8.8).
+    """Random rescale, pad, random crop and horizontal flip of an image and its mask.
+
+    See ``docs/vpl.md#training-recipe``.
 
     The generator is drawn from in a fixed order (scale, crop offsets, flip), so the result
     depends only on the inputs and the generator's state.

@@ -1,6 +1,6 @@
 """VPL phase-2 segmentation network: frozen CLIP encoder, trainable decoder, frozen prototypes.
 
-Spec ``vpl.md`` 8.2-8.3 (decoder architecture [I], WeCLIP-like)::
+``docs/vpl.md#network`` (decoder architecture: the project's interpretation, WeCLIP-like)::
 
     per-block patch tokens (B, C, h, w) x L      frozen backbone, no gradient
       -> per-layer Linear(C -> 256), concat      (B, 256 L, h, w)
@@ -53,7 +53,7 @@ _FORMAT_VERSION = 1
 
 @dataclass
 class DecoderConfig:
-    """Phase-2 decoder configuration (defaults: spec 8.2).
+    """Phase-2 decoder configuration (defaults: ``docs/vpl.md#network``).
 
     Attributes:
         layers: backbone blocks whose patch tokens feed the decoder (0-based, negative counts from
@@ -64,12 +64,14 @@ class DecoderConfig:
         heads: attention heads (8).
         ffn_dim: feed-forward hidden width (1024).
         dropout: dropout in attention and FFN (0: none).
-        final_norm: LayerNorm after the pre-norm transformer layers (default on; not in spec 8.2,
-            which goes from the layers straight to the projection: a pre-norm stack leaves its
+        final_norm: LayerNorm after the pre-norm transformer layers (default on; not in the literal
+            design, which goes from the layers straight to the projection: a pre-norm stack leaves
+                its
             residual stream unnormalised, and ViTs normalise it before their head as timm's
-            ``VisionTransformer.norm`` does. ``final_norm=False`` is the spec's literal design).
+            ``VisionTransformer.norm`` does. ``final_norm=False`` is the literal design).
         input_norm: LayerNorm on each backbone layer's tokens before its projection (off in the
-            spec; the raw residual stream of late CLIP blocks has large-magnitude channels).
+            literal design; the raw residual stream of late CLIP blocks has large-magnitude
+            channels).
         tau_seg: temperature of the prototype logits; None = the prototype set's (``1/logit_scale``
             of the set, i.e. ``tau_I`` for vision prototypes).
     """
@@ -131,7 +133,7 @@ class DecoderConfig:
 
 
 class SegmentationDecoder(nn.Module):
-    """The trainable part: multi-layer token maps ``[(B, C, h, w)] * L`` -> ``(B, D, h, w)`` (spec 8.2).
+    """The trainable part: multi-layer token maps ``[(B, C, h, w)] * L`` -> ``(B, D, h, w)``.
 
     Args:
         in_channels: backbone width ``C``.
@@ -177,7 +179,7 @@ class SegmentationDecoder(nn.Module):
 
 
 class PrototypeSegmenter(nn.Module):
-    """Frozen backbone + trainable :class:`SegmentationDecoder` + frozen prototypes (spec 8.2-8.3).
+    """Frozen backbone + trainable :class:`SegmentationDecoder` + frozen prototypes (docs/vpl.md).
 
     Args:
         backbone: a frozen backbone (see :mod:`vpl_plugin.phase2.backbones`).

@@ -1,5 +1,5 @@
 """VPL phase-2 losses: masked average pooling (Eq. 12), regional semantic contrast (Eq. 13) and
-the final loss ``L = lambda_ce * L_ce + lambda_rsc * L_RSC`` (Eq. 14); spec ``vpl.md`` section 8.
+the final loss ``L = lambda_ce * L_ce + lambda_rsc * L_RSC`` (Eq. 14); ``docs/vpl.md#loss``.
 
 Functional core, thin module twins: :func:`rsc_loss` / :class:`RSCLoss`; :class:`Phase2Loss`
 combines cross-entropy on the segmentation logits of :class:`~vpl_plugin.phase2.PrototypeSegmenter`
@@ -37,9 +37,9 @@ __all__ = [
 RSC_FORMS = ("pairs", "class", "literal")
 
 
-# -- segmentation logits (spec 8.3) ----------------------------------------------------------------
+# -- segmentation logits (docs/vpl.md#loss) --------------------------------------------------------
 def segmentation_logits(prototype_logits: torch.Tensor, num_fg: int) -> torch.Tensor:
-    """Collapse prototype logits into ``1 + N_fg`` segmentation logits (spec 8.3).
+    """Collapse prototype logits into ``1 + N_fg`` segmentation logits (``docs/vpl.md#loss``).
 
     Channel 0 is ``logsumexp`` over the background concepts, so after a softmax the background
     probability is the sum of the background-concept probabilities; channels ``1..N_fg`` are the
@@ -67,7 +67,7 @@ def segmentation_logits(prototype_logits: torch.Tensor, num_fg: int) -> torch.Te
     return torch.cat([bg, prototype_logits[:, :num_fg]], dim=1)
 
 
-# -- masked average pooling (spec 8.5, Eq. 12) -----------------------------------------------------
+# -- masked average pooling (Eq. 12) ---------------------------------------------------------------
 def masked_average_pool(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6,
                         normalize: bool = True) -> torch.Tensor:
     """Eq. 12: ``P_k = sum_uv a_k(u,v) V(:,u,v) / (sum_uv a_k(u,v) + eps)``, then L2-normalised.
@@ -75,12 +75,12 @@ def masked_average_pool(features: torch.Tensor, weights: torch.Tensor, eps: floa
     Args:
         features: ``(B, D, h, w)`` feature map (``V-hat``).
         weights: ``(B, K, h, w)`` non-negative soft masks at the feature resolution.
-        eps: added to the mask mass (spec: ``1e-6``).
+        eps: added to the mask mass (default ``1e-6``).
         normalize: L2-normalise each pooled vector.
 
     Returns:
         ``(B, K, D)`` pooled region embeddings. Gradients reach both ``features`` and ``weights``
-        (detach ``weights`` yourself for the spec's detach option).
+        (detach ``weights`` yourself for the detached variant).
 
     Example:
         >>> f = torch.randn(1, 3, 2, 2)
@@ -103,7 +103,7 @@ def masked_average_pool(features: torch.Tensor, weights: torch.Tensor, eps: floa
     return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
-# -- regional semantic contrast (spec 8.6, Eq. 13) -------------------------------------------------
+# -- regional semantic contrast (Eq. 13) -----------------------------------------------------------
 def _check_regions(regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor) -> None:
     check_ndim("regions", regions, 2, "(R, D)")
     check_ndim("prototypes", prototypes, 2, "(R, D)")
@@ -158,7 +158,7 @@ def rsc_from_similarity(similarity: torch.Tensor, classes: torch.Tensor) -> torc
 
 def _class_form(regions: torch.Tensor, classes: torch.Tensor, all_prototypes: torch.Tensor,
                 tau: float) -> torch.Tensor:
-    """Spec 8.6 (a): row term CE over all prototypes per region; column term a multi-positive CE
+    """RSC, class form: row term CE over all prototypes per region; column term a multi-positive CE
     over the regions for each present class (mean of ``-log softmax`` over its regions)."""
     logits = regions @ all_prototypes.t() / tau  # (R, N)
     row = F.cross_entropy(logits, classes)
@@ -183,7 +183,7 @@ def rsc_loss(regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Ten
              tau: float = 0.01, form: str = "pairs", *,
              all_prototypes: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Regional semantic contrast loss (Eq. 13, spec 8.6).
+    """Regional semantic contrast loss (Eq. 13, ``docs/vpl.md#loss``).
 
     ``form="pairs"`` (default): ``S = cos(P_r, w_{n_s}) / tau`` over the ``R`` regions of the
     batch and their matched prototypes; same-class off-diagonals are not negatives; symmetric
@@ -200,7 +200,7 @@ def rsc_loss(regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Ten
         regions: ``(R, D)`` pooled region embeddings ``P_r``.
         prototypes: ``(R, D)`` the matched prototype ``w_{n_r}`` of each region.
         classes: ``(R,)`` long class ids ``n_r``.
-        tau: temperature (spec: 0.01).
+        tau: temperature (the paper's reading: 0.01).
         form: ``"pairs"``, ``"class"`` or ``"literal"``.
         all_prototypes: ``(N, D)`` every prototype (``form="class"`` only).
         groups: ``(R,)`` image index of each region (``form="literal"``; default: every region its
@@ -267,14 +267,14 @@ class RSCLoss(nn.Module):
         return f"tau={self.tau}, form={self.form!r}"
 
 
-# -- final loss (spec 8.4-8.7) ---------------------------------------------------------------------
+# -- final loss (Eq. 14) ---------------------------------------------------------------------------
 def _region_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                   prototypes: torch.Tensor, num_fg: int, *, detach_weights: bool,
                   include_background: bool) -> Tuple[torch.Tensor, ...]:
     """Regions of the batch: ``(regions (R,D), matched prototypes (R,D), classes (R,), groups (R,),
     all prototypes (N_fg[+1], D))``. Background, when included, is class ``N_fg`` with prototype
     ``normalize(mean_b w_b)``, one region per image."""
-    weights = torch.softmax(_f32(logits), dim=1)  # A-hat at feature resolution (spec 8.5)
+    weights = torch.softmax(_f32(logits), dim=1)  # A-hat at feature resolution (docs/vpl.md#loss)
     if detach_weights:
         weights = weights.detach()
     feats = _f32(features)
@@ -298,7 +298,7 @@ def _region_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Te
 
 
 class Phase2Loss(nn.Module):
-    """``L = lambda_ce * CE(upsampled logits, M) + lambda_rsc * L_RSC`` (spec 8.4-8.7, Eq. 14).
+    """``L = lambda_ce * CE(upsampled logits, M) + lambda_rsc * L_RSC`` (Eq. 14, ``docs/vpl.md#loss``).
 
     * CE: the ``(B, 1+N_fg, h, w)`` logits are bilinearly upsampled (``align_corners=False``) to
       the target size; pixel-wise CE with ``ignore_index=255``, mean over valid pixels (0 when a
@@ -308,11 +308,11 @@ class Phase2Loss(nn.Module):
       matched prototypes (:func:`rsc_loss`).
 
     Args:
-        lambda_ce, lambda_rsc: loss weights (spec: 1 and 1). ``lambda_rsc=0`` skips RSC.
-        tau_rsc: RSC temperature. Default 0.07, the project's recommendation: the spec's reading of
+        lambda_ce, lambda_rsc: loss weights (the paper: 1 and 1). ``lambda_rsc=0`` skips RSC.
+        tau_rsc: RSC temperature. Default 0.07, the project's recommendation: the literal reading of
             Eq. 13 (0.01, CLIP's temperature) collapsed decoder training to all background on the
             demo world (7.8 mIoU against 58.5 for CE only; 0.03: 60.5; 0.07: 68.5;
-            ``benchmarks/results/phase2_ablation.md``). Pass 0.01 for the spec's value.
+            ``benchmarks/results/phase2_ablation.md``). Pass 0.01 for the literal value.
         rsc_form: ``"pairs"`` (default), ``"class"`` or ``"literal"`` (see :func:`rsc_loss`).
         detach_weights: pool with detached soft masks (gradient only through the features).
         include_background: add one background region per image, class ``N_fg``, prototype

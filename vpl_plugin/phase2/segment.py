@@ -1,5 +1,5 @@
 """Phase-2 inference: multi-scale + flip softmax averaging, optional dense CRF, label PNGs
-(spec ``vpl.md`` 8.9).
+(``docs/vpl.md#inference``).
 
 For every scale ``s`` the CLIP-normalised image is resized (bilinear) to ``(H s, W s)`` rounded up
 to multiples of the patch size, the segmentation logits are upsampled (bilinear,

@@ -1,4 +1,4 @@
-"""Training of the phase-2 decoder (spec ``vpl.md`` 8.7-8.8), single process or torchrun.
+"""Training of the phase-2 decoder (``docs/vpl.md#training-recipe``), single process or torchrun.
 
 ``train_segmenter`` runs SGD (momentum 0.9, weight decay 1e-4) with a poly learning rate
 (power 0.9, no warm-up) on the decoder of a :class:`~vpl_plugin.phase2.PrototypeSegmenter`, over
@@ -71,7 +71,7 @@ _RUN_FIELDS = ("iterations", "batch_size", "lr", "poly_power", "momentum", "weig
 
 @dataclass
 class TrainConfig:
-    """Phase-2 optimisation settings (defaults: spec 8.8).
+    """Phase-2 optimisation settings (defaults: ``docs/vpl.md#training-recipe``).
 
     Attributes:
         iterations: SGD iterations (30 000).
@@ -473,7 +473,9 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
                     resume: bool = True, progress: bool = True,
                     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
                     save_final: bool = True) -> Dict[str, Any]:
-    """Train the decoder of ``model`` on pseudo masks (spec 8.7-8.8); resumable; DDP under torchrun.
+    """Train the decoder of ``model`` on pseudo masks; resumable; DDP under torchrun.
+
+    See ``docs/vpl.md#training-recipe``.
 
     Args:
         model: a :class:`~vpl_plugin.phase2.PrototypeSegmenter` (moved to ``device``; its decoder
