@@ -225,8 +225,9 @@ def _materialise_attention_masks(model: nn.Module) -> None:
     """Replace the meta-device causal masks of a CLIP built under ``torch.device("meta")`` by
     ``model.build_attention_mask()`` (the text blocks share one mask, as ``CLIP.__init__`` makes
     them), and check that no meta tensor is left anywhere in the model."""
-    mask = model.build_attention_mask()
-    for block in model.transformer.resblocks:
+    clip: Any = model  # a clip.model.CLIP (its attributes are not typed)
+    mask = clip.build_attention_mask()
+    for block in clip.transformer.resblocks:
         if block.attn_mask is not None:
             block.attn_mask = mask
     left = [f"{name}.{attr}" for name, module in model.named_modules()
