@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHONWARNINGS ?= ignore::UserWarning:clip.clip,ignore::FutureWarning
 
-.PHONY: setup demo voc-demo test test-slow
+.PHONY: setup demo voc-demo test test-slow check
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -18,3 +18,9 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow -q
+
+# Lint, types and the docstring examples (configuration in pyproject.toml); run by .ci/run.
+check:
+	$(PYTHON) -m ruff check vpl_plugin tests
+	$(PYTHON) -m mypy vpl_plugin
+	$(PYTHON) -m pytest --doctest-modules vpl_plugin -q -p no:cacheprovider -o addopts=""

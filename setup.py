@@ -19,7 +19,8 @@ EXTRAS = {
     "decoder": ["timm>=0.9"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7"]
+# scipy: reference computations in the tests only; ruff and mypy: the checks in .ci/run.
+EXTRAS["dev"] = EXTRAS["all"] + ["pytest>=7", "scipy>=1.8", "ruff>=0.5", "mypy>=1.10"]
 
 setup(
     name="vpl-plugin",
@@ -34,7 +35,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["vpl_plugin", "vpl_plugin.*"]),
     package_data={"vpl_plugin": ["py.typed", "demo/assets/*.pt", "demo/assets/*.json"]},
-    install_requires=["torch>=2.0", "numpy>=1.22", "scipy>=1.8"],
+    install_requires=["torch>=2.0", "numpy>=1.22"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["vpl=vpl_plugin.cli:main"]},
     classifiers=[

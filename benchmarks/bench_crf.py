@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import voc_root, write_results
-from vpl_plugin._io import save_npy_dict
+from vpl_plugin.data.cam_files import write_cam_file
 from vpl_plugin.pseudo_masks import load_label_png, make_pseudo_masks
 
 
@@ -38,7 +38,7 @@ def main() -> None:
         cams = [cv2.GaussianBlur((gt == k + 1).astype(np.float32), (0, 0), 12) for k in keys]
         cams = np.stack(cams) if cams else np.zeros((0,) + gt.shape, np.float32)
         cams = cams / np.maximum(cams.max(axis=(1, 2), keepdims=True), 1e-6)
-        save_npy_dict(work / "cams" / f"{i}.npy", {"keys": keys, "attn_highres": cams.astype(np.float16)})
+        write_cam_file(work / "cams" / f"{i}.npy", {"keys": keys, "attn_highres": cams.astype(np.float16)})
     cores = os.cpu_count() or 1
     timings = {}
     for workers in (1, cores):

@@ -47,7 +47,9 @@ def _sync() -> None:
 def _vit_b16(device: str) -> CLIPDense:
     model = build_random_clip(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                               patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12)
-    return CLIPDense(model.to(device))
+    # the encoder's device must be named: CLIPDense(model.to("cuda")) alone would run on the CPU.
+    # Default numerics: upstream's (fp16 model and fp16 GradCAM arithmetic on CUDA)
+    return CLIPDense(model, device=device)
 
 
 def _max_diff(a, b) -> float:

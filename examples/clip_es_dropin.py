@@ -15,8 +15,9 @@ per-token map, no refinement), one call per image that returns upstream's ``.npy
     np.save(path, dense_cams_for(model, image_path, label_id_list, dp))
 
 Here ``model`` is ``tests/clip_es_standin.CLIPESStandIn`` (upstream's interface: ``encode_image(image,
-H, W)`` and ``forward_last_layer``) over a *random-weight* tiny CLIP, and the images are 4 real VOC
-images of the shared subset. Random weights: the numbers show what the drop-in changes, not
+H, W)`` and ``forward_last_layer``, fp16 positional table) over a *random-weight* tiny CLIP loaded as
+``clip.load`` loads it, and the images are 4 real VOC images of the shared subset. No numerics flag
+is involved: the drop-in computes with upstream's numerics by default. Random weights: the numbers show what the drop-in changes, not
 whether VPL helps.
 
 Usage:
@@ -124,9 +125,13 @@ def main() -> None:
     picked = [voc[voc.ids.index(i)] for i in ids]
     samples = [(s.image_path, list(s.labels)) for s in picked]
 
-    base = build_random_clip(seed=0)  # random weights: a pipeline check, not a VPL result
+    import clip.model
+
+    exact = build_random_clip(seed=0)  # random weights: a pipeline check, not a VPL result
+    # as clip.load returns it on a CPU: build_model's fp16-rounded weights, cast to fp32, requiring grad
+    base = clip.model.build_model({k: v.clone() for k, v in exact.state_dict().items()}).float()
     for p in base.parameters():
-        p.requires_grad_(True)  # as clip.load returns it
+        p.requires_grad_(True)
     model = CLIPESStandIn(base)
     text = text_prototype_set(CLIPDense(base), VOC)  # what upstream's zeroshot_classifier builds
     fg_text_features, bg_text_features = text.fg.clone(), text.bg.clone()

@@ -63,7 +63,8 @@ def perform(process_id, dataset_list, args, model, bg_text_features, fg_text_fea
         image_features, attn_weight_list = model.encode_image(x, h, w)
         text_features_temp = torch.cat([fg_text_features[label_id_list], bg_text_features], dim=0)
         _, highres = per_class_loop(
-            model, lambda: model.forward_last_layer(image_features, text_features_temp), cam,
+            # upstream's shape: the closure is called within this iteration only
+            model, lambda: model.forward_last_layer(image_features, text_features_temp), cam,  # noqa: B023
             label_id_list, (h // p, w // p), size, attn_weight_list, 0.4)
         np.save(os.path.join(args.cam_out_dir, im.replace("jpg", "npy")),
                 {"keys": np.asarray(label_id_list, dtype=np.int64), "attn_highres": highres})

@@ -11,9 +11,10 @@ It shares the modules and parameters of an OpenAI ``clip.model.CLIP`` (same name
   sides L2-normalised, ``logit_scale.exp() * f`` times the text features, softmax.
 
 The positional table is interpolated bilinearly to the token grid
-(``docs/upstream_clip_es.md#positional-table``) without upstream's
-fp16 cast. Calls of ``encode_image`` / ``forward_last_layer`` are counted (``calls``) so tests can
-check that the drop-in API never uses them.
+(``docs/upstream_clip_es.md#positional-table``) and stored in fp16, as upstream does on every
+device (``pos_fp16=False`` leaves out the cast). Calls of ``encode_image`` /
+``forward_last_layer`` are counted (``calls``) so tests can check that the drop-in API never uses
+them.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ class CLIPESStandIn(nn.Module):
     Args:
         clip_model: a ``clip.model.CLIP`` ViT; its submodules and parameters are shared, so the
             stand-in's ``state_dict`` has CLIP's keys.
+        pos_fp16: store the interpolated positional table in fp16 (upstream).
     """
 
-    def __init__(self, clip_model: nn.Module) -> None:
+    def __init__(self, clip_model: nn.Module, pos_fp16: bool = True) -> None:
         super().__init__()
+        self.pos_fp16 = pos_fp16
         for name, child in clip_model.named_children():
             setattr(self, name, child)
         for name, param in clip_model.named_parameters(recurse=False):
@@ -53,7 +56,8 @@ class CLIPESStandIn(nn.Module):
         patch = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False)
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
-        return torch.cat([pos[:1].float(), patch], dim=0)
+        table = torch.cat([pos[:1].float(), patch], dim=0)
+        return table.half() if self.pos_fp16 else table
 
     @staticmethod
     def _run_block(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -60,9 +60,19 @@ def tiny_clip():
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_clip):
+    """The tiny CLIP with upstream CLIP-ES's numerics (the default: fp16-rounded weights, fp16
+    positional table)."""
     from vpl_plugin.backbones import CLIPDense
 
     return CLIPDense(tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def tiny_exact_encoder(tiny_clip):
+    """The tiny CLIP with its exact fp32 weights and positional table (``exact_fp32=True``)."""
+    from vpl_plugin.backbones import CLIPDense
+
+    return CLIPDense(tiny_clip, exact_fp32=True)
 
 
 @pytest.fixture(scope="session")

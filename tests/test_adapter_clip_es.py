@@ -44,6 +44,34 @@ def test_text_prototypes_are_cached_per_model(adapter, tiny_encoder):
     assert adapter.text_prototypes.logit_scale == float(tiny_encoder.logit_scale)
 
 
+def test_text_prototype_cache_lives_with_its_encoder(tiny_clip):
+    """The cache is per encoder: a cached set equals a fresh computation, a second encoder of the
+    same weights gets equal prototypes from its own entry, and a dropped encoder leaves nothing."""
+    import copy
+    import gc
+    import weakref
+
+    from vpl_plugin.adapters import clip_es
+    from vpl_plugin.backbones import CLIPDense
+    from vpl_plugin.data.classes import SYNTHETIC
+
+    enc = CLIPDense(copy.deepcopy(tiny_clip))
+    first = clip_es.text_prototype_set(enc, SYNTHETIC)
+    again = clip_es.text_prototype_set(enc, SYNTHETIC)
+    assert again.prototypes is not first.prototypes  # callers get copies they may change
+    assert torch.equal(again.prototypes, first.prototypes)
+    names = list(SYNTHETIC.prompt_names) + list(SYNTHETIC.background)
+    fresh = enc.encode_text_prototypes(names, (clip_es.CLIP_ES_TEMPLATE,))
+    assert torch.equal(first.prototypes, fresh)
+    other = CLIPDense(copy.deepcopy(tiny_clip))
+    assert torch.equal(clip_es.text_prototype_set(other, SYNTHETIC).prototypes, first.prototypes)
+    assert enc in clip_es._TEXT_CACHE and other in clip_es._TEXT_CACHE
+    ref = weakref.ref(enc)
+    del enc, other
+    gc.collect()
+    assert ref() is None  # the cache holds no strong reference to the encoder
+
+
 def _vision(adapter, tau, override=None):
     text = adapter.text_prototypes
     return PrototypeSet(text.prototypes.clone(), text.class_names, text.background_names, tau=tau,

@@ -228,7 +228,7 @@ def test_third_adapter_learning_set_equals_rows_from_its_text_gradcams(name, tin
     assert lset.ids == syn_dataset.ids
     text = text_prototype_set(tiny_encoder, SYNTHETIC)
     pos = 0
-    for i, image_id in enumerate(syn_dataset.ids):
+    for i in range(len(syn_dataset.ids)):
         sample = syn_dataset[i]
         x, _ = tiny_encoder.preprocess(sample_image(syn_dataset, sample))
         labels = torch.as_tensor(list(sample.labels), dtype=torch.long)

@@ -36,7 +36,7 @@ def test_plain_state_dict_and_torchscript_load_the_same_weights(tmp_path, tiny_c
     with pytest.raises(RuntimeError):
         torch.jit.load(str(plain))
     for path in (plain, archive):
-        enc = load_clip(str(path))
+        enc = load_clip(str(path), exact_fp32=True)
         _same_state(enc.model, tiny_clip)
         assert enc.checkpoint == str(path)
 
@@ -127,16 +127,91 @@ def test_inconsistent_state_dicts_are_refused_by_name(tiny_clip):
         build_clip_from_state_dict(wrong, source="src.pt")
 
 
-def test_positional_embedding_identity_at_pretraining_grid(tiny_encoder):
-    g = tiny_encoder.pretrain_grid
-    table = tiny_encoder.positional_embedding(g, g)
-    assert torch.equal(table, tiny_encoder.visual.positional_embedding.float())
-    assert tiny_encoder.positional_embedding(3, 7).shape == (1 + 21, tiny_encoder.width)
+def test_positional_embedding_identity_at_pretraining_grid(tiny_clip):
+    enc = CLIPDense(tiny_clip, exact_fp32=True)
+    g = enc.pretrain_grid
+    table = enc.positional_embedding(g, g)
+    assert torch.equal(table, enc.visual.positional_embedding.float())
+    assert enc.positional_embedding(3, 7).shape == (1 + 21, enc.width)
+    upstream = CLIPDense(tiny_clip).positional_embedding(g, g)
+    assert upstream.dtype == torch.float16 and torch.equal(upstream, table.half())
 
 
-def test_fp16_compat_stores_the_positional_table_in_half(tiny_clip):
-    enc = CLIPDense(tiny_clip, fp16_compat=True)
-    assert enc.positional_embedding(5, 6).dtype == torch.float16
+def test_default_is_upstreams_rounding_and_exact_fp32_keeps_the_checkpoint(tmp_path, tiny_clip):
+    """load_clip / CLIPDense default: build_model's fp16 rounding and an fp16 positional table;
+    exact_fp32=True: the checkpoint's values and an fp32 table."""
+    import clip.model
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_clip, path)
+    upstream = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
+    for enc in (load_clip(str(path)), CLIPDense(tiny_clip)):
+        _same_state(enc.model, upstream)
+        assert not enc.exact_fp32 and enc.fp16_compat and not enc.half_arithmetic  # CPU: fp32 arithmetic
+        assert enc.positional_embedding(5, 6).dtype == torch.float16
+    for enc in (load_clip(str(path), exact_fp32=True), CLIPDense(tiny_clip, exact_fp32=True)):
+        _same_state(enc.model, tiny_clip)
+        assert enc.exact_fp32 and not enc.fp16_compat
+        assert enc.positional_embedding(5, 6).dtype == torch.float32
+    assert CLIPDense(tiny_clip).fingerprint() != CLIPDense(tiny_clip, exact_fp32=True).fingerprint()
+
+
+def test_fp16_compat_is_an_alias_of_the_default(tiny_clip):
+    alias = CLIPDense(tiny_clip, fp16_compat=True)
+    assert not alias.exact_fp32 and alias.fingerprint() == CLIPDense(tiny_clip).fingerprint()
+    with pytest.raises(ValueError, match="exact_fp32"):
+        CLIPDense(tiny_clip, fp16_compat=True, exact_fp32=True)
+    with pytest.warns(FutureWarning, match="exact_fp32=True"):
+        former_default = CLIPDense(tiny_clip, fp16_compat=False)
+    assert former_default.exact_fp32
+
+
+def _snapshot(model):
+    return {k: (v.dtype, v.device, v.requires_grad, v.detach().clone()) for k, v in
+            list(model.named_parameters()) + list(model.named_buffers())}
+
+
+@pytest.mark.parametrize("exact_fp32", [False, True])
+@pytest.mark.parametrize("source", ["fp32", "half"])
+def test_clipdense_never_changes_the_callers_model(tiny_clip, exact_fp32, source):
+    """The caller's model keeps its values, dtypes, devices and flags; the encoder converts a copy
+    only when the model does not already fit its numerics."""
+    import copy
+
+    import clip.model
+
+    model = copy.deepcopy(tiny_clip)
+    if source == "half":
+        clip.model.convert_weights(model)  # what clip.load gives on CUDA
+    before = _snapshot(model)
+    enc = CLIPDense(model, exact_fp32=exact_fp32)
+    after = _snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k][:3] == after[k][:3], k
+        assert torch.equal(before[k][3], after[k][3]), k
+    # exact fp32 of an fp32 model fits as it is; otherwise rounding or an fp32 conversion is needed
+    assert (enc.model is model) == (source == "fp32" and exact_fp32)
+    assert all(p.dtype == torch.float32 for p in enc.model.parameters())
+    rounded = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
+    fitting = rounded if not exact_fp32 else tiny_clip
+    assert CLIPDense(fitting, exact_fp32=exact_fp32).model is fitting  # nothing to convert: no copy
+
+
+def test_a_fitting_model_changed_afterwards_is_checked_again(tiny_clip):
+    """The 'already fits' answer is remembered per model, but not across a change of its weights
+    (in place, or written through .data)."""
+    import clip.model
+
+    rounded = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
+    assert CLIPDense(rounded).model is rounded
+    assert CLIPDense(rounded).model is rounded  # remembered
+    w = rounded.visual.proj
+    w.data[0, 0] = float(w[0, 0]) + 1e-4  # not an fp16 value any more
+    enc = CLIPDense(rounded)
+    assert enc.model is not rounded and float(enc.visual.proj[0, 0]) == float(w[0, 0].half())
+    rounded.visual.conv1.weight.data.mul_(1.0001)  # writes through .data bump no version counter
+    assert CLIPDense(rounded).model is not rounded
 
 
 @pytest.mark.parametrize("size", [(281, 500), (16, 16), (17, 33), (375, 500)])
@@ -158,8 +233,28 @@ def test_preprocess_resizes_before_rgb_conversion(tiny_encoder):
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (expect - mean) / std, rtol=0, atol=1e-6)
 
 
-def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_encoder):
+def test_clip_normalize_is_the_one_normalisation_of_both_phases():
+    """Phase 2's ``normalize_image`` (0-255 arrays) and CLIPDense.preprocess share
+    ``clip_normalize``; it matches a float64 reference for single images and batches."""
+    from vpl_plugin.backbones.clip import clip_normalize
+    from vpl_plugin.phase2.data import normalize_image
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    ref = ((img / 255.0 - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(normalize_image(img).numpy(), ref, rtol=0, atol=1e-6)
+    batch = torch.from_numpy(np.stack([img, img[::-1]]).astype(np.float32) / 255).permute(0, 3, 1, 2)
+    out = clip_normalize(batch)
+    assert out.shape == (2, 3, 5, 7)
+    np.testing.assert_allclose(out[0].numpy(), ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[1].numpy(), ref[:, ::-1], rtol=0, atol=1e-6)
+
+
+def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_exact_encoder):
     """At the pretraining resolution our split forward's CLS embedding is CLIP's own embedding."""
+    tiny_encoder = tiny_exact_encoder
     torch.manual_seed(0)
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -175,9 +270,14 @@ def test_trunk_plus_last_block_reproduce_clip_encode_image(tiny_clip, tiny_encod
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 17))
 
 
-def test_text_prototypes_match_encode_text(tiny_clip, tiny_encoder):
+@pytest.mark.parametrize("exact_fp32", [False, True])
+def test_text_prototypes_match_encode_text(tiny_clip, exact_fp32):
     import clip
+    import clip.model
 
+    tiny_encoder = CLIPDense(tiny_clip, exact_fp32=exact_fp32)
+    if not exact_fp32:  # upstream's text encoder runs on build_model's rounded weights
+        tiny_clip = clip.model.build_model({k: v.clone() for k, v in tiny_clip.state_dict().items()}).float()
     templates = ["a clean origami {}.", "a photo of a {}."]
     protos = tiny_encoder.encode_text_prototypes(["cat", "person with clothes,people,human"], templates)
     with torch.no_grad():
@@ -210,7 +310,7 @@ def test_vit_b16_sized_random_model_runs_and_matches_encode_image():
     model = build_random_clip(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                               patch_size=16, transformer_width=512, transformer_heads=8,
                               transformer_layers=12)
-    enc = CLIPDense(model)
+    enc = CLIPDense(model, exact_fp32=True)
     assert (enc.patch_size, enc.pretrain_grid, enc.num_layers, enc.embed_dim) == (16, 14, 12, 512)
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -219,3 +319,24 @@ def test_vit_b16_sized_random_model_runs_and_matches_encode_image():
     out = enc.last_block(tokens)
     torch.testing.assert_close(out.cls_embedding.detach(), expected, rtol=1e-4, atol=1e-4)
     assert len(maps) == 7
+
+
+def test_phase2_backbone_follows_the_numerics_and_rebuilds_earlier_records(tmp_path, tiny_clip):
+    """`vpl train`'s OpenAI CLIP backbone takes the default numerics (or exact_fp32=True); a
+    description records them and rebuilds the same backbone, and a record of an earlier version
+    (fp16_compat false or absent: exact fp32 then) rebuilds the exact-fp32 backbone."""
+    from vpl_plugin.phase2.backbones import backbone_from_description, create_backbone
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_clip, path)
+    default = create_backbone(f"clip:{path}")
+    exact = create_backbone(f"clip:{path}", exact_fp32=True)
+    assert default.describe()["fp16_compat"] is True and exact.describe()["fp16_compat"] is False
+    assert default.fingerprint() != exact.fingerprint()
+    for bb in (default, exact):
+        again = backbone_from_description(bb.describe())
+        assert again.fingerprint() == bb.fingerprint() and again.encoder.exact_fp32 == bb.encoder.exact_fp32
+    earlier = {k: v for k, v in exact.describe().items() if k != "fp16_compat"}
+    assert backbone_from_description(earlier).encoder.exact_fp32
+    with pytest.raises(ValueError, match="timm"):
+        create_backbone("timm:vit_tiny_patch16_224", exact_fp32=True)

@@ -101,6 +101,56 @@ def test_identity_learning_reproduces_text_cams(small_voc, tiny_checkpoint, tmp_
     assert _run(["cams", *data, "--out", tmp_path / "t"]) == EXIT_OK  # same settings: resumes
 
 
+def test_cams_of_the_former_exact_fp32_default_resume_only_with_exact_fp32(small_voc, tiny_checkpoint, tmp_path,
+                                                                          capsys):
+    """A CAM folder written before upstream's numerics became the default (recorded
+    fp16_compat: false) is refused by a default run, naming --exact-fp32, and resumes with it."""
+    import yaml
+
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress"]
+    old = tmp_path / "old"
+    assert _run(["cams", *data, "--out", old, "--limit", "1", "--exact-fp32"]) == EXIT_OK
+    record = yaml.safe_load((old / "vpl_cams.yaml").read_text())
+    assert record["adapter_config"]["fp16_compat"] is False
+    record.pop("exact_fp32", None)  # the record as earlier versions wrote it: no such option
+    record.pop("fp16_compat", None)
+    (old / "vpl_cams.yaml").write_text(yaml.safe_dump(record))
+    before = (old / f"{IDS[0]}.npy").read_bytes()
+    capsys.readouterr()
+    for alias in ([], ["--fp16-compat"]):
+        assert _run(["cams", *data, "--out", old, *alias]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "fp16_compat: False -> True" in err and "rerun with --exact-fp32" in err
+    assert (old / f"{IDS[0]}.npy").read_bytes() == before and len(list(old.glob("*.npy"))) == 1
+    assert _run(["cams", *data, "--out", old, "--exact-fp32"]) == EXIT_OK  # resumes the old run
+    assert (old / f"{IDS[0]}.npy").read_bytes() == before and len(list(old.glob("*.npy"))) == 4
+    # and the other way round: a default folder refuses --exact-fp32
+    new = tmp_path / "new"
+    assert _run(["cams", *data, "--out", new, "--limit", "1"]) == EXIT_OK
+    capsys.readouterr()
+    assert _run(["cams", *data, "--out", new, "--exact-fp32"]) == EXIT_USAGE
+    assert "rerun without --exact-fp32" in capsys.readouterr().err
+    assert _run(["cams", *data, "--out", new, "--fp16-compat"]) == EXIT_OK  # the alias is the default
+    assert np.abs(np.load(old / f"{IDS[1]}.npy", allow_pickle=True).item()["attn_highres"].astype(np.float32)
+                  - np.load(new / f"{IDS[1]}.npy", allow_pickle=True).item()["attn_highres"]).max() > 0
+    assert _run(["cams", *data, "--out", tmp_path / "both", "--fp16-compat", "--exact-fp32"]) == EXIT_USAGE
+    assert "contradicts --exact-fp32" in capsys.readouterr().err
+
+
+def test_learn_cache_of_the_former_exact_fp32_default_is_reused_only_with_exact_fp32(small_voc, tiny_checkpoint,
+                                                                                     tmp_path, capsys):
+    data = ["--clip", tiny_checkpoint, "--root", small_voc, "--split-file", "train.txt", "--no-progress",
+            "--limit", "1", "--iters", "1", "--cache-dir", tmp_path / "cache"]
+    assert _run(["learn", *data, "--out", tmp_path / "a.pt", "--exact-fp32"]) == EXIT_OK
+    assert "numerics" not in json.loads((tmp_path / "cache" / "settings.json").read_text())  # as written before
+    capsys.readouterr()
+    assert _run(["learn", *data, "--out", tmp_path / "b.pt"]) == EXIT_USAGE
+    assert "rerun with --exact-fp32" in capsys.readouterr().err
+    assert _run(["learn", *data, "--out", tmp_path / "c.pt", "--exact-fp32"]) == EXIT_OK
+    summary = json.loads((tmp_path / "c.history.json").read_text())["summary"]
+    assert summary["skipped_existing"] == 1
+
+
 def test_interrupted_run_resumes_to_identical_files(small_voc, tiny_checkpoint, tmp_path):
     from vpl_plugin.adapters import CLIPESAdapter
     from vpl_plugin.backbones import load_clip
@@ -161,7 +211,8 @@ def test_usage_errors_exit_2_with_a_message(tmp_path, small_voc, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert _run(["learn", "--clip", "x", "--root", small_voc, "--out", tmp_path / "p.pt", "--tau", "hot"]) == EXIT_USAGE
     assert "--tau" in capsys.readouterr().err
-    assert _run(["eval", "--gt-root", tmp_path, "--split-file", tmp_path / "nolist.txt", "--cams", tmp_path]) == EXIT_USAGE
+    argv = ["eval", "--gt-root", tmp_path, "--split-file", tmp_path / "nolist.txt", "--cams", tmp_path]
+    assert _run(argv) == EXIT_USAGE
 
 
 def test_config_file_sits_between_defaults_and_flags(tmp_path, small_voc, tiny_checkpoint):
@@ -184,7 +235,8 @@ def test_help_teaches_and_python_m_works():
     proc = subprocess.run([sys.executable, "-m", "vpl_plugin", "learn", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
-    for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened"):
+    for word in ("--tau", "--phi", "--iters", "examples:", "seed_hardened",
+                 "torchrun --nproc_per_node 4 -m vpl_plugin learn"):
         assert word in proc.stdout
     assert main(["--version"]) == 0
 

@@ -218,7 +218,7 @@ def _planted_tokens(n_images=24, seed=0):
     for i in range(n_images):
         present = sorted({i % 3, (i * 7 + 1) % 3}) if i % 2 else [i % 3]
         owner = torch.full((16,), -1)
-        for j, c in enumerate(present):
+        for c in present:
             owner[torch.randperm(16, generator=g)[:4]] = c
         base = torch.where(owner[:, None] >= 0, F.one_hot(owner.clamp_min(0), 8).float(),
                            F.one_hot(torch.full((16,), 7), 8).float())
@@ -460,15 +460,25 @@ def test_vpl_cams_clip_cpal_builds_saves_and_reuses_the_bank(tiny_checkpoint, tm
 
 
 def test_every_cpal_setting_has_exactly_one_cams_flag_and_back():
-    """``vpl cams --cpal-*`` maps flags onto CLIPCPALConfig by hand: no field may lack a flag, no flag
-    may name a missing field, and each flag must parse onto the field it names."""
+    """``vpl cams --cpal-*`` is generated from CLIPCPALConfig's field metadata: every CPAL field has a
+    flag, and each flag, given a value other than the default, reaches exactly its field."""
     from vpl_plugin import cli
-    from vpl_plugin.adapters.clip_cpal import CPAL_FIELDS
+    from vpl_plugin.adapters.clip_cpal import CPAL_FIELDS, CLIPCPALConfig
+    from vpl_plugin.cli.options import options_of
+    from vpl_plugin.cli.shared import cpal_overrides
 
-    assert sorted(cli._CPAL_FLAGS.values()) == sorted(CPAL_FIELDS)
-    parser = cli._build_parser()
-    args = parser.parse_args(["cams", "--adapter", "clip-cpal", "--cpal-m", "5", "--cpal-k", "2",
-                              "--cpal-tau-s", "0.2", "--cpal-head"])
-    assert cli._cpal_overrides(args) == {"num_context": 5, "neighbours": 2, "tau_s": 0.2, "head": True}
-    for flag in cli._CPAL_FLAGS:
-        assert hasattr(args, flag), f"--{flag.replace('_', '-')} is mapped but not a vpl cams flag"
+    options = options_of(CLIPCPALConfig)
+    assert sorted(options) == sorted(CPAL_FIELDS)
+    values = {"features": "proj", "candidates": "all", "fusion": "max", "num_context": 5, "neighbours": 2,
+              "tau_s": 0.2, "gamma": 0.25, "delta_p": 0.3, "kmeans_iters": 4, "kmeans_seed": 7,
+              "head": True, "head_iters": 9, "head_lr": 0.5, "head_lambda": 0.0}
+    assert sorted(values) == sorted(CPAL_FIELDS)
+    argv = ["cams", "--adapter", "clip-cpal", "--clip", "c.pt", "--root", "r", "--out", "o"]
+    for name, value in values.items():
+        assert value != getattr(CLIPCPALConfig(), name)
+        argv += [options[name].flag] if value is True else [options[name].flag, str(value)]
+    assert cpal_overrides(cli.parse_args(argv)) == values
+    assert cpal_overrides(cli.parse_args(argv[:9])) == {}  # not given: the dataclass defaults apply
+    parser = cli.build_parser().commands["cams"]
+    flags = {flag for o in parser.options for flag in o.action.option_strings if flag.startswith("--cpal-")}
+    assert flags == {o.flag for o in options.values()} | {"--cpal-bank"}

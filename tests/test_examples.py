@@ -16,7 +16,7 @@ def test_custom_learning_example_shrinks_the_gap():
     proc = subprocess.run([sys.executable, str(EXAMPLES / "learn_prototypes_custom.py")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    line = [l for l in proc.stdout.splitlines() if l.startswith("modality gap")][0]
+    line = [row for row in proc.stdout.splitlines() if row.startswith("modality gap")][0]
     text_gap, vision_gap = (float(v) for v in line.replace("->", " ").split()[-3::2])
     assert vision_gap < text_gap
 

@@ -184,7 +184,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(dataset, tmp_path, rsc
         return Phase2Loss(rsc_form=rsc_form, tau_rsc=0.1)
 
     full = small_segmenter()
-    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(batch_size=4), loss=loss(), progress=False)
+    record = train_segmenter(full, dataset, tmp_path / "full", config=_config(batch_size=4), loss=loss(),
+                             progress=False)
     expected = _decoder(full)
 
     class Killed(Exception):
@@ -325,11 +326,34 @@ def test_cli_train_writes_outputs_and_resumes(world, cli_inputs, tmp_path, capsy
     assert "other settings" in capsys.readouterr().err
 
 
+def test_cli_train_run_of_the_former_exact_fp32_default_resumes_only_with_exact_fp32(world, cli_inputs, tmp_path,
+                                                                                      capsys):
+    """`vpl train`'s OpenAI CLIP follows upstream's numerics by default; a state written before
+    that default (backbone in exact fp32, no numerics recorded) is refused naming --exact-fp32,
+    and `--exact-fp32` continues it."""
+    import torch
+
+    from vpl_plugin.cli import main
+
+    out = tmp_path / "run"
+    assert main(_train_argv(world, cli_inputs, out, "--exact-fp32", "--checkpoint-every", "2")) == 0
+    state = load_train_state(out / "last.pt")
+    assert state["model"]["backbone_numerics"] == "exact-fp32"
+    del state["model"]["backbone_numerics"]  # the state as earlier versions wrote it
+    torch.save(state, out / "last.pt")
+    capsys.readouterr()
+    assert main(_train_argv(world, cli_inputs, out)) == 2
+    err = capsys.readouterr().err
+    assert "model backbone" in err and "vpl train --exact-fp32` continues it" in err
+    assert main(_train_argv(world, cli_inputs, out, "--exact-fp32")) == 0  # the same run: accepted
+    assert "other settings" not in capsys.readouterr().err
+
+
 def test_cli_train_usage_errors(world, cli_inputs, tmp_path, capsys):
     from vpl_plugin.cli import main
 
     assert main(["train", "--root", str(world)]) == 2
-    assert "missing --backbone" in capsys.readouterr().err
+    assert "required: --backbone/--clip" in capsys.readouterr().err
     assert main(_train_argv(world, cli_inputs, tmp_path, "--batch-size", "0")) == 2
     assert main(_train_argv(world, cli_inputs, tmp_path, "--eval-every", "2")) == 2
     assert "--val-split-file" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from voc_helpers import FOUR_IDS  # noqa: E402
 
 from vpl_plugin.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
 from vpl_plugin.data.classes import COCO, VOC  # noqa: E402
-from vpl_plugin.reproduce import COCO_NOTE, PAPER_COCO_VAL_SEGMENTATION, STAGE_MARKER  # noqa: E402
+from vpl_plugin.reproduce import COCO_NOTE, STAGE_MARKER, TABLE1_ROWS  # noqa: E402
 
 # VOC class index (0..19) -> COCO class index (0..79): every VOC name is a COCO prompt name
 VOC_TO_COCO = [COCO.names.index(name) for name in VOC.names]
@@ -160,7 +160,8 @@ def test_coco_table1_end_to_end_with_a_token_budget(coco_root, tiny_checkpoint, 
     assert rows["CLIP-ES + VPL"]["mask"] == round(100 * result["miou"], 2)
     for name, r in rows.items():
         assert r["paper_seed"] is None and r["paper_mask"] is None
-        assert r["paper_coco_val_segmentation"] == PAPER_COCO_VAL_SEGMENTATION[name]
+        paper = {row.name: row.paper_coco_val_segmentation for row in TABLE1_ROWS}
+        assert r["paper_coco_val_segmentation"] == paper[name]
         assert r["diff_seed"] is None and r["diff_mask"] is None
     for name in rows:  # CLIP-CPAL rows too (the reconstruction, M = 4 context prototypes on COCO)
         assert rows[name]["available"] and 0 <= rows[name]["seed"] <= 100 and 0 <= rows[name]["mask"] <= 100

@@ -43,8 +43,8 @@ def test_config_values_parse_exactly_like_the_flags_they_stand_for(tmp_path):
     cfg = _config(tmp_path, "iters: 5\nlr: 2.5\ntau: clip\nno_cache: true\nlimit: 3\n"
                             "template: ['a {}.', 'the {}.']\nroot: data\nclip: m.pt\nout: p.pt\n"
                             .replace("no_cache: true", "cache: false").replace("template:", "templates:"))
-    from_file = cli._parse(["learn", "--config", str(cfg)])
-    from_flags = cli._parse(["learn", "--iters", "5", "--lr", "2.5", "--tau", "clip", "--no-cache",
+    from_file = cli.parse_args(["learn", "--config", str(cfg)])
+    from_flags = cli.parse_args(["learn", "--iters", "5", "--lr", "2.5", "--tau", "clip", "--no-cache",
                              "--limit", "3", "--template", "a {}.", "--template", "the {}.",
                              "--root", "data", "--clip", "m.pt", "--out", "p.pt"])
     assert {**vars(from_file), "config": None} == vars(from_flags)
@@ -52,7 +52,7 @@ def test_config_values_parse_exactly_like_the_flags_they_stand_for(tmp_path):
 
 def test_flags_on_the_command_line_replace_the_file_values(tmp_path):
     cfg = _config(tmp_path, "templates: ['from file {}.']\niters: 7\nroot: r\nclip: m\nout: o.pt\n")
-    args = cli._parse(["learn", "--config", str(cfg), "--template", "flag {}.", "--iters=9"])
+    args = cli.parse_args(["learn", "--config", str(cfg), "--template", "flag {}.", "--iters=9"])
     assert args.templates == ["flag {}."] and args.iters == 9 and args.root == "r"
 
 
@@ -141,7 +141,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_comes_with_v(monkeypa
     def boom(args):
         raise RuntimeError(f"something broke while reading {tmp_path / 'x.npy'}\nsecond line")
 
-    monkeypatch.setitem(cli._COMMANDS, "eval", boom)
+    monkeypatch.setattr(cli.evaluate, "run", boom)
     argv = ["eval", "--cams", tmp_path, "--gt-root", tmp_path, "--split-file", tmp_path / "l.txt"]
     assert _run(argv) == EXIT_FAILURE
     err = _err(capsys)
@@ -156,7 +156,7 @@ def test_an_os_error_names_its_file(monkeypatch, tmp_path, capsys):
     def denied(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "locked.png"))
 
-    monkeypatch.setitem(cli._COMMANDS, "eval", denied)
+    monkeypatch.setattr(cli.evaluate, "run", denied)
     assert _run(["eval", "--cams", tmp_path, "--gt-root", tmp_path, "--split-file", tmp_path / "l"]) == EXIT_USAGE
     assert f"{tmp_path / 'locked.png'}" in _err(capsys)
 

@@ -74,9 +74,10 @@ def per_class_loop(model, run_last_layer, target_layer, labels, grid, size, trun
     for j, _label in enumerate(labels):
         store = {}
 
+        # upstream's shape: the hook is registered, used and removed within this iteration
         def hook(_module, _inp, out):
-            store["act"] = out
-            out.register_hook(lambda grad: store.__setitem__("grad", grad))
+            store["act"] = out  # noqa: B023
+            out.register_hook(lambda grad: store.__setitem__("grad", grad))  # noqa: B023
 
         handle = target_layer.register_forward_hook(hook)
         try:
@@ -112,11 +113,13 @@ def per_class_loop(model, run_last_layer, target_layer, labels, grid, size, trun
 
 
 def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labels, logit_scale,
-                   box_thr=0.4, layers=8, return_gradcams=False, pos_fp16=False):
+                   box_thr=0.4, layers=8, return_gradcams=False, pos_fp16=False, pos_ulp_shift=0):
     """Upstream-style CAMs of one image. ``model`` is a ``clip.model.CLIP`` (fp32, CPU).
 
     ``pos_fp16``: store the interpolated positional table in fp16 before adding it, as upstream
-    always does (its CPU path: fp16-rounded weights from ``build_model`` plus this cast)."""
+    always does (its CPU path: fp16-rounded weights from ``build_model`` plus this cast).
+    ``pos_ulp_shift``: move every entry of the fp16 table this many fp16 steps up (a deliberate
+    error, to show that a comparison with this oracle is sensitive to the table)."""
     model = copy.deepcopy(model).float().eval()
     visual = model.visual
     blocks = visual.transformer.resblocks
@@ -135,6 +138,8 @@ def reference_cams(model, image: Image.Image, prototypes_fg, prototypes_bg, labe
     table = torch.cat([pos[:1], grid.reshape(1, -1, h * w).permute(0, 2, 1)[0]])
     if pos_fp16:
         table = table.half()
+    for _ in range(pos_ulp_shift):
+        table = torch.nextafter(table.half(), torch.full_like(table.half(), float("inf")))
     x = x + table.to(x.dtype)[None]
     x = visual.ln_pre(x).permute(1, 0, 2)
     attn_list = []

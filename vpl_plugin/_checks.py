@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 
 def check_ndim(name: str, x: Any, ndim: int, shape_doc: str) -> None:
@@ -41,10 +42,10 @@ def check_template(template: str) -> None:
 
     Example:
         >>> check_template("a clean origami {}.")
-        >>> check_template("a {} {x}")
+        >>> check_template("a {} {x}")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: prompt template 'a {} {x}' must hold exactly one '{}' where the class name goes and no other {...} field (write a literal brace as '{{' or '}}'); found fields ['', 'x'].
+        ValueError: prompt template 'a {} {x}' must hold exactly one '{}' ... found fields ['', 'x'].
     """
     import string
 
@@ -59,3 +60,59 @@ def check_template(template: str) -> None:
         raise ValueError(f"prompt template {template!r} {hint}; Python cannot read it: {err}.") from None
     if [name for name, _, _ in parts] not in ([""], ["0"]) or any(spec or conv for _, spec, conv in parts):
         raise ValueError(f"prompt template {template!r} {hint}; found fields {[n for n, _, _ in parts]}.")
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
+    test, so a plain range check lets it through)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+    return number
+
+
+# -- saved settings against current ones (resume files, caches, banks) ---------------------------------
+def settings_diff(saved: Mapping[str, Any], now: Mapping[str, Any],
+                  keys: Optional[Iterable[str]] = None) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (saved value, current value)}`` of every key (default: those of ``now``) whose two
+    values differ; a missing key reads as ``None``.
+
+    Example:
+        >>> settings_diff({"lr": 0.01, "crop": 320}, {"lr": 0.02, "crop": 320, "seed": 0})
+        {'lr': (0.01, 0.02), 'seed': (None, 0)}
+    """
+    keys = list(now) if keys is None else keys
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def describe_diff(diff: Mapping[str, Tuple[Any, Any]], item: str = "{key}: {then!r} -> {now!r}",
+                  sep: str = ", ") -> str:
+    """The entries of a :func:`settings_diff` as text, each formatted by ``item``.
+
+    Example:
+        >>> describe_diff({"lr": (0.01, 0.02)}, "{key}: {then!r} there, {now!r} now")
+        'lr: 0.01 there, 0.02 now'
+    """
+    return sep.join(item.format(key=k, then=a, now=b) for k, (a, b) in diff.items())
+
+
+def check_settings(saved: Mapping[str, Any], now: Mapping[str, Any], what: str, fix: str, *,
+                   keys: Optional[Iterable[str]] = None, item: str = "{key}: {then!r} -> {now!r}",
+                   sep: str = ", ") -> None:
+    """Raise ``ValueError("<what> (<every difference>); <fix>")`` when saved settings differ from
+    the current ones (:func:`settings_diff`, each difference formatted by ``item``).
+
+    Example:
+        >>> check_settings({"lr": 0.01}, {"lr": 0.01}, "out/ holds a run with other settings", "use another --out.")
+        >>> check_settings({"lr": 0.01}, {"lr": 0.02}, "out/ holds a run with other settings", "use another --out.")
+        Traceback (most recent call last):
+        ...
+        ValueError: out/ holds a run with other settings (lr: 0.01 -> 0.02); use another --out.
+    """
+    diff = settings_diff(saved, now, keys)
+    if diff:
+        raise ValueError(f"{what} ({describe_diff(diff, item, sep)}); {fix}")
+

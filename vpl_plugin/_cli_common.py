@@ -1,18 +1,22 @@
-"""What every ``vpl`` command shares: exit statuses, the usage error, argument types.
+"""What every ``vpl`` command shares: exit statuses, the usage error, argument types, and the
+metadata that turns a configuration-dataclass field into a flag (:func:`cli_option`).
 
-Kept apart from :mod:`vpl_plugin.cli` so that modules which add their own sub-command flags
-(:mod:`vpl_plugin.reproduce`) can use them without importing the CLI.
+Kept apart from :mod:`vpl_plugin.cli` so that library modules (configuration dataclasses,
+:mod:`vpl_plugin.reproduce`) can use them without importing the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "ParseError",
-           "UsageError", "VplArgumentParser", "finite_float", "max_pixels_arg", "max_tokens_arg", "nonnegative_int",
-           "positive_float", "positive_int", "tau_arg"]
+__all__ = ["CLI_OPTION", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE",
+           "FP16_COMPAT_CONFLICT", "REFUSED_INPUT_ERRORS", "CLIOption", "LenientArgumentParser", "ParseError",
+           "RecordedOption", "UsageError", "VplArgumentParser", "add_numerics_flags", "cli_option", "finite_float",
+           "max_pixels_arg", "max_tokens_arg", "nonnegative_int", "numerics_resume_hint", "positive_float",
+           "positive_int", "tau_arg"]
 
 #: every image processed
 EXIT_OK = 0
@@ -31,6 +35,20 @@ class UsageError(Exception):
     """Bad arguments: reported on stderr with exit status 2."""
 
 
+def _refused_input_errors() -> Tuple[type, ...]:
+    from vpl_plugin._lock import OutputLocked  # a RuntimeError, but a refusal: the output is in use
+
+    # ValueError covers the project's refusals of bad files (DatasetError, CheckpointError,
+    # UnsafeFileError, CAMFileError, YAMLFileError, NonFiniteRowsError all derive from it)
+    return (UsageError, OutputLocked, ValueError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError, ImportError)
+
+
+#: errors that mean "an input was refused" (exit status 2, one line); any other exception of a
+#: command is unexpected (exit status 1, one line; the traceback with -v)
+REFUSED_INPUT_ERRORS: Tuple[type, ...] = _refused_input_errors()
+
+
 class ParseError(Exception):
     """argparse refused the arguments (printed with the command's usage line, exit status 2)."""
 
@@ -39,12 +57,116 @@ class ParseError(Exception):
         self.parser = parser
 
 
+@dataclass(frozen=True)
+class RecordedOption:
+    """An option of a :class:`VplArgumentParser`, as ``--config`` needs it.
+
+    Attributes:
+        action: the argparse action (its public ``option_strings``, ``dest``, ``nargs``,
+            ``const`` and ``default``).
+        repeatable: added with ``action="append"`` (each value is one more flag).
+    """
+
+    action: argparse.Action
+    repeatable: bool
+
+
+class _RecordingGroup:
+    """An argument group (or mutually exclusive group) whose ``add_argument`` records the option
+    in its parser; everything else is the group's own."""
+
+    def __init__(self, parser: "VplArgumentParser", group: Any) -> None:
+        self._parser = parser
+        self._group = group
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return self._parser.record(self._group.add_argument, args, kwargs)
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> "_RecordingGroup":
+        kwargs["required"] = kwargs.get("required", False) and not self._parser.lenient
+        return _RecordingGroup(self._parser, self._group.add_mutually_exclusive_group(**kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+
 class VplArgumentParser(argparse.ArgumentParser):
     """argparse that raises :class:`ParseError` instead of exiting, so ``main`` can say where a
-    bad value came from (a flag or the --config file)."""
+    bad value came from (a flag or the --config file).
 
-    def error(self, message: str):  # type: ignore[override]
+    It also keeps the options it was given (:attr:`options`, for ``--config``) and, with
+    ``lenient=True``, drops ``required`` (to read ``--config`` before the required flags are
+    complete). ``commands`` maps a sub-command name to its parser (filled by the CLI).
+    """
+
+    def __init__(self, *args: Any, lenient: bool = False, **kwargs: Any) -> None:
+        self.lenient = lenient
+        self.options: List[RecordedOption] = []
+        self.commands: Dict[str, "VplArgumentParser"] = {}
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         raise ParseError(self, message)
+
+    def record(self, add: Callable[..., argparse.Action], args: Sequence[Any],
+               kwargs: Dict[str, Any]) -> argparse.Action:
+        """Call ``add(*args, **kwargs)`` (``required`` dropped when lenient) and keep the option."""
+        if self.lenient:
+            kwargs.pop("required", None)
+        action = add(*args, **kwargs)
+        if action.option_strings:
+            self.options.append(RecordedOption(action, kwargs.get("action") == "append"))
+        return action
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        return self.record(super().add_argument, args, kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return _RecordingGroup(self, super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["required"] = kwargs.get("required", False) and not self.lenient
+        return _RecordingGroup(self, super().add_mutually_exclusive_group(**kwargs))
+
+
+class LenientArgumentParser(VplArgumentParser):
+    """A :class:`VplArgumentParser` that drops ``required`` (reads ``--config`` before the required
+    flags are complete)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, lenient=True, **kwargs)
+
+
+#: key of a dataclass field's ``metadata`` that holds its :class:`CLIOption`
+CLI_OPTION = "vpl_cli_option"
+
+
+@dataclass(frozen=True)
+class CLIOption:
+    """How a configuration-dataclass field appears as a ``vpl`` flag (see :func:`cli_option`)."""
+
+    flag: str
+    help: Optional[str]
+    type: Optional[Callable[[str], Any]] = None
+    choices: Optional[Tuple[str, ...]] = None
+    metavar: Any = None
+    nargs: Optional[int] = None
+    off_flag: Optional[str] = None
+    off_help: Optional[str] = None
+
+
+def cli_option(flag: str, help: Optional[str], *, type: Optional[Callable[[str], Any]] = None,  # noqa: A002
+               choices: Optional[Sequence[str]] = None, metavar: Any = None, nargs: Optional[int] = None,
+               off_flag: Optional[str] = None, off_help: Optional[str] = None) -> Dict[str, CLIOption]:
+    """The ``metadata`` of a dataclass field that the CLI exposes as ``flag``.
+
+    ``type``/``choices``/``metavar``/``nargs`` are argparse's. A boolean field is a switch:
+    ``flag`` is ``--X`` (turns it on) or ``--no-X`` (turns it off); ``off_flag`` adds the
+    opposite switch right after it (``--amp`` / ``--no-amp``). The flag's ``dest`` is its
+    name, so the command's namespace and recorded configuration keep the flag's name.
+    """
+    return {CLI_OPTION: CLIOption(flag, help, type, tuple(choices) if choices else None, metavar, nargs,
+                                  off_flag, off_help)}
 
 
 def finite_float(text: str) -> float:
@@ -63,6 +185,14 @@ def positive_float(text: str) -> float:
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0; got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text!r}")
     return value
 
 
@@ -121,3 +251,44 @@ def max_tokens_arg(value: Optional[str]) -> Optional[int]:
         raise UsageError(f"--max-tokens must be a positive whole number such as 10000000 or 1e7; got "
                          f"{value!r}.")
     return int(number)
+
+
+# -- numerics switch (docs/upstream_clip_es.md#numerics) -------------------------------------------
+
+#: --help of --exact-fp32, with its effect measured on the repository's peaked-attention test bed
+EXACT_FP32_HELP = (
+    "compute with the checkpoint's exact fp32 weights and an fp32 positional table instead of "
+    "upstream CLIP-ES's numerics (the default: weights rounded through fp16 and an fp16 positional "
+    "table on every device; on CUDA an fp16 model with upstream's fp16 GradCAM arithmetic). Not "
+    "upstream's numbers: EXACT_FP32_EFFECT. Earlier versions' default; resumes their outputs")
+
+#: measured effect (benchmarks/exact_fp32_effect.py: random ViT-B/16 with q / k x8, 8 VOC train images, CPU)
+EXACT_FP32_EFFECT = ("on a ViT-B/16 with peaked attention and 8 VOC images its CAMs differed from the "
+                     "default by up to 0.85 per pixel (mean 0.05) and the seed mIoU by 2.2 points")
+
+FP16_COMPAT_CONFLICT = ("--fp16-compat (upstream's numerics, now the default) contradicts --exact-fp32; "
+                        "drop one of them.")
+
+
+def add_numerics_flags(group: Any, *, alias: bool = True) -> None:
+    """``--exact-fp32`` and (``alias``) its former opposite ``--fp16-compat`` (accepted, means
+    the default)."""
+    group.add_argument("--exact-fp32", action="store_true",
+                       help=EXACT_FP32_HELP.replace("EXACT_FP32_EFFECT", EXACT_FP32_EFFECT))
+    if not alias:
+        return
+    group.add_argument("--fp16-compat", action="store_true",
+                       help="accepted for scripts written before upstream's numerics became the "
+                            "default; changes nothing (refused together with --exact-fp32)")
+
+
+def numerics_resume_hint(then: dict, now: dict) -> str:
+    """A sentence naming the switch that reproduces a record's numerics, when a recorded
+    ``fp16_compat`` (upstream's numerics) differs from the current one; else ``""``."""
+    before, current = then.get("fp16_compat"), now.get("fp16_compat")
+    if before == current:
+        return ""
+    if not before and current:
+        return ("They were computed in exact fp32 (the default of versions before upstream's numerics "
+                "became the default): rerun with --exact-fp32 to continue them. ")
+    return "They were computed with upstream's numerics (the default): rerun without --exact-fp32. "

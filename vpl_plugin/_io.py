@@ -83,17 +83,6 @@ def _umask() -> int:
     return mask
 
 
-def save_npy_dict(path: str | os.PathLike, obj: dict) -> None:
-    """Save a CAM dict as ``np.save(path, dict)`` does, atomically (upstream CLIP-ES's format).
-
-    Kept for compatibility: it is :func:`vpl_plugin.data.cam_files.write_cam_file`; read the file
-    back with :func:`vpl_plugin.data.cam_files.read_cam_file` (never with ``allow_pickle=True``).
-    """
-    from vpl_plugin.data.cam_files import write_cam_file  # lazy: cam_files imports this module
-
-    write_cam_file(path, obj)
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any, Iterable, Optional
 
 
@@ -17,6 +18,6 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    if total is None and iterable is not None and isinstance(iterable, Sized):
         total = len(iterable)
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, **kwargs)

@@ -48,6 +48,7 @@ from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple, Unio
 __all__ = [
     "RestrictedUnpickler",
     "UnsafeFileError",
+    "check_tensor_sizes",
     "load_weights_only",
     "numpy_globals",
     "restricted_load",
@@ -73,7 +74,7 @@ class UnsafeFileError(ValueError):
                    f"nothing from it was executed.")
         super().__init__(message + (f" {hint}" if hint else ""))
 
-    def __reduce__(self):  # keep the attributes when the error crosses a process boundary
+    def __reduce__(self) -> Tuple[Any, ...]:  # keep the attributes when the error crosses a process boundary
         return (_rebuild_unsafe_error, (self.path, self.global_name, str(self)))
 
 
@@ -109,7 +110,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._path, self._allowed, self._resolve = path, dict(allowed), resolve
         self._kind, self._hint = kind, hint
         if persistent_load is not None:
-            self.persistent_load = persistent_load
+            # the documented way to give a pickle.Unpickler a persistent_load (typeshed: a method)
+            self.persistent_load = persistent_load  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
@@ -152,11 +154,32 @@ def _numpy_core():
     return core, multiarray, numeric
 
 
+class _ArrayClass:
+    """What a CAM pickle gets for the global ``numpy.ndarray``.
+
+    numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by its shape, dtype
+    and bytes: the class is an argument and never called. Called directly, ``ndarray(shape,
+    dtype)`` returns an *uninitialised* array of any size, so a few bytes of pickle would stand
+    for gigabytes of whatever memory held (an allocation bomb, and a clean-looking CAM of
+    leftover memory). This stand-in is accepted where numpy passes the class and refuses the call.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            f"the pickle calls numpy.ndarray{args!r} directly, which makes an uninitialised array of "
+            f"that size out of nothing; np.save never writes that")
+
+
+_ARRAY_CLASS = _ArrayClass()
+
+
 def _checked_reconstruct(real: Callable[..., Any]) -> Callable[..., Any]:
     import numpy as np
 
     def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
         # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') followed by its state
+        if subtype is _ARRAY_CLASS:
+            subtype = np.ndarray
         if subtype is not np.ndarray or not (isinstance(shape, tuple) and all(
                 isinstance(n, int) and 0 <= n <= 1 for n in shape)):
             raise pickle.UnpicklingError(f"unexpected numpy array reconstruction arguments "
@@ -173,12 +196,14 @@ def numpy_globals() -> Dict[str, Any]:
     Returns:
         ``{"numpy._core.multiarray._reconstruct": ..., "numpy.core.multiarray.scalar": ...,
         "numpy.ndarray": ..., "numpy.dtype": ..., ...}``; the functions are numpy's own
-        (``_reconstruct`` checks its arguments first). Cached: do not modify it.
+        (``_reconstruct`` checks its arguments first), and ``numpy.ndarray`` is a stand-in that
+        ``_reconstruct`` accepts but that cannot be called (see :class:`_ArrayClass`). Cached: do
+        not modify it.
     """
     import numpy as np
 
     _, multiarray, numeric = _numpy_core()
-    out: Dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    out: Dict[str, Any] = {"numpy.ndarray": _ARRAY_CLASS, "numpy.dtype": np.dtype}
     reconstruct = _checked_reconstruct(multiarray._reconstruct)
     for prefix in _NUMPY_MODULES:
         out[f"{prefix}.multiarray._reconstruct"] = reconstruct
@@ -232,7 +257,7 @@ def load_weights_only(path: PathLike, *, map_location: Any = "cpu", kind: str = 
 
     path = os.fspath(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return check_tensor_sizes(torch.load(path, map_location=map_location, weights_only=True), path, kind)
     except pickle.UnpicklingError:
         pass  # needs globals beyond plain data: inspect them below
     except Exception as err:  # noqa: BLE001 - torch raises several types for foreign files
@@ -251,8 +276,58 @@ def load_weights_only(path: PathLike, *, map_location: Any = "cpu", kind: str = 
     entries += _numpy_plain_dtype_classes()  # BUILD on a dtype needs its class admitted
     try:
         with torch.serialization.safe_globals(entries):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"{path} is not a readable {kind} ({type(err).__name__}: {err}). "
                          f"{hint}".rstrip()) from err
+    return check_tensor_sizes(loaded, path, kind)
+
+
+#: how many times the bytes its tensors store a file's tensors may claim in all (views sharing a
+#: storage, e.g. tied weights or q/k/v slices, stay far below this)
+MAX_VIEW_AMPLIFICATION = 4
+
+
+def check_tensor_sizes(obj: Any, path: PathLike, kind: str = "file") -> Any:
+    """Refuse tensors that claim more memory than the file stores for them; returns ``obj``.
+
+    ``torch.save`` keeps a view as its storage plus shape and strides, so a tensor expanded from
+    one element (stride 0) or overlapping itself is a few bytes in the file and any size once
+    used: ``.float()``, ``.clone()``, ``isfinite`` or copying it into a model materialises it
+    (a 1 KB file can ask for tens of gigabytes). Each tensor (in dicts, lists and tuples) must
+    claim at most the bytes of its storage, and all of them together at most
+    :data:`MAX_VIEW_AMPLIFICATION` times the bytes of their distinct storages.
+
+    Raises:
+        ValueError: naming the file and the tensor.
+    """
+    import torch
+
+    stack: List[Tuple[str, Any]] = [("", obj)]
+    claimed_total, storages = 0, {}
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                continue
+            storage = value.untyped_storage()
+            claimed, stored = value.numel() * value.element_size(), storage.nbytes()
+            if claimed > stored:
+                raise ValueError(
+                    f"{path}: the tensor {name or '(top level)'} of shape {tuple(value.shape)} claims "
+                    f"{claimed:,} bytes but the {kind} stores {stored:,} for it (an expanded or "
+                    f"overlapping view); once used it would take that much memory. Re-save it "
+                    f"from contiguous tensors (tensor.contiguous()).")
+            claimed_total += claimed
+            storages[storage.data_ptr()] = stored
+        elif isinstance(value, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+    stored_total = sum(storages.values())
+    if claimed_total > MAX_VIEW_AMPLIFICATION * stored_total + (1 << 20):
+        raise ValueError(f"{path}: its tensors claim {claimed_total:,} bytes in all but the {kind} stores "
+                         f"{stored_total:,} (many views of the same data); once used they would take "
+                         f"that much memory. Re-save it from contiguous tensors.")
+    return obj
 

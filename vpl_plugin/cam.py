@@ -19,17 +19,21 @@ Functional pieces, each faithful to upstream CLIP-ES (``docs/upstream_clip_es.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from vpl_plugin._imports import require
 
+if TYPE_CHECKING:
+    from vpl_plugin.backbones.clip import CLIPDense
+
 __all__ = [
     "GradCAMResult",
     "affinity_transition",
     "box_mask",
+    "choose_backward",
     "dense_maps",
     "gradcam",
     "image_gradcams",
@@ -215,6 +219,12 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (width, height)) for m in arr])
 
 
+def choose_backward(device: Union[str, torch.device]) -> str:
+    """The per-class backward :func:`image_gradcams` uses with ``backward="auto"``: ``"batched"``
+    on CUDA, ``"shared"`` elsewhere (tests call it with ``"cuda"`` to run the GPU branch on a CPU)."""
+    return "batched" if torch.device(device).type == "cuda" else "shared"
+
+
 @dataclass
 class GradCAMResult:
     """Everything one image's forward gives.
@@ -234,7 +244,7 @@ class GradCAMResult:
     grid: Tuple[int, int]
 
 
-def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
+def image_gradcams(encoder: "CLIPDense", image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
                    logit_scale: torch.Tensor, *, affinity_layers: int = 8,
                    backward: str = "auto") -> GradCAMResult:
     """GradCAMs of all target columns of one image from one trunk forward.
@@ -261,7 +271,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     p = encoder.patch_size
     grid = (image.shape[-2] // p, image.shape[-1] // p)
     if backward == "auto":
-        backward = "batched" if encoder.device.type == "cuda" else "shared"
+        backward = choose_backward(encoder.device)
     if backward not in ("batched", "shared"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'shared'; got {backward!r}.")
     tokens, maps = encoder.trunk(image[None], keep_attention=affinity_layers)
@@ -281,7 +291,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
             grad = torch.cat(grads, dim=1)
             activation = activation.expand(-1, k, -1)
     if k:
-        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half)
+        cams = gradcam(activation, grad, grid, half_arithmetic=encoder.half_arithmetic)
     else:
         cams = torch.zeros(0, *grid)
     feats = out.patch_features[0].detach().float()
@@ -290,7 +300,7 @@ def image_gradcams(encoder, image: torch.Tensor, prototypes: torch.Tensor, targe
     return GradCAMResult(cams, probs[0].detach().float().cpu(), feats, attention, grid)
 
 
-def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[torch.Tensor],
+def batch_image_gradcams(encoder: "CLIPDense", images: torch.Tensor, prototypes: Sequence[torch.Tensor],
                          targets: Sequence[Sequence[int]], logit_scales: Sequence[torch.Tensor], *,
                          affinity_layers: int = 8) -> List[GradCAMResult]:
     """:func:`image_gradcams` for a batch of equally sized images in one trunk forward.
@@ -346,7 +356,8 @@ def batch_image_gradcams(encoder, images: torch.Tensor, prototypes: Sequence[tor
     for i in range(b):
         rows = slice(starts[i], starts[i] + counts[i])
         if targets[i]:
-            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half)
+            assert grad is not None  # some image has targets, so the gradient was taken
+            cams = gradcam(activation[:, rows], grad[:, rows], grid, half_arithmetic=encoder.half_arithmetic)
         else:
             cams = torch.zeros(0, *grid)
         feats = out.patch_features[starts[i]].detach().float()

@@ -43,15 +43,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same
+from vpl_plugin._checks import check_choice, check_ndim, check_range, check_same, check_settings, settings_diff
 from vpl_plugin._io import atomic_path
+from vpl_plugin._unpickle import check_tensor_sizes
+
+if TYPE_CHECKING:
+    from vpl_plugin.data.voc import SampleDataset
+    from vpl_plugin.pipeline import RunSummary
 
 __all__ = [
+    "ContextBankSource",
     "ContextBank",
     "align_prototypes",
     "build_context_bank",
@@ -219,6 +225,7 @@ def soft_neighbours(prototypes: torch.Tensor, context: torch.Tensor, *, k: int =
     top = sims.topk(min(int(k), m), dim=1)
     weights.scatter_(1, top.indices, (top.values / tau).softmax(dim=1))
     if classes is not None:
+        assert context_classes is not None  # both or neither, checked above
         same = classes.reshape(-1, 1).to(torch.long) == context_classes.reshape(1, -1).to(torch.long)
         weights = weights * same.to(weights.dtype)
     return weights
@@ -572,10 +579,8 @@ class ContextBank:
             problems.append(f"class count: {self.num_classes} in the bank, {num_classes} expected")
         if dim is not None and int(dim) != self.dim:
             problems.append(f"feature dimension: {self.dim} in the bank, {dim} expected")
-        for key, want in _plain(settings or {}).items():
-            have = self.settings.get(key)
-            if have != want:
-                problems.append(f"{key}: {have!r} in the bank, {want!r} now")
+        diff = settings_diff(self.settings, _plain(settings or {}))
+        problems += [f"{key}: {have!r} in the bank, {want!r} now" for key, (have, want) in diff.items()]
         if problems:
             raise ValueError(
                 f"{source} was made under other settings ({'; '.join(problems)}). Rebuild it for "
@@ -611,6 +616,7 @@ class ContextBank:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for a foreign or corrupt file
             raise ValueError(f"{path!r} is not a readable context bank ({type(err).__name__}: {err}).") from err
+        check_tensor_sizes(payload, path, "context bank")
         if not isinstance(payload, dict) or payload.get("format") != _BANK_FORMAT:
             raise ValueError(f"{path!r} is not a CLIP-CPAL context bank (no format tag "
                              f"{_BANK_FORMAT!r}); write it with ContextBank.save.")
@@ -648,7 +654,8 @@ def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
     is ignored and the bank is rebuilt from the start; it is overwritten at the next checkpoint.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = check_tensor_sizes(torch.load(path, map_location="cpu", weights_only=True), path,
+                                   "context-bank resume file")
         ok = (isinstance(state, dict) and isinstance(state.get("settings"), dict)
               and isinstance(state.get("ids"), list) and isinstance(state.get("records"), list)
               and len(state["ids"]) == len(state["records"])
@@ -662,9 +669,31 @@ def _read_partial(path: Path) -> Optional[Dict[str, Any]]:
     return state
 
 
-def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progress: bool = True,
+class ContextBankSource(Protocol):
+    """What :func:`build_context_bank` uses of an adapter (``CLIPCPALAdapter`` provides it).
+
+    Written as a protocol so that this module of tensor functions does not depend on the adapter
+    layer above it.
+    """
+
+    config: Any
+    class_spec: Any
+
+    @property
+    def dense_dim(self) -> int: ...  # noqa: D102
+
+    @property
+    def num_context(self) -> int: ...  # noqa: D102
+
+    def bank_settings(self) -> Dict[str, Any]: ...  # noqa: D102
+
+    def pass_one(self, image: Any, labels: Sequence[int]) -> Any: ...  # noqa: D102
+
+
+def build_context_bank(adapter: ContextBankSource, dataset: "SampleDataset", *, limit: Optional[int] = None,
+                       progress: bool = True,
                        partial: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 100,
-                       summary=None) -> ContextBank:
+                       summary: Optional["RunSummary"] = None) -> ContextBank:
     """Pass 1 of CLIP-CPAL: instance prototypes of every image of ``dataset``, then k-means.
 
     With ``adapter.config.head`` (``docs/clip_cpal.md#the-trained-head-alternative``) it keeps every
@@ -688,7 +717,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
         The :class:`ContextBank` (``adapter.set_bank`` it, or save it).
     """
     from vpl_plugin._progress import progress as progress_bar
-    from vpl_plugin.pipeline import RunSummary, _failure
+    from vpl_plugin.pipeline import RunSummary, failure_text
 
     summary = summary if summary is not None else RunSummary()
     cfg = adapter.config
@@ -699,12 +728,9 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
     partial_path = Path(partial) if partial is not None else None
     state = _read_partial(partial_path) if partial_path is not None and partial_path.is_file() else None
     if state is not None:
-        saved = state.get("settings", {})
-        diff = {k: (saved.get(k), v) for k, v in _plain(settings).items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"resume file {partial_path} was written under other settings "
-                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                             "delete it to start over.")
+        check_settings(state.get("settings", {}), _plain(settings),
+                       f"resume file {partial_path} was written under other settings", "delete it to start over.",
+                       item="{key}: {then!r} there, {now!r} now")
         for image_id, record in zip(state["ids"], state["records"]):
             done[image_id] = record
         log.info("cpal bank: resuming from %s (%d images done)", partial_path, len(done))
@@ -729,7 +755,7 @@ def build_context_bank(adapter, dataset, *, limit: Optional[int] = None, progres
             sample = dataset[i]
             record = adapter.pass_one(_sample_image(dataset, sample), sample.labels)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             continue
         done[image_id] = record
         summary.done += 1

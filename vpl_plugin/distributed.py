@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "dist_env", "init_distributed", "is_main", "barrier", "destroy", "all_reduce_sum",
-           "all_gather_object", "is_initialized"]
+           "all_gather_object", "all_gather_tensor", "is_initialized"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape, dtype and device on every rank), in rank order;
+    ``[tensor]`` without a process group."""
+    if not dist.is_initialized():
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return gathered
 
 
 def all_gather_object(obj: Any) -> List[Any]:

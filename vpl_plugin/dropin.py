@@ -31,7 +31,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -196,7 +196,7 @@ def _log_for_scale(scale: float, like: torch.Tensor) -> torch.Tensor:
     return cands_t[best].reshape(like.shape).clone()
 
 
-def vision_logit_scale(model: Any, prototypes: "DropInPrototypes"):
+def vision_logit_scale(model: Any, prototypes: "DropInPrototypes") -> ContextManager[None]:
     """``use_logit_scale(model, prototypes.logit_scale)``: the scale that goes with ``prototypes``.
 
     Example:
@@ -314,6 +314,7 @@ def learn_vision_prototypes_for(
     step_rule: Optional[str] = None,
     progress: bool = True,
     device: Optional[Union[str, torch.device]] = None,
+    exact_fp32: bool = False,
 ) -> DropInPrototypes:
     """Learn VPL vision prototypes from a CLIP-ES script's own model, text features and images.
 
@@ -339,6 +340,10 @@ def learn_vision_prototypes_for(
         pooling: ``token`` (paper: one row per patch token) or ``region``.
         progress: progress bars (tqdm, when installed).
         device: where the prototypes are optimised (default: the model's device).
+        exact_fp32: GradCAMs with the model's exact fp32 weights and an fp32 positional table
+            (``--exact-fp32`` of ``vpl``). By default they use upstream CLIP-ES's numerics, as the
+            script's own CAM loop does: fp16 positional table, fp16-rounded weights (a model from
+            ``clip.load`` already has them), and on CUDA upstream's fp16 GradCAM arithmetic.
 
     Returns:
         :class:`DropInPrototypes` whose ``fg`` / ``bg`` have the shapes, dtypes and devices of the
@@ -350,7 +355,7 @@ def learn_vision_prototypes_for(
     """
     from vpl_plugin.backbones.clip import CLIPDense
     from vpl_plugin.cam import image_gradcams
-    from vpl_plugin.pipeline import _assemble, learn_from_text_prototypes, learning_rows
+    from vpl_plugin.pipeline import assemble_learning_set, learn_from_text_prototypes, learning_rows
 
     _check_model(model)
     check_ndim("fg_text_features", fg_text_features, 2, "(N_fg, D)")
@@ -371,8 +376,9 @@ def learn_vision_prototypes_for(
 
     before = _model_state(model) if isinstance(model, torch.nn.Module) else None
     dev = _model_device(model)
-    # the model's own device makes CLIPDense's .to() a no-op; fp16_compat off: no .half()
-    encoder = CLIPDense(model, device=dev)
+    # on the model's own device and with upstream's rounding (what clip.load gives) CLIPDense uses
+    # the model as it is; any conversion happens on a copy
+    encoder = CLIPDense(model, device=dev, exact_fp32=exact_fp32)
     scale = encoder.logit_scale  # exact fp32 exp of the model's parameter, computed on its device
     num_fg = int(fg_text_features.shape[0])
     text_rows = torch.cat([fg_text_features.detach().float().cpu(),
@@ -402,7 +408,7 @@ def learn_vision_prototypes_for(
             records[f"{index}:{name}"] = rec
     if not records:
         raise ValueError("samples is empty: give at least one (image, labels) pair.")
-    lset = _assemble(records, text.prototypes.shape, None, False)
+    lset = assemble_learning_set(records, text.prototypes.shape, None, False)
     provenance = {"source": "vpl_plugin.dropin", "phi": float(phi), "target_mode": target_mode,
                   "pooling": pooling, "model_class": type(model).__name__,
                   "clip_module": check_imports()["clip"]}
@@ -468,7 +474,8 @@ def dense_cams_for(model: Any, image: Any, labels: Sequence[int], prototypes: Dr
 
     _check_model(model)
     labels = _labels(labels, int(prototypes.fg.shape[0]), "dense_cams_for", "prototypes.fg")
-    # the model's own device makes CLIPDense's .to() a no-op; fp16_compat off: no .half()
+    # on the model's own device and with upstream's rounding (what clip.load gives) CLIPDense uses
+    # the model as it is (checked once per model); any conversion happens on a copy
     encoder = CLIPDense(model, device=_model_device(model))
     x, size = encoder.preprocess(_open_image(image, "dense_cams_for"))
     p = encoder.patch_size

@@ -329,7 +329,7 @@ def _count_non_finite(arr: np.ndarray) -> int:
     return int(arr.size - np.count_nonzero(np.isfinite(arr)))
 
 
-def _check_cams_keys(cams: Any, keys: Any, num_classes: Optional[int] = None,
+def check_cams_keys(cams: Any, keys: Any, num_classes: Optional[int] = None,
                      source: Optional[Union[str, os.PathLike]] = None
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """Validate one image's CAMs and keys; ``source`` (the CAM file) prefixes every message.
@@ -376,7 +376,7 @@ def _check_cams_keys(cams: Any, keys: Any, num_classes: Optional[int] = None,
     return cams_np, keys_np
 
 
-def _label_lut(keys: np.ndarray) -> np.ndarray:
+def label_lut(keys: np.ndarray) -> np.ndarray:
     """``keys' = [0, keys + 1]`` as uint8 (plane index -> class label)."""
     return np.concatenate([[0], keys.astype(np.int64) + 1]).astype(np.uint8)
 
@@ -433,7 +433,7 @@ def cams_to_label(
         >>> cams_to_label(cams, np.array([4]), 1, "power").tolist()  # 0.5 vs 0.5: tie -> bg
         [[5, 0, 0]]
     """
-    cams_np, keys_np = _check_cams_keys(cams, keys)
+    cams_np, keys_np = check_cams_keys(cams, keys)
     thr = float(bg_threshold)
     if not math.isfinite(thr):
         raise ValueError(f"bg_threshold must be finite; got {bg_threshold!r}.")
@@ -443,7 +443,7 @@ def cams_to_label(
     if cams_np.shape[0] == 0:
         return np.zeros(cams_np.shape[1:], dtype=np.uint8)
     cmax = cams_np.max(axis=0)
-    fg_label = _label_lut(keys_np)[1:][cams_np.argmax(axis=0)]
+    fg_label = label_lut(keys_np)[1:][cams_np.argmax(axis=0)]
     return _select(cmax, fg_label, _bg_plane(cmax, thr, mode))
 
 
@@ -611,7 +611,7 @@ def evaluate_cams(
             continue
         try:
             cams, keys = _load_cam(cam_path, cam_key)
-            cams, keys = _check_cams_keys(cams, keys, num_classes, source=cam_path)
+            cams, keys = check_cams_keys(cams, keys, num_classes, source=cam_path)
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             missing.append({"id": img_id, "path": str(cam_path), "reason": _reason(err)})
             continue
@@ -635,7 +635,7 @@ def evaluate_cams(
                 h += _hist_from_valid(gt_v, zeros, num_classes)
         else:
             cmax = cams.max(axis=0)[valid]
-            fg_label = _label_lut(keys)[1:][cams.argmax(axis=0)[valid]]
+            fg_label = label_lut(keys)[1:][cams.argmax(axis=0)[valid]]
             for h, (thr, m) in zip(hists, candidates):
                 pred_v = _select(cmax, fg_label, _bg_plane(cmax, thr, m))
                 h += _hist_from_valid(gt_v, pred_v, num_classes)

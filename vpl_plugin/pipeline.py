@@ -14,21 +14,23 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from vpl_plugin._io import atomic_path, save_npy_dict
+from vpl_plugin._checks import check_positive, describe_diff, settings_diff
+from vpl_plugin._io import atomic_path
 from vpl_plugin._progress import progress as progress_bar
+from vpl_plugin.data.cam_files import write_cam_file
 from vpl_plugin.data.voc import SampleDataset, sample_image
-from vpl_plugin.prototypes import (NonFiniteRowsError, PrototypeSet, _check_positive, build_targets,
+from vpl_plugin.prototypes import (ChunkShare, NonFiniteRowsError, PrototypeSet, build_targets,
                                    learn_vision_prototypes, region_pool, seeds_from_cams)
 
 if TYPE_CHECKING:  # the adapters import this module's callers; the contract is needed for types only
     from vpl_plugin.adapters.base import CAMAdapter
 
-__all__ = ["RunSummary", "collect_learning_set", "generate_cams", "learn_from_dataset",
+__all__ = ["RunSummary", "chunk_pieces", "collect_learning_set", "generate_cams", "learn_from_dataset",
            "learn_from_text_prototypes", "learning_rows", "LearningSet", "merge_summaries",
            "subsample_rows"]
 
@@ -80,7 +82,7 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(rank, n, world)
 
 
-def _failure(err: BaseException, path: Any = None) -> str:
+def failure_text(err: BaseException, path: Any = None) -> str:
     """``TypeName: message`` of a per-image failure, with the image file when it is not named."""
     text = f"{type(err).__name__}: {err}"
     if path is not None and str(path) not in text:
@@ -114,8 +116,8 @@ def _incomplete_npy(path: Path) -> Optional[str]:
     return None
 
 
-def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *, limit: Optional[int] = None,
-                  skip_existing: bool = True, progress: bool = True, rank: int = 0,
+def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[str, os.PathLike], *,
+                  limit: Optional[int] = None, skip_existing: bool = True, progress: bool = True, rank: int = 0,
                   world_size: int = 1, batch_size: int = 1) -> RunSummary:
     """Write ``<out_dir>/<id>.npy`` (upstream CLIP-ES format) for every image of ``dataset``.
 
@@ -164,9 +166,9 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             try:
                 out = outs[j] if outs is not None else adapter(image, sample.labels)
             except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-                summary.failed.append((image_id, _failure(err, sample.image_path)))
+                summary.failed.append((image_id, failure_text(err, sample.image_path)))
                 continue
-            save_npy_dict(out_dir / f"{image_id}.npy", out.to_upstream())
+            write_cam_file(out_dir / f"{image_id}.npy", out.to_upstream())
             summary.done += 1
 
     bar = progress_bar(total=len(indices), desc="cams", enabled=progress)
@@ -186,7 +188,7 @@ def generate_cams(adapter: CAMAdapter, dataset: SampleDataset, out_dir: Union[st
             sample = dataset[i]
             image = sample_image(dataset, sample)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             tick()
             continue
         if not batched:
@@ -236,6 +238,11 @@ class LearningSet:
         seeds: ``(K,)`` seed labels (0 background, ``c + 1`` for class ``c``), for the gap measure.
         sizes: pixels per image, in the order of ``ids``.
         ids: image ids.
+        offsets: per entry of ``ids``, its first row within the image (all 0 unless the set is a
+            chunk share, whose first and last image may be cut).
+        chunk_size: set when the rows are this process's chunks of a set shared chunk by chunk
+            (:class:`~vpl_plugin.prototypes.ChunkShare`), of this many rows.
+        total_images, total_pixels: of the whole shared set (chunk shares only).
     """
 
     features: Any
@@ -244,6 +251,10 @@ class LearningSet:
     seeds: torch.Tensor
     sizes: List[int]
     ids: List[str]
+    offsets: Optional[List[int]] = None
+    chunk_size: Optional[int] = None
+    total_images: Optional[int] = None
+    total_pixels: Optional[int] = None
 
     @property
     def num_pixels(self) -> int:
@@ -321,8 +332,8 @@ def subsample_rows(record: Dict[str, np.ndarray], count: Optional[int], *, seed:
     return {name: (value if name == "candidates" else value[keep]) for name, value in record.items()}
 
 
-def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates, seed_source,
-                           tau_text, pooling="token") -> Dict[str, np.ndarray]:
+def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, image, *, phi, target_mode, candidates,
+                           seed_source, tau_text, pooling="token") -> Dict[str, np.ndarray]:
     x, _ = adapter.encoder.preprocess(image)
     labels = torch.as_tensor(list(sample.labels), dtype=torch.long)
     result = adapter.gradcams(x, labels.tolist(), prototypes=text)
@@ -334,13 +345,14 @@ def _image_learning_record(adapter: CAMAdapter, text: PrototypeSet, sample, imag
                          tau_text=tau_text)
 
 
-def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4, target_mode: str = "seed_hardened",
-                         candidates: str = "image", seed_source: str = "gradcam",
+def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: float = 0.4,
+                         target_mode: str = "seed_hardened", candidates: str = "image", seed_source: str = "gradcam",
                          limit: Optional[int] = None, progress: bool = True,
                          summary: Optional[RunSummary] = None,
                          cache_dir: Optional[Union[str, os.PathLike]] = None,
                          memmap: Optional[bool] = None, pooling: str = "token",
-                         max_tokens: Optional[int] = None, token_seed: int = 0) -> LearningSet:
+                         max_tokens: Optional[int] = None, token_seed: int = 0, rank: int = 0,
+                         world_size: int = 1, chunk_size: Optional[int] = None) -> LearningSet:
     """One pass with text prototypes: pixel features, text GradCAM seeds and target distributions.
 
     Args:
@@ -367,6 +379,19 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
             (``docs/vpl.md#learning-set-size-and-memory``: at most 1e7
             tokens for COCO). ``None``: every row.
         token_seed: seed of that draw.
+        rank, world_size: this process takes every ``world_size``-th image of the list, starting
+            at ``rank`` (under torchrun), and returns the learning set of those images; ``summary``
+            counts them only. The rows an image gives do not depend on the process count, so
+            several processes share one ``cache_dir`` (and a rerun with another process count
+            reuses it); each process assembles its own memory-mapped files there
+            (``features.rank<R>-of-<W>.npy``, ...; ``features.npy`` in a single process).
+        chunk_size: with ``world_size > 1`` and a ``cache_dir`` (which every process must see):
+            once every process has finished its images, return this process's chunk share of the
+            whole set instead of the rows of its own images: the rows of all images in list order,
+            cut into chunks of ``chunk_size`` rows, chunks ``rank``, ``rank + world_size``, ...
+            (read from the cache; learn with a :class:`~vpl_plugin.prototypes.ChunkShare` and the
+            same chunk size for the prototypes of one process, bit for bit). A collective call:
+            every process must make it.
     """
     if seed_source not in ("gradcam", "refined"):
         raise ValueError(f"seed_source must be 'gradcam' or 'refined'; got {seed_source!r}.")
@@ -380,7 +405,8 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                              f"{max_tokens}. Raise it or learn on fewer images (limit).")
         per_image = int(max_tokens) // max(n, 1)
     summary = summary if summary is not None else RunSummary()
-    summary.total = n
+    indices = _shard(n, rank, world_size)
+    summary.total = len(indices)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         _check_cache(cache, {"phi": phi, "target_mode": target_mode, "candidates": candidates,
@@ -388,11 +414,15 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                              "rows_per_image": per_image, "token_seed": token_seed if per_image else None,
                              "model": adapter.encoder.fingerprint(),
                              "templates": list(text.provenance.get("templates", [])),
-                             "text_prototypes": float(text.prototypes.double().sum())})
+                             "text_prototypes": float(text.prototypes.double().sum()),
+                             # only under upstream's numerics: caches of the former exact-fp32
+                             # default (no such key) stay valid under --exact-fp32
+                             **({} if getattr(adapter.encoder, "exact_fp32", True)
+                                else {"numerics": "upstream"})})
     records: Dict[str, Any] = {}
     start = time.time()
     shape = (int(text.prototypes.shape[0]), int(text.prototypes.shape[1]))
-    for i in progress_bar(range(n), desc="features", enabled=progress):
+    for i in progress_bar(indices, desc="features", enabled=progress):
         image_id = dataset.ids[i]
         path = cache / f"{image_id}.npz" if cache is not None else None
         if path is not None and path.exists():
@@ -409,18 +439,65 @@ def collect_learning_set(adapter: CAMAdapter, dataset: SampleDataset, *, phi: fl
                                          target_mode=target_mode, candidates=candidates,
                                          seed_source=seed_source, tau_text=tau_text, pooling=pooling)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, getattr(sample, "image_path", None))))
+            summary.failed.append((image_id, failure_text(err, getattr(sample, "image_path", None))))
             continue
         rec = subsample_rows(rec, per_image, seed=token_seed, key=image_id)
         if path is not None:
             with atomic_path(path) as tmp:
-                np.savez(tmp, **rec)
+                np.savez(tmp, **rec)  # type: ignore[arg-type]  # numpy's stubs mistype **arrays
             records[image_id] = path
         else:
             records[image_id] = rec
         summary.done += 1
     summary.seconds = time.time() - start
-    return _assemble(records, text.prototypes.shape, cache, memmap)
+    suffix = "" if world_size == 1 else f".rank{rank}-of-{world_size}"
+    sizes = _record_sizes(records)
+    if chunk_size is None or world_size == 1 or cache is None:
+        pieces = [(image_id, 0, size) for image_id, size in zip(records, sizes)]
+        return assemble_learning_set(records, text.prototypes.shape, cache, memmap, suffix, pieces)
+    from vpl_plugin import distributed
+
+    position = {image_id: i for i, image_id in enumerate(dataset.ids[:n])}
+    everyone = [entry for part in distributed.all_gather_object(list(zip(records, sizes))) for entry in part]
+    everyone.sort(key=lambda entry: position[entry[0]])
+    pieces = chunk_pieces(everyone, chunk_size, rank, world_size)
+    every_record = {image_id: cache / f"{image_id}.npz" for image_id, _ in everyone}
+    unseen = [str(path) for path in every_record.values() if not path.is_file()]
+    if unseen:
+        raise ValueError(f"process {rank} cannot see {len(unseen)} record(s) the other processes wrote "
+                         f"into the feature cache {cache} (first: {unseen[0]}); every process must see one "
+                         f"cache folder (a shared file system across machines), or pass --no-cache.")
+    lset = assemble_learning_set(every_record, text.prototypes.shape, cache, memmap, suffix, pieces)
+    lset.chunk_size = int(chunk_size)
+    lset.total_images = len(everyone)
+    lset.total_pixels = int(sum(size for _, size in everyone))
+    return lset
+
+
+def chunk_pieces(images: Sequence[Tuple[str, int]], chunk_size: int, rank: int, world_size: int
+                 ) -> List[Tuple[str, int, int]]:
+    """The rows of chunks ``rank``, ``rank + world_size``, ... of a set made of ``images`` (``(id,
+    rows)`` in order) cut into chunks of ``chunk_size`` rows, as ``(id, first row, end row)`` pieces
+    in order.
+
+    Example:
+        >>> chunk_pieces([("a", 3), ("b", 4), ("c", 2)], 4, 1, 2)
+        [('b', 1, 4), ('c', 0, 1)]
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
+    pieces: List[Tuple[str, int, int]] = []
+    start = 0
+    for image_id, size in images:
+        a = start
+        while a < start + size:
+            chunk = a // chunk_size
+            b = min(start + size, (chunk + 1) * chunk_size)
+            if chunk % world_size == rank:
+                pieces.append((image_id, a - start, b - start))
+            a = b
+        start += size
+    return pieces
 
 
 def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
@@ -431,12 +508,16 @@ def _check_cache(cache: Path, settings: Dict[str, Any]) -> None:
     path = cache / "settings.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        diff = settings_diff(saved, settings)
         if diff:
+            hint = ""
+            if "numerics" in diff:
+                hint = (" Its features were computed in exact fp32 (the default before upstream's "
+                        "numerics became the default): rerun with --exact-fp32 to use them, or")
+            text = describe_diff(diff, "{key}: {then!r} there, {now!r} now")
             raise ValueError(
-                f"the feature cache {cache} was written with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                f"pass another --cache-dir or delete that folder.")
+                f"the feature cache {cache} was written with other settings ({text});"
+                f"{hint} pass another --cache-dir or delete that folder.")
     else:
         from vpl_plugin._io import write_json
 
@@ -459,7 +540,7 @@ def _record_problem(path: Path, proto_shape: Tuple[int, int]) -> Optional[str]:
     """Why a cached learning record cannot be used, or None.
 
     Reads the zip directory and the members' ``.npy`` headers only (not the data, which
-    :func:`_assemble` reads once): catches empty, truncated and foreign files, missing members and
+    :func:`assemble_learning_set` reads once): catches empty, truncated and foreign files, missing members and
     shapes that do not fit the prototype set ``(N, D)``.
     """
     n_proto, dim = proto_shape
@@ -491,57 +572,72 @@ def _load_record(rec) -> Dict[str, np.ndarray]:
                          f"{err}); delete it and rerun, which recomputes it.") from err
 
 
-def _assemble(records: Dict[str, Any], proto_shape, cache: Optional[Path], memmap: Optional[bool]) -> LearningSet:
-    ids = list(records)
-    sizes, seeds = [], []
-    for image_id in ids:  # first pass: sizes only (npz members load lazily)
-        rec = records[image_id]
+def _record_sizes(records: Dict[str, Any]) -> List[int]:
+    """Rows of each record (an in-memory dict or a cached ``.npz``, whose header alone is read)."""
+    sizes = []
+    for rec in records.values():
         if isinstance(rec, dict):
             sizes.append(int(rec["features"].shape[0]))
         else:
             with np.load(rec) as z:
                 sizes.append(int(_member_shape(z, "seeds")[0]))
+    return sizes
+
+
+def assemble_learning_set(records: Dict[str, Any], proto_shape: Sequence[int], cache: Optional[Path],
+                          memmap: Optional[bool], suffix: str = "",
+                          pieces: Optional[Sequence[Tuple[str, int, int]]] = None) -> LearningSet:
+    """The learning set of ``pieces`` (``(image id, first row, end row)`` of ``records``, in order;
+    default: every row of every record)."""
+    if pieces is None:
+        pieces = [(image_id, 0, size) for image_id, size in zip(records, _record_sizes(records))]
+    sizes = [b - a for _, a, b in pieces]
+    seeds = []
     k = int(sum(sizes))
     n_proto, dim = int(proto_shape[0]), int(proto_shape[1])
     if memmap is None:
         memmap = cache is not None and k * dim * 4 > 2 * 1024 ** 3
+    if memmap and cache is None:
+        raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
+    memmap = memmap and k > 0  # a process whose share gave no rows maps nothing
     if memmap:
-        if cache is None:
-            raise ValueError("memmap=True needs a cache_dir for the memory-mapped files.")
-        feats = np.lib.format.open_memmap(cache / "features.npy", "w+", np.float16, (k, dim))
-        targets = np.lib.format.open_memmap(cache / "targets.npy", "w+", np.float32, (k, n_proto))
-        cands = np.lib.format.open_memmap(cache / "candidates.npy", "w+", np.bool_, (k, n_proto))
+        assert cache is not None
+        feats: Any = np.lib.format.open_memmap(cache / f"features{suffix}.npy", "w+", np.float16, (k, dim))
+        targets: Any = np.lib.format.open_memmap(cache / f"targets{suffix}.npy", "w+", np.float32, (k, n_proto))
+        cands: Any = np.lib.format.open_memmap(cache / f"candidates{suffix}.npy", "w+", np.bool_, (k, n_proto))
     else:
         feats = torch.empty(k, dim, dtype=torch.float32)
         targets = torch.empty(k, n_proto, dtype=torch.float32)
         cands = torch.empty(k, n_proto, dtype=torch.bool)
     pos = 0
-    for image_id, size in zip(ids, sizes):
+    for image_id, a, b in pieces:
         rec = _load_record(records[image_id])
-        sl = slice(pos, pos + size)
+        sl = slice(pos, pos + b - a)
         if memmap:
-            feats[sl] = rec["features"]
-            targets[sl] = rec["targets"]
+            feats[sl] = rec["features"][a:b]
+            targets[sl] = rec["targets"][a:b]
             cands[sl] = rec["candidates"][None, :]
         else:
-            feats[sl] = torch.from_numpy(rec["features"].astype(np.float32))
-            targets[sl] = torch.from_numpy(rec["targets"])
+            feats[sl] = torch.from_numpy(rec["features"][a:b].astype(np.float32))
+            targets[sl] = torch.from_numpy(rec["targets"][a:b])
             cands[sl] = torch.from_numpy(rec["candidates"])[None, :]
-        seeds.append(torch.from_numpy(rec["seeds"].astype(np.int64)))
-        pos += size
+        seeds.append(torch.from_numpy(rec["seeds"][a:b].astype(np.int64)))
+        pos += b - a
     if memmap:
         for arr in (feats, targets, cands):
             arr.flush()
     seed = torch.cat(seeds) if seeds else torch.zeros(0, dtype=torch.long)
-    return LearningSet(feats, targets, cands, seed, sizes, ids)
+    return LearningSet(feats, targets, cands, seed, sizes, [p[0] for p in pieces],
+                       offsets=[p[1] for p in pieces])
 
 
 def _row_owner(learning_set: LearningSet, row: int) -> Tuple[str, int]:
     """``(image id, row within the image)`` of row ``row`` of a learning set."""
     start = 0
-    for image_id, size in zip(learning_set.ids, learning_set.sizes):
+    offsets = learning_set.offsets or [0] * len(learning_set.ids)
+    for image_id, size, offset in zip(learning_set.ids, learning_set.sizes, offsets):
         if row < start + size:
-            return image_id, row - start
+            return image_id, row - start + offset
         start += size
     return "?", row
 
@@ -550,14 +646,15 @@ def learn_from_dataset(adapter: CAMAdapter, learning_set: LearningSet, *,
                        tau: Union[float, str] = 0.03, lr: float = 10.0, iters: int = 3000,
                        step_rule: Optional[str] = None, level: str = "instance",
                        chunk_size: int = 65536, device: Optional[Union[str, torch.device]] = None,
-                       progress: bool = True, provenance: Optional[dict] = None
-                       ) -> Tuple[PrototypeSet, Dict[str, Any]]:
+                       progress: bool = True, provenance: Optional[dict] = None,
+                       reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       share: Optional[ChunkShare] = None) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the adapter's
     ``text_prototypes`` (the only hook used): :func:`learn_from_text_prototypes` with them."""
     return learn_from_text_prototypes(adapter.text_prototypes, learning_set, tau=tau, lr=lr,
                                       iters=iters, step_rule=step_rule, level=level,
                                       chunk_size=chunk_size, device=device, progress=progress,
-                                      provenance=provenance)
+                                      provenance=provenance, reduce_sum=reduce_sum, share=share)
 
 
 def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
@@ -565,7 +662,9 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
                                step_rule: Optional[str] = None, level: str = "instance",
                                chunk_size: int = 65536,
                                device: Optional[Union[str, torch.device]] = None,
-                               progress: bool = True, provenance: Optional[dict] = None
+                               progress: bool = True, provenance: Optional[dict] = None,
+                               reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                               share: Optional[ChunkShare] = None
                                ) -> Tuple[PrototypeSet, Dict[str, Any]]:
     """Learn vision prototypes from a :class:`LearningSet`, initialised at the text prototypes
     ``text`` (whose class and background names and temperature the result carries).
@@ -574,6 +673,12 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
         tau: ``tau_I`` (0.03), or ``"clip"`` for CLIP's own temperature (then the set carries
             CLIP's exact logit scale, so zero iterations reproduce the text CAMs exactly).
         lr: the first step (paper 10); a finite number > 0.
+        reduce_sum: ``learning_set`` is this process's share (see :func:`collect_learning_set`'s
+            ``rank``): sum over the processes with this function (see
+            :func:`~vpl_plugin.prototypes.learn_vision_prototypes`); every process gets the same set.
+        share: ``learning_set`` is this process's chunk share (``collect_learning_set(...,
+            chunk_size=C)`` with ``chunk_size`` equal to ``C``): every process gets the set of one
+            process, bit for bit.
 
     Returns:
         the :class:`PrototypeSet` and the optimisation history.
@@ -589,11 +694,25 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
         scale_override = float(text.logit_scale)
         tau_value = 1.0 / scale_override
     else:
-        tau_value = _check_positive("tau", tau)
-    _check_positive("lr", lr)
-    if not learning_set.ids:
+        tau_value = check_positive("tau", tau)
+    check_positive("lr", lr)
+    images, pixels = len(learning_set.ids), learning_set.num_pixels
+    if share is not None:
+        if learning_set.chunk_size != chunk_size:
+            raise ValueError(f"the learning set is not a share of {chunk_size}-row chunks (chunk size "
+                             f"{learning_set.chunk_size}); collect it with chunk_size={chunk_size}.")
+        images, pixels = int(learning_set.total_images or 0), int(learning_set.total_pixels or 0)
+    elif reduce_sum is not None:
+        counts = torch.tensor([float(images), float(pixels)], dtype=torch.float64,
+                              device=torch.device(device) if device is not None else "cpu")
+        images, pixels = (int(v) for v in reduce_sum(counts).tolist())
+    if not images:
         raise ValueError("the learning set is empty: no image could be processed (see the failures).")
-    kwargs = {} if step_rule is None else {"step_rule": step_rule}
+    kwargs: Dict[str, Any] = {} if step_rule is None else {"step_rule": step_rule}
+    if reduce_sum is not None:
+        kwargs["reduce_sum"] = reduce_sum
+    if share is not None:
+        kwargs["share"] = share
     try:
         w, history = learn_vision_prototypes(
             learning_set.features, learning_set.targets, text.prototypes, learning_set.candidates,
@@ -606,8 +725,8 @@ def learn_from_text_prototypes(text: PrototypeSet, learning_set: LearningSet, *,
                          f"that image's cached record (or the cache) and collect again.") from err
     record = {
         "tau": tau_value, "lr": lr, "iters": iters, "level": level,
-        "step_rule": step_rule or "default", "images": len(learning_set.ids),
-        "pixels": learning_set.num_pixels, "text_model": text.provenance.get("model"),
+        "step_rule": step_rule or "default", "images": images,
+        "pixels": pixels, "text_model": text.provenance.get("model"),
         "final_loss": float(history["loss"][-1]) if history.get("loss") else None,
         "initial_loss": float(history["loss"][0]) if history.get("loss") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -44,10 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from vpl_plugin._progress import progress as progress_bar
-from ._checks import check_choice, check_ndim, check_range, check_same
+from ._checks import check_choice, check_ndim, check_positive, check_range, check_same
 from ._io import atomic_path
+from ._unpickle import check_tensor_sizes
 
 __all__ = [
+    "ChunkShare",
     "NonFiniteRowsError",
     "STEP_RULES",
     "TARGET_MODES",
@@ -69,22 +71,35 @@ TARGET_MODES: Tuple[str, ...] = ("seed_hardened", "inmap", "cam", "kl")
 """Target constructions of :func:`build_targets` (``docs/vpl.md#targets``)."""
 
 RowData = Union[torch.Tensor, np.ndarray, Sequence[Any], Iterable[Any]]
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes that share a learning set (each holds some of its rows) and
+returns the sum, identical in every process (e.g. :func:`vpl_plugin.distributed.all_reduce_sum`)."""
+
+
+@dataclass(frozen=True)
+class ChunkShare:
+    """This process's place in a learning set shared chunk by chunk among processes.
+
+    The whole set's rows, in order, are cut into chunks of ``chunk_size`` rows (the last one may be
+    shorter); process ``rank`` holds chunks ``rank``, ``rank + world_size``, ``rank + 2 *
+    world_size``, ..., one after the other (see :func:`vpl_plugin.pipeline.collect_learning_set`).
+    Every pass gathers each chunk's sums and adds them in chunk order, as one process holding every
+    row adds them, so the learned prototypes are bit for bit those of one process (given the same
+    per-chunk arithmetic: device, dtype, thread count).
+
+    Attributes:
+        rank, world_size: this process and the process count.
+        all_gather: returns every process's tensor (same shape) in rank order, e.g.
+            :func:`vpl_plugin.distributed.all_gather_tensor`.
+    """
+
+    rank: int
+    world_size: int
+    all_gather: Callable[[torch.Tensor], List[torch.Tensor]]
 
 _FORMAT = "vpl_plugin.PrototypeSet"
 _FORMAT_VERSION = 1
 _UNIT_TOL = 1e-6  # init rows closer than this to unit norm are taken verbatim (not re-normalised)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    """``value`` as a float, refused unless it is a finite number > 0 (NaN fails every ``<=``
-    test, so a plain range check lets it through)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
-    return number
 
 
 class NonFiniteRowsError(ValueError):
@@ -102,7 +117,7 @@ class NonFiniteRowsError(ValueError):
             f"{name} row {row}{where} holds NaN/inf ({count} non-finite value(s) in its chunk); "
             f"learning from it would give NaN prototypes. Recompute or drop that image's rows.")
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Any, ...]:
         return (type(self), (self.name, self.row, self.count))
 
 
@@ -407,7 +422,7 @@ def _blocks(name: str, data: Any, shape_doc: str) -> List[Any]:
 def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
     per_image = not _is_single(data)
     blocks = _blocks(name, data, shape_doc)
-    cols = None
+    cols: Optional[int] = None
     for j, blk in enumerate(blocks):
         if not (isinstance(blk, (torch.Tensor, np.ndarray)) or _is_array_like(blk)):
             raise TypeError(f"{name}[{j}] must be a tensor or array; got {type(blk).__name__}.")
@@ -417,6 +432,7 @@ def _rows(name: str, data: Any, shape_doc: str) -> _Rows:
         elif int(blk.shape[1]) != cols:
             raise ValueError(f"{name}[{j}] has {blk.shape[1]} columns but {name}[0] has {cols}; "
                              "every image must have the same number of columns.")
+    assert cols is not None  # _blocks refuses an empty list
     return _Rows(name, blocks, int(cols), per_image)
 
 
@@ -469,7 +485,8 @@ class _Problem:
 
     def __init__(self, features: Any, targets: Any, candidates: Any, n_proto: int,
                  chunk_size: int, device: Optional[Union[str, torch.device]],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, reduce_sum: Optional[ReduceSum] = None,
+                 share: Optional[ChunkShare] = None) -> None:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}.")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -484,9 +501,6 @@ class _Problem:
                              "per image; give targets with one row per feature row.")
         sizes = self.x.sizes if self.x.per_image else (self.q.sizes if self.q.per_image else None)
         self.cand = _candidate_rows(candidates, n_proto, self.x.total, sizes)
-        if self.x.total == 0:
-            raise ValueError("features has no rows (K = 0).")
-        self.K = self.x.total
         self.D = self.x.cols
         self.N = n_proto
         self.chunk = int(chunk_size)
@@ -496,6 +510,37 @@ class _Problem:
         self.device = torch.device(device)
         self.dtype = dtype
         self.checked = False  # set once a full pass found no NaN/inf
+        if reduce_sum is not None and share is not None:
+            raise ValueError("give reduce_sum or share, not both.")
+        self.reduce_sum = reduce_sum
+        self.share = share
+        self.K_local = self.x.total  # this process's rows; K counts every process's
+        self.K = self.K_local
+        self.total_chunks = -(-self.K_local // self.chunk)
+        if reduce_sum is not None:
+            count = torch.tensor([float(self.K_local)], dtype=torch.float64, device=self.device)
+            self.K = int(reduce_sum(count)[0])
+        elif share is not None:
+            self._check_share(share)
+        if self.K == 0:
+            raise ValueError("features has no rows (K = 0)" + (" in any process." if reduce_sum or share
+                                                                else "."))
+
+    def _check_share(self, share: ChunkShare) -> None:
+        """Learn every process's row and chunk count; refuse rows that are not whole global chunks."""
+        mine = torch.tensor([float(self.K_local), float(self.total_chunks)], dtype=torch.float64,
+                            device=self.device)
+        counts = [(int(t[0]), int(t[1])) for t in share.all_gather(mine)]
+        self.K = sum(k for k, _ in counts)
+        self.total_chunks = sum(c for _, c in counts)
+        for rank, (k, c) in enumerate(counts):
+            owned = range(rank, self.total_chunks, share.world_size)
+            last_short = self.total_chunks - 1 in owned
+            if c != len(owned) or (not last_short and k != c * self.chunk) or k > c * self.chunk:
+                raise ValueError(
+                    f"process {rank} holds {k} rows in {c} chunks of {self.chunk}, which are not the "
+                    f"global chunks {rank}, {rank} + {share.world_size}, ... of {self.K} rows; assemble "
+                    "each process's rows with the same chunk size as the learning.")
 
     def chunks(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Aligned ``(features, targets, candidates)`` chunks of ``chunk_size`` rows.
@@ -505,8 +550,8 @@ class _Problem:
         one; later passes skip the check.
         """
         check = not self.checked
-        for a in range(0, self.K, self.chunk):
-            b = min(a + self.chunk, self.K)
+        for a in range(0, self.K_local, self.chunk):
+            b = min(a + self.chunk, self.K_local)
             x = self.x.get(a, b, self.device, self.dtype)
             q = self.q.get(a, b, self.device, self.dtype)
             m = None if self.cand is None else self.cand.get(a, b, self.device, torch.bool)
@@ -528,9 +573,17 @@ class _Problem:
 
     def _pass(self, w: torch.Tensor, tau: float, grad: bool
               ) -> Tuple[float, Optional[torch.Tensor]]:
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        r = torch.zeros(self.N, self.D, dtype=torch.float64, device=self.device) if grad else None
-        no_candidate = torch.zeros((), dtype=torch.bool, device=self.device)
+        total = self.combine(self._chunk_rows(w, tau, grad), 2 + (self.N * self.D if grad else 0))
+        if bool(total[1] > 0):
+            raise ValueError("some pixels have no candidate prototype; every row of candidates "
+                             "needs at least one True.")
+        mean = float(-total[0]) / self.K
+        r = total[2:].view(self.N, self.D) if grad else None
+        return mean, (None if r is None else r / (self.K * tau))
+
+    def _chunk_rows(self, w: torch.Tensor, tau: float, grad: bool) -> Iterator[torch.Tensor]:
+        """Per chunk: ``[sum Q log P, any pixel without a candidate, (P * sum(Q) - Q)^T X ...]``
+        (float64; the gradient part only when ``grad``)."""
         w = w.to(device=self.device, dtype=self.dtype)
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         for x, q, m in self.chunks():
@@ -538,21 +591,77 @@ class _Problem:
             # (on one CPU thread 2x faster than (c, N) for the demo's 15 prototypes; benchmarks/NOTES.md)
             s = torch.mm(w, x.T).div_(tau)
             q = q.T.contiguous()
+            none = torch.zeros(1, dtype=torch.float64, device=self.device)
             if m is not None:
                 m = m.T.contiguous()
-                no_candidate |= ~m.any(dim=0).all()
+                none = (~m.any(dim=0)).any().double().view(1)
                 s.masked_fill_(~m, -math.inf)
             log_p = torch.log_softmax(s, dim=0)  # exactly -inf (P = 0) at non-candidates
-            loss -= torch.where(q > 0, q * log_p, zero).sum().double()
-            if r is not None:
+            parts = [torch.where(q > 0, q * log_p, zero).sum().double().view(1), none]
+            if grad:
                 # (N, c); equals P - Q for pixels whose target sums to one
                 resid = log_p.exp_().mul_(q.sum(dim=0, keepdim=True)).sub_(q)
-                r += torch.mm(resid, x).double()
-        if bool(no_candidate):
-            raise ValueError("some pixels have no candidate prototype; every row of candidates "
-                             "needs at least one True.")
-        mean = float(loss) / self.K
-        return mean, (None if r is None else r / (self.K * tau))
+                parts.append(torch.mm(resid, x).double().flatten())
+            yield torch.cat(parts)
+
+    def combine(self, rows: Iterator[torch.Tensor], width: int) -> torch.Tensor:
+        """The sum of per-chunk float64 vectors of ``width`` values over every process's chunks.
+
+        One process: added as they stream. ``reduce_sum``: this process's sum, then one
+        collective sum. ``share``: every process's chunk vectors are gathered and added in global
+        chunk order, the order one process adds them in, so the sum is bit for bit that of one
+        process. A process whose rows hold NaN/inf (:class:`NonFiniteRowsError`, raised while the
+        chunks stream) still takes part in the collective, so no process waits forever, then raises
+        its own error naming the row; the others raise one that points to it.
+        """
+        total = torch.zeros(width, dtype=torch.float64, device=self.device)
+        kept: List[torch.Tensor] = []
+        failure: Optional[NonFiniteRowsError] = None
+        try:
+            for row in rows:
+                if self.share is not None:
+                    kept.append(row)
+                else:
+                    total += row
+        except NonFiniteRowsError as err:
+            if self.reduce_sum is None and self.share is None:
+                raise
+            failure = err
+        if self.reduce_sum is not None:
+            flag = torch.full((1,), float(failure is not None), dtype=torch.float64, device=self.device)
+            summed = self.reduce_sum(torch.cat([total, flag]))
+            others = int(summed[-1]) - (failure is not None)
+            total = summed[:-1]
+        elif self.share is not None:
+            total, others = self._ordered_sum(kept, width, failure is not None)
+        else:
+            return total
+        if failure is not None:
+            raise failure
+        if others:
+            raise ValueError(f"{others} other process(es) found NaN/inf rows in their share of the "
+                             "learning set (their error names the row); learning from them would give "
+                             "NaN prototypes.")
+        return total
+
+    def _ordered_sum(self, kept: List[torch.Tensor], width: int, failed: bool) -> Tuple[torch.Tensor, int]:
+        """Gather every process's chunk vectors and add them in global chunk order."""
+        share = self.share
+        assert share is not None
+        world = share.world_size
+        slots = -(-self.total_chunks // world)
+        buf = torch.zeros(slots + 1, width, dtype=torch.float64, device=self.device)
+        if kept and not failed:
+            buf[:len(kept)] = torch.stack(kept)
+        buf[slots, 0] = float(failed)
+        gathered = share.all_gather(buf)
+        others = sum(int(g[slots, 0]) for g in gathered) - failed
+        total = torch.zeros(width, dtype=torch.float64, device=self.device)
+        if others or failed:
+            return total, others
+        for j in range(self.total_chunks):
+            total += gathered[j % world][j // world]
+        return total, 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,6 +679,8 @@ def prototype_loss(
     chunk_size: int = 65536,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
+    reduce_sum: Optional[ReduceSum] = None,
+    share: Optional[ChunkShare] = None,
 ) -> float:
     """Mean cross-entropy ``(1/K) sum -Q log P(W)``, computed in chunks.
 
@@ -586,6 +697,11 @@ def prototype_loss(
         chunk_size: rows per chunk.
         device: where to compute (default: the device of a tensor ``features``, else CPU).
         dtype: compute dtype of the chunk GEMMs (sums are accumulated in float64).
+        reduce_sum: the rows are shared among processes (this one holds some of them): a function
+            summing a tensor over the processes (see :func:`learn_vision_prototypes`); the result
+            is the mean over every process's rows.
+        share: the rows are this process's chunks of a set shared chunk by chunk
+            (:class:`ChunkShare`): the result is bit for bit that of one process.
 
     Returns:
         The mean loss as a Python float.
@@ -596,8 +712,9 @@ def prototype_loss(
         1.0986
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
-    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
+    tau = check_positive("tau", tau)
+    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
+                    reduce_sum, share)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.loss(prototypes, tau)
 
@@ -612,6 +729,8 @@ def prototype_gradient(
     chunk_size: int = 65536,
     device: Optional[Union[str, torch.device]] = None,
     dtype: torch.dtype = torch.float32,
+    reduce_sum: Optional[ReduceSum] = None,
+    share: Optional[ChunkShare] = None,
 ) -> torch.Tensor:
     """Exact Euclidean gradient ``(1/(K tau)) (P - Q)^T X`` of :func:`prototype_loss`.
 
@@ -623,8 +742,9 @@ def prototype_gradient(
         ``(N, D)`` gradient in ``dtype`` (accumulated over chunks in float64), on ``device``.
     """
     check_ndim("prototypes", prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
-    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype)
+    tau = check_positive("tau", tau)
+    prob = _Problem(features, targets, candidates, prototypes.shape[0], chunk_size, device, dtype,
+                    reduce_sum, share)
     check_same("prototypes.shape[1]", prototypes.shape[1], "features.shape[1]", prob.D)
     return prob.evaluate(prototypes, tau)[1].to(dtype)
 
@@ -682,13 +802,14 @@ def _class_level_problem(prob: _Problem, init: torch.Tensor, tau_text: float
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class-level anchors (``docs/vpl.md#level``): ``mu_n = normalize(sum_k Q[k, n] x_k)`` and targets
     ``softmax_j(mu_n . z_j / tau_text)`` over the prototypes that are a candidate somewhere."""
-    base = torch.zeros(prob.N, prob.D, dtype=torch.float64, device=prob.device)
-    mass = torch.zeros(prob.N, dtype=torch.float64, device=prob.device)
-    active = torch.zeros(prob.N, dtype=torch.bool, device=prob.device)
-    for x, q, m in prob.chunks():
-        base += (q.T @ x).double()
-        mass += q.sum(dim=0).double()
-        active |= torch.ones_like(active) if m is None else m.any(dim=0)
+    def rows() -> Iterator[torch.Tensor]:
+        for x, q, m in prob.chunks():
+            active = torch.ones(prob.N, dtype=torch.bool, device=prob.device) if m is None else m.any(dim=0)
+            yield torch.cat([(q.T @ x).double(), q.sum(dim=0).double()[:, None],
+                             active.double()[:, None]], dim=1).flatten()
+
+    total = prob.combine(rows(), prob.N * (prob.D + 2)).view(prob.N, prob.D + 2)
+    base, mass, active = total[:, :prob.D], total[:, prob.D], total[:, prob.D + 1] > 0
     has_anchor = (mass > 0) & active
     if not bool(has_anchor.any()):
         raise ValueError("level='class' found no prototype with target mass; targets are all zero.")
@@ -717,6 +838,8 @@ def learn_vision_prototypes(
     callback: Optional[Callable[[int, torch.Tensor], Optional[bool]]] = None,
     progress: bool = False,
     return_history: bool = False,
+    reduce_sum: Optional[ReduceSum] = None,
+    share: Optional[ChunkShare] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, Any]]]:
     """Learn vision prototypes ``W`` by full-batch gradient descent on the unit spheres (Alg. 1).
 
@@ -733,7 +856,8 @@ def learn_vision_prototypes(
       Barzilai-Borwein step sizes and Armijo backtracking. Direction: the tangent part
       ``G_t = G - <G, w> w`` of each row (the radial part only changes norms, which the projection
       undoes; with a large step it can even flip a prototype). Trial
-      ``W' = normalize(W - eta G_t)``, accepted when ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
+      ``W' = normalize(W - eta G_t)``, accepted when
+      ``L(W') <= L(W) - max(1e-4 eta ||G_t||_F^2, eps |L(W)|)`` (``eps`` of
       ``dtype``: smaller decreases are rounding noise), else ``eta`` is halved and the trial
       repeated; every trial is one pass over the data. The first trial of iteration 1 is
       ``eta = lr``; later first trials are the alternating BB steps ``<s,s>/<s,y>`` and
@@ -788,6 +912,20 @@ def learn_vision_prototypes(
         callback: ``callback(iteration, W)`` after every update (``iteration`` from 1, ``W`` the
             ``(N, D)`` current prototypes on ``device``; clone to keep). Returning True stops.
         progress: show a tqdm bar when tqdm is installed (silently none otherwise).
+        reduce_sum: several processes, each holding a share of the rows (``features``,
+            ``targets`` and ``candidates`` are this process's rows; a share may be empty): a
+            function summing a tensor over the processes, e.g.
+            :func:`vpl_plugin.distributed.all_reduce_sum` under torchrun. Every pass sums the loss
+            and gradient statistics over the processes (one call of ``(N * D + 3)`` float64 values),
+            so every process takes the same steps and returns the same ``W``: that of one process
+            holding all the rows, up to the order of float summation. Every process must call this
+            function with the same arguments apart from its rows. ``None``: this process has all
+            rows.
+        share: instead of ``reduce_sum``, when this process's rows are whole chunks of the set
+            (:class:`ChunkShare`): every pass gathers the per-chunk sums and adds them in chunk
+            order, so ``W`` is bit for bit that of one process holding every row (same
+            ``chunk_size``, device, dtype and thread count). Costs one gather of
+            ``chunks x (N * D + 2)`` float64 values per pass.
         return_history: also return a dict of per-iteration lists: ``loss`` (``L(W_0..W_T)``,
             length ``T + 1``), ``grad_norm`` (``||G(W_t)||_F``, Euclidean, length ``T``),
             ``lr`` (step size used at iteration ``t``), ``evaluations`` (cumulative passes over the
@@ -813,15 +951,15 @@ def learn_vision_prototypes(
     check_choice("step_rule", step_rule, STEP_RULES)
     check_choice("level", level, ("instance", "class"))
     check_ndim("init_prototypes", init_prototypes, 2, "(N, D)")
-    tau = _check_positive("tau", tau)
-    lr = _check_positive("lr", lr)
+    tau = check_positive("tau", tau)
+    lr = check_positive("lr", lr)
     check_range("iters", iters, 0)
-    tau_text = _check_positive("tau_text", tau_text)
+    tau_text = check_positive("tau_text", tau_text)
     if tol is not None:
         check_range("tol", tol, 0.0)
 
     prob = _Problem(features, targets, candidates, init_prototypes.shape[0], chunk_size, device,
-                    dtype)
+                    dtype, reduce_sum, share)
     check_same("init_prototypes.shape[1]", init_prototypes.shape[1], "features.shape[1]", prob.D,
                "Prototypes and features must live in the same (joint CLIP) space.")
     dev = prob.device
@@ -1046,7 +1184,7 @@ class PrototypeSet:
     def __post_init__(self) -> None:
         check_ndim("prototypes", self.prototypes, 2, "(N, D)")
         check_choice("kind", self.kind, ("text", "vision"))
-        self.tau = _check_positive("tau", self.tau)
+        self.tau = check_positive("tau", self.tau)
         if isinstance(self.class_names, str) or isinstance(self.background_names, str):
             raise TypeError("class_names and background_names must be sequences of names, not a "
                             "single string.")
@@ -1057,7 +1195,7 @@ class PrototypeSet:
                    len(self.class_names) + len(self.background_names),
                    "Give one name per prototype row, foreground first.")
         if self.logit_scale_override is not None:
-            self.logit_scale_override = _check_positive("logit_scale_override",
+            self.logit_scale_override = check_positive("logit_scale_override",
                                                         self.logit_scale_override)
         self._check_rows()
         if not isinstance(self.provenance, dict):
@@ -1070,7 +1208,7 @@ class PrototypeSet:
             raise TypeError(f"prototypes must be floating point; got {rows.dtype}.")
         finite = torch.isfinite(rows)
         problems = []
-        names = self.class_names + self.background_names
+        names = list(self.class_names) + list(self.background_names)
         for i in (~finite).any(dim=1).nonzero().flatten().tolist():
             nan = int(torch.isnan(rows[i]).sum())
             inf = int((~finite[i]).sum()) - nan
@@ -1144,6 +1282,7 @@ class PrototypeSet:
         except Exception as err:  # torch raises several types for a corrupt / foreign file
             raise ValueError(f"{path!r} is not a readable PrototypeSet file "
                              f"({type(err).__name__}: {err}).") from err
+        check_tensor_sizes(payload, path, "prototype file")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{path!r} is not a PrototypeSet file (no format tag {_FORMAT!r}); "
                              "write it with PrototypeSet.save.")

@@ -31,8 +31,8 @@ from vpl_plugin._checks import check_choice, check_ndim
 from vpl_plugin._imports import require
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.data.labels import VOC_PALETTE, read_label_png, save_label_png, voc_palette
-from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, load_image, read_image_header
-from vpl_plugin.metrics import _check_cams_keys, _label_lut
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image, read_image_header
+from vpl_plugin.metrics import check_cams_keys, label_lut
 
 __all__ = [
     "MEAN_BGR",
@@ -106,7 +106,7 @@ def read_image_bgr(path: Union[str, os.PathLike], *,
     Raises:
         FileNotFoundError: the file does not exist.
         DatasetError: (a ValueError) the header cannot be read, the image is over
-            ``max_pixels``, or its mode has no defined 8-bit range.
+            ``max_pixels``, its mode has no defined 8-bit range, or a JPEG is truncated.
         ValueError: OpenCV cannot decode it.
     """
     cv2 = require("cv2")
@@ -117,10 +117,38 @@ def read_image_bgr(path: Union[str, os.PathLike], *,
     if mode not in EIGHT_BIT_MODES:
         rgb = np.asarray(load_image(path, max_pixels=max_pixels).convert("RGB"), dtype=np.uint8)
         return np.ascontiguousarray(rgb[..., ::-1])
+    truncated = _jpeg_truncation(path)
+    if truncated:
+        raise DatasetError(path, truncated, "the file is corrupt; re-download it or drop the id")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"OpenCV could not decode the image {path} (corrupt or unsupported).")
     return img
+
+
+def _jpeg_truncation(path: Path) -> Optional[str]:
+    """Why a JPEG file is cut short, or None (also for any other format).
+
+    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey), while
+    :func:`~vpl_plugin.data.voc.load_image` (the CAM images) refuses it; the CRF must not run on
+    such an image. A complete JPEG has an end-of-image marker (``FF D9``) after its last
+    start-of-scan marker (``FF DA``); inside the compressed data every ``FF`` byte is followed by
+    ``00``, so the marker cannot appear there by chance.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"\xff\xd8":
+            return None
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - 4096))
+        tail = fh.read()  # a complete JPEG ends with FF D9: the last 4 KB nearly always decide
+        end, scan = tail.rfind(b"\xff\xd9"), tail.rfind(b"\xff\xda")
+        if end < 0 and scan < 0:  # inside compressed data, or long trailing bytes: read it all
+            fh.seek(0)
+            tail = fh.read()
+            end, scan = tail.rfind(b"\xff\xd9"), tail.rfind(b"\xff\xda")
+    if scan >= 0 and end < scan:
+        return f"JPEG data ends before its end-of-image marker ({size:,} bytes; the file is truncated)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +310,7 @@ def cams_to_pseudo_mask(
         ValueError: CAMs holding NaN/inf (a CRF would turn them into an all-background mask),
             keys outside the label space, or sizes that do not match.
     """
-    cams, keys = _check_cams_keys(cams, keys, num_classes, source=source)
+    cams, keys = check_cams_keys(cams, keys, num_classes, source=source)
     if conf is not None:
         conf = float(conf)
     check_choice("crf_image_mode", crf_image_mode, CRF_IMAGE_MODES)
@@ -297,7 +325,7 @@ def cams_to_pseudo_mask(
                              f"{(h, w)}.")
     if n == 0:
         return np.zeros((h, w), dtype=np.uint8)
-    lut = _label_lut(keys)
+    lut = label_lut(keys)
     dt = cams.dtype.type
     bg = np.power(dt(1) - cams.max(axis=0, keepdims=True), dt(bg_power))
     probs = np.concatenate([bg, cams], axis=0)

@@ -1,8 +1,8 @@
 """``vpl reproduce table1``: the paper's Table 1 (seed and pseudo-mask mIoU) with one command.
 
-For every row whose adapter is registered (today CLIP-ES: rows "CLIP-ES" and "CLIP-ES + VPL"),
-the existing ``vpl`` stages are chained by calling :func:`vpl_plugin.cli.main`, each stage in its
-own folder under ``--out``::
+For every row of :data:`TABLE1_ROWS` whose adapter is registered, the ``vpl`` stages are chained
+through the stage runner the CLI passes (its own ``cams``/``learn``/``masks``/``eval`` commands),
+each stage in its own folder under ``--out``::
 
     text_cams/        vpl cams  (text prototypes) on --split
     prototypes/       vpl learn (vision prototypes) on --learn-split  -> prototypes/vpl.pt
@@ -25,44 +25,80 @@ stage continues where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from vpl_plugin._cli_common import (
-    UsageError,
-    finite_float,
-    max_pixels_arg,
-    max_tokens_arg,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    tau_arg,
+from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, FP16_COMPAT_CONFLICT, UsageError, \
+    max_tokens_arg
+
+#: runs one stage's ``vpl`` command line (``["cams", "--clip", ...]``) and returns its exit status;
+#: the CLI passes the runner of its own commands (:func:`vpl_plugin.cli.reproduce.run_stage`)
+StageRunner = Callable[[Sequence[str]], int]
+
+@dataclass(frozen=True)
+class Table1Row:
+    """One row of Table 1 and the stages that measure it.
+
+    Attributes:
+        name: the row as the paper names it (``"CLIP-ES + VPL"``).
+        adapter: the ``vpl cams --adapter`` of its CAMs.
+        prefix: its stages' name prefix: ``<prefix>_cams``, ``<prefix>_masks`` and their
+            ``eval_...`` stages.
+        vision: its CAMs use the learned vision prototypes (``--prototypes``, ``--map-mode``).
+        paper_seed, paper_mask: seed and pseudo-mask mIoU on VOC12 train in the paper's Table 1.
+        paper_coco_val_segmentation: COCO val segmentation mIoU after phase 2 / DeepLab, the only
+            COCO number the papers give (not a seed or mask mIoU, so shown as context only).
+    """
+
+    name: str
+    adapter: str
+    prefix: str
+    vision: bool
+    paper_seed: float
+    paper_mask: float
+    paper_coco_val_segmentation: float
+
+    @property
+    def cams_stage(self) -> str:
+        """The stage (and folder) of the row's CAMs."""
+        return f"{self.prefix}_cams"
+
+    @property
+    def masks_stage(self) -> str:
+        """The stage (and folder) of the row's pseudo masks."""
+        return f"{self.prefix}_masks"
+
+    def cams_flags(self, prototypes: Path, map_mode: str, refine: bool = True) -> Tuple[List[Any], List[Any]]:
+        """The row's own ``vpl cams`` flags: ``(before --split-file, after it)``; ``refine=False``
+        drops the CAA refinement of the vision-prototype rows (the recommended configuration)."""
+        adapter = [] if self.adapter == DEFAULT_ADAPTER else ["--adapter", self.adapter]
+        vision = ["--prototypes", prototypes, "--map-mode", map_mode] if self.vision else []
+        if self.vision and not refine:
+            vision.append("--no-refine")
+        return adapter, vision
+
+
+DEFAULT_ADAPTER = "clip-es"
+#: background exponents searched for maps without CAA refinement (upstream's search for its raw
+#: GradCAM type; the demo scores its rows without CAA the same way)
+UNREFINED_SEARCH = "1,2,3,4,5,6,7,8,9,10"
+#: the rows, in the paper's order (every adapter here is chained; --no-cpal drops clip-cpal's rows)
+TABLE1_ROWS: Tuple[Table1Row, ...] = (
+    Table1Row("CLIP-ES", "clip-es", "text", False, 70.8, 75.0, 45.4),
+    Table1Row("CLIP-ES + VPL", "clip-es", "vpl", True, 76.3, 78.4, 49.2),
+    Table1Row("CLIP-CPAL", "clip-cpal", "cpal", False, 71.9, 75.8, 46.8),
+    Table1Row("CLIP-CPAL + VPL", "clip-cpal", "cpal_vpl", True, 77.8, 80.1, 49.8),
 )
-from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS
-
-# (seed mIoU, pseudo-mask mIoU) on VOC12 train, Table 1 of the paper.
-PAPER_TABLE1: Dict[str, Tuple[float, float]] = {
-    "CLIP-ES": (70.8, 75.0),
-    "CLIP-ES + VPL": (76.3, 78.4),
-    "CLIP-CPAL": (71.9, 75.8),
-    "CLIP-CPAL + VPL": (77.8, 80.1),
-}
-ROW_ADAPTER = {"CLIP-ES": "clip-es", "CLIP-ES + VPL": "clip-es",
-               "CLIP-CPAL": "clip-cpal", "CLIP-CPAL + VPL": "clip-cpal"}
-# adapters whose stages this command chains (a registered adapter not listed is shown, not run)
-CHAINED_ADAPTERS = ("clip-es", "clip-cpal")
-# the stage-name prefix of each row's CAMs and masks (ROW_PREFIX[row] + "_cams", + "_masks")
-ROW_PREFIX = {"CLIP-ES": "text", "CLIP-ES + VPL": "vpl", "CLIP-CPAL": "cpal", "CLIP-CPAL + VPL": "cpal_vpl"}
-# COCO val segmentation mIoU after phase 2 / DeepLab (the VPL and CPAL papers): the only
-# COCO numbers the papers give; they are not seed or pseudo-mask mIoU, so they are shown as context.
-PAPER_COCO_VAL_SEGMENTATION: Dict[str, float] = {
-    "CLIP-ES": 45.4, "CLIP-ES + VPL": 49.2, "CLIP-CPAL": 46.8, "CLIP-CPAL + VPL": 49.8}
+#: the adapter whose rows ``--no-cpal`` skips
+CPAL_ADAPTER = "clip-cpal"
 # at most 1e7 learning tokens on COCO (docs/vpl.md#learning-set-size-and-memory)
 COCO_MAX_TOKENS = 10_000_000
 # passes over the learning set per step of the default "bb" rule (prototypes.py: at most 400
@@ -103,91 +139,8 @@ _WHERE_SYNTHETIC = ("the synthetic world's export: python -c \"from vpl_plugin.d
                     "{'train': (0, 64), 'val': (10_000_000, 32)})\"")
 
 
-# -- options ----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    """The flags of ``vpl reproduce`` (called by :mod:`vpl_plugin.cli`)."""
-    p.add_argument("table", choices=["table1"], help="what to reproduce (table1: seed and mask mIoU)")
-    p.add_argument("--voc-root", metavar="DIR",
-                   help="the VOC2012 folder (JPEGImages/, Annotations/, SegmentationClass[Aug]/, "
-                        "ImageSets/Segmentation/); with --dataset synthetic the export folder")
-    p.add_argument("--coco-root", metavar="DIR",
-                   help="run the COCO 2014 variant instead: the folder holding train2014/, val2014/, "
-                        "SegmentationClass/ and the CLIP-ES lists (coco14/train.txt, coco14/val.txt)")
-    p.add_argument("--clip", metavar="NAME_OR_PATH",
-                   help="OpenAI CLIP model name (ViT-B/16, downloaded on first use) or checkpoint file")
-    p.add_argument("--dataset", default="voc", choices=["voc", "synthetic"],
-                   help="voc (default) or synthetic (the demo world's VOC export; use with "
-                        "--template 'a photo of a {}.' and the demo CLIP)")
-    p.add_argument("--split", default="train",
-                   help="list the seeds and masks are made and evaluated on (default: train, "
-                        "as Table 1); a name under ImageSets/Segmentation/ or a file")
-    p.add_argument("--learn-split", default=None,
-                   help="list the vision prototypes are learned on (default: train_aug on VOC, as the "
-                        "paper; train on COCO)")
-    p.add_argument("--max-tokens", metavar="N",
-                   help="learn from at most N patch tokens, an equal count per image drawn with a fixed "
-                        "seed (default: every token on VOC, 1e7 on COCO; "
-                        "docs/vpl.md#learning-set-size-and-memory)")
-    p.add_argument("--out", default="reproduce_table1", metavar="DIR",
-                   help="folder of every stage's outputs and table1.json/.md (default: reproduce_table1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--max-pixels", type=max_pixels_arg, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="refuse images with more than N pixels, checked before decoding (default 2097152; 0 = no "
-                        "limit; see vpl cams --help for what raising it costs)")
-    p.add_argument("--trust-torchscript", action="store_true",
-                   help="read a TorchScript --clip archive with torch.jit.load, which RUNS CODE STORED IN THE FILE "
-                        "(it can write files or hang): only for an archive from a source you trust that the "
-                        "default reader refuses. By default archives are read as data and nothing in them runs")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check dataset layout, lists, checkpoint and disk; project the run time; run nothing")
-    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images of each list")
-    p.add_argument("--workers", type=positive_int, default=1, help="processes for the CRF stage (default 1)")
-    p.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
-                   help="prompt template (repeatable; default CLIP-ES's 'a clean origami {}.')")
-    p.add_argument("--iters", type=nonnegative_int, default=3000, help="prototype-learning steps (paper: 3000)")
-    p.add_argument("--tau", default="0.03", type=tau_arg, help="vision temperature tau_I (paper: 0.03)")
-    p.add_argument("--lr", type=positive_float, default=10.0, help="step size (paper: 10)")
-    p.add_argument("--phi", type=finite_float, default=0.4, help="seed threshold Phi (paper: 0.4)")
-    p.add_argument("--pooling", default="token", choices=["token", "region"],
-                   help="learning rows: token (the paper, default) or region (the project's recommended "
-                        "configuration with --tau 0.1 --map-mode dense; see README)")
-    p.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
-                   help="map of the VPL CAMs: gradcam (the paper, default), dense or fused (see vpl cams)")
-    p.add_argument("--no-cpal", dest="cpal", action="store_false",
-                   help="skip the CLIP-CPAL rows (the reconstruction of docs/clip_cpal.md; each of its rows "
-                        "runs a bank pass and a CAM pass over --split)")
-    p.add_argument("--no-projection", dest="project", action="store_false",
-                   help="do not time a few images per stage before the run")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-
-EPILOG = """examples:
-  # check everything first (layout, lists, checkpoint, disk, projected time); exit 2 lists what is missing
-  vpl reproduce table1 --voc-root VOCdevkit/VOC2012 --clip ViT-B/16 --dry-run
-  # the paper's setting: seeds/masks on train, prototypes learned on train_aug (SBD list)
-  vpl reproduce table1 --voc-root VOCdevkit/VOC2012 --clip ViT-B/16 --device cuda --out t1
-  # rerun the same command after an interruption: finished stages are skipped, the rest resumes
-  # a quick look without SBD: learn on train itself, 100 images
-  vpl reproduce table1 --voc-root VOC2012 --clip ViT-B-16.pt --learn-split train --limit 100
-  # the project's recommended VPL configuration instead of the paper-literal one
-  vpl reproduce table1 ... --pooling region --tau 0.1 --map-mode dense --out t1_recommended
-  # meaningful numbers on CPU in minutes: the synthetic world and the shipped demo CLIP
-  vpl reproduce table1 --dataset synthetic --voc-root syn --clip vpl_plugin/demo/assets/demo_clip.pt \\
-      --split val --learn-split train --template "a photo of a {}."
-  # COCO 2014 (train2014/, val2014/, SegmentationClass/, coco14/train.txt from CLIP-ES): seeds and
-  # masks on train, prototypes from at most 1e7 train tokens; check first, as always
-  vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --dry-run
-  vpl reproduce table1 --coco-root coco2014 --clip ViT-B/16 --device cuda --out t1_coco
-
-The CLIP-CPAL rows run the project's reconstruction of CPAL (unreleased code; docs/clip_cpal.md,
-adapters/clip_cpal/README.md); --no-cpal skips them. The paper has no COCO seed or mask numbers:
-the COCO table prints "n/a" in the paper columns.
-Exit status: 0 all done; 3 some images skipped (the stage summaries name them); 2 missing inputs."""
-
-
 # -- checks -----------------------------------------------------------------------------------------
-def resolve(args) -> None:
+def resolve(args: argparse.Namespace) -> None:
     """Fill in what depends on the dataset: ``args.root``, ``args.dataset`` (``coco`` with
     ``--coco-root``), ``args.learn_split`` and ``args.max_tokens`` (validated)."""
 
@@ -274,7 +227,7 @@ def _check_ground_truth(root: Path, path: Path, args, missing: List[str]) -> Non
                        f"(first: {no_gt[0]}); get it from {_where('SegmentationClass', args.dataset)}")
 
 
-def check_layout(args) -> Tuple[List[str], List[str]]:
+def check_layout(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
     """``(missing, notes)``: each missing item with where users usually get it; notes are informative."""
     resolve(args)
     if args.dataset == "coco":
@@ -316,7 +269,7 @@ def check_layout(args) -> Tuple[List[str], List[str]]:
     return missing, notes
 
 
-def check_coco_layout(args) -> Tuple[List[str], List[str]]:
+def check_coco_layout(args: argparse.Namespace) -> Tuple[List[str], List[str]]:
     """The COCO 2014 layout upstream CLIP-ES reads: ``train2014/`` and ``val2014/`` images, the
     CLIP-ES lists (``coco14/<split>.txt``, ``<id> l1 l2 ...``) and ``SegmentationClass/<id>.png``
     ground truth. Returns ``(missing, notes)`` like :func:`check_layout`."""
@@ -371,7 +324,7 @@ def _named_geometry(name: str) -> Dict[str, int]:
     return {"dim": 768 if name.startswith("ViT-L") else 512, "patch": patch}
 
 
-def check_checkpoint(args) -> Tuple[List[str], List[str], Optional[Dict[str, int]]]:
+def check_checkpoint(args: argparse.Namespace) -> Tuple[List[str], List[str], Optional[Dict[str, int]]]:
     """``(missing, notes, geometry)`` for ``--clip``; geometry: ``{"dim": embedding width, "patch":
     patch size}`` (None when the checkpoint is unusable)."""
     import os
@@ -480,7 +433,7 @@ def _learning_tokens(args, n_learn: int, sizes: Sequence[Tuple[int, int]], patch
     return int(round(n_learn * sum(grids) / len(grids)))
 
 
-def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
+def estimate_disk(args: argparse.Namespace, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
     """Bytes the run will write (rough), and a one-line breakdown.
 
     CAM files ~ H*W*2 bytes (float16) per class per image, once per row (text, VPL, CPAL, CPAL + VPL;
@@ -500,7 +453,7 @@ def estimate_disk(args, geometry: Optional[Dict[str, int]]) -> Tuple[int, str]:
     protos = len(spec.names) + len(spec.background)
     _, _, sizes = _image_stats(args, _list_path(root, args.learn_split, args.dataset))
     tokens = _learning_tokens(args, n["learn"], sizes, patch)
-    rows = 4 if getattr(args, "cpal", True) else 2  # CAM / mask folders: text, VPL (+ CPAL, CPAL + VPL)
+    rows = len(rows_to_run(args))  # CAM / mask folders: one per row
     cams = int(rows * n["split"] * pixels * 2 * per_img_classes)
     cache = int(tokens * (2 * dim + 5 * protos))
     masks = int(rows * n["split"] * pixels / 8)
@@ -527,66 +480,87 @@ def _free_bytes(path: Path) -> int:
 
 
 # -- stages -----------------------------------------------------------------------------------------
+def rows_to_run(args: argparse.Namespace) -> Tuple[Table1Row, ...]:
+    """The rows this run chains (all, or without CLIP-CPAL's with ``--no-cpal``)."""
+    return tuple(r for r in TABLE1_ROWS if getattr(args, "cpal", True) or r.adapter != CPAL_ADAPTER)
+
+
 def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
+    """``[(stage name, vpl argument list)]`` in running order: each row's CAMs (the vision
+    prototypes learned before the first row that uses them; a CLIP-CPAL row's ``vpl cams`` runs
+    its bank pass and its CAM pass), then each row's masks, then the evaluation of every CAM
+    folder and every mask folder."""
     resolve(args)
     root = Path(args.root)
     split = _list_path(root, args.split, args.dataset)
-    learn = _list_path(root, args.learn_split, args.dataset)
     gt = _gt_dir(root, args.dataset)
     pixels = ["--max-pixels", args.max_pixels or 0]
+    if getattr(args, "fp16_compat", False) and getattr(args, "exact_fp32", False):
+        raise UsageError(FP16_COMPAT_CONFLICT)
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
-            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else [])]
+            *pixels, *(["--trust-torchscript"] if args.trust_torchscript else []),
+            *(["--exact-fp32"] if getattr(args, "exact_fp32", False) else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]
     if args.limit:
         common += ["--limit", args.limit]
     protos = out / "prototypes" / "vpl.pt"
-    stages = [
-        ("text_cams", ["cams", *data, "--split-file", split, "--out", out / "text_cams", *common]),
-        ("prototypes", ["learn", *data, "--split-file", learn, "--out", protos, "--iters", args.iters,
-                        "--tau", args.tau, "--lr", args.lr, "--phi", args.phi, "--pooling", args.pooling,
-                        *(["--max-tokens", args.max_tokens] if args.max_tokens is not None else []),
-                        *common]),
-        ("vpl_cams", ["cams", *data, "--split-file", split, "--prototypes", protos,
-                      "--map-mode", args.map_mode, "--out", out / "vpl_cams", *common]),
-    ]
-    kinds = ["text", "vpl"]
-    if getattr(args, "cpal", True):
-        # CLIP-CPAL (docs/clip_cpal.md#what-the-adapter-does): pass 1 builds the context bank over
-        # the same list (saved in the stage folder), pass 2 writes the CAMs; + VPL
-        # (docs/clip_cpal.md#clip-cpal--vpl): the same on the VPL maps
-        stages += [
-            ("cpal_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
-                           "--out", out / "cpal_cams", *common]),
-            ("cpal_vpl_cams", ["cams", *data, "--adapter", "clip-cpal", "--split-file", split,
-                               "--prototypes", protos, "--map-mode", args.map_mode,
-                               "--out", out / "cpal_vpl_cams", *common]),
-        ]
-        kinds += ["cpal", "cpal_vpl"]
-    for kind in kinds:
-        stages.append((f"{kind}_masks", ["masks", "--cams", out / f"{kind}_cams", "--root", root,
-                                         *(["--image-dir", _image_dir(root, split, args.dataset)]
-                                           if args.dataset == "coco" else []),
-                                         "--split-file", split, "--out", out / f"{kind}_masks",
+    rows = rows_to_run(args)
+    stages: List[Tuple[str, List[Any]]] = []
+    for row in rows:
+        if row.vision and not any(name == "prototypes" for name, _ in stages):
+            stages.append(("prototypes", _learn_argv(args, data, root, protos, common)))
+        adapter, vision = row.cams_flags(protos, args.map_mode, refine=getattr(args, "refine", True))
+        stages.append((row.cams_stage, ["cams", *data, *adapter, "--split-file", split, *vision,
+                                        "--out", out / row.cams_stage, *common]))
+    image_dir = ["--image-dir", _image_dir(root, split, args.dataset)] if args.dataset == "coco" else []
+    for row in rows:
+        stages.append((row.masks_stage, ["masks", "--cams", out / row.cams_stage, "--root", root, *image_dir,
+                                         "--split-file", split, "--out", out / row.masks_stage,
                                          "--dataset", args.dataset, *pixels, "--workers", args.workers,
-                                         *common]))
-    for name, flag in [(f"{kind}_cams", "--cams") for kind in kinds] + [(f"{kind}_masks", "--masks")
-                                                                         for kind in kinds]:
+                                         *_conf_flags(args), *common]))
+    evaluated = [(r.cams_stage, "--cams") for r in rows] + [(r.masks_stage, "--masks") for r in rows]
+    unrefined = {r.cams_stage for r in rows if r.vision and not getattr(args, "refine", True)}
+    for name, flag in evaluated:
+        search = ["--bg-threshold", UNREFINED_SEARCH] if name in unrefined else []
         stages.append((f"eval_{name}", ["eval", flag, out / name, "--dataset", args.dataset,
-                                        "--gt-root", gt, "--split-file", split,
+                                        "--gt-root", gt, "--split-file", split, *search,
                                         "--json", out / f"eval_{name}" / "result.json", *common]))
     return [(name, [str(a) for a in argv]) for name, argv in stages]
+
+
+def _conf_flags(args) -> List[Any]:
+    """``vpl masks --conf`` of the table's mask column (0 = upstream's ``--eval_only`` scoring, the
+    default; earlier versions wrote 0.95 masks and left the default flag out of the stage key)."""
+    conf = float(getattr(args, "mask_conf", 0.0))
+    return [] if conf == 0.95 else ["--conf", conf]
+
+
+def _learn_argv(args, data: List[Any], root: Path, protos: Path, common: List[Any]) -> List[Any]:
+    learn = _list_path(root, args.learn_split, args.dataset)
+    return ["learn", *data, "--split-file", learn, "--out", protos, "--iters", args.iters,
+            "--tau", args.tau, "--lr", args.lr, "--phi", args.phi, "--pooling", args.pooling,
+            *(["--max-tokens", args.max_tokens] if args.max_tokens is not None else []), *common]
 
 
 def _stage_dir(out: Path, name: str) -> Path:
     return out / name
 
 
-_DEPENDS = {"vpl_cams": ("prototypes",), "cpal_vpl_cams": ("prototypes",),
-            **{f"{k}_masks": (f"{k}_cams",) for k in ("text", "vpl", "cpal", "cpal_vpl")},
-            **{f"eval_{k}_{what}": (f"{k}_{what}",) for k in ("text", "vpl", "cpal", "cpal_vpl")
-               for what in ("cams", "masks")}}
+def _stage_inputs(rows: Sequence[Table1Row]) -> Dict[str, Tuple[str, ...]]:
+    """The stages each stage reads (their keys are part of its key)."""
+    inputs: Dict[str, Tuple[str, ...]] = {}
+    for row in rows:
+        if row.vision:
+            inputs[row.cams_stage] = ("prototypes",)
+        inputs[row.masks_stage] = (row.cams_stage,)
+        inputs[f"eval_{row.cams_stage}"] = (row.cams_stage,)
+        inputs[f"eval_{row.masks_stage}"] = (row.masks_stage,)
+    return inputs
+
+
+_DEPENDS = _stage_inputs(TABLE1_ROWS)
 
 
 # flags that change how a stage runs, not what it writes: left out of the stage keys
@@ -594,14 +568,20 @@ _NO_OUTPUT_FLAGS = {"--no-progress": 0, "--workers": 1}
 
 
 def _output_args(argv: List[str]) -> List[str]:
+    """The arguments that decide a stage's outputs. A stage that loads CLIP with upstream's numerics
+    (the default) gets a marker, and ``--exact-fp32`` is left out: keys of runs made before
+    upstream's numerics became the default (exact fp32 then) still match under ``--exact-fp32``,
+    and a default run sets their outputs aside instead of reusing them."""
     out, skip = [], 0
     for a in argv:
         if skip:
             skip -= 1
         elif a in _NO_OUTPUT_FLAGS:
             skip = _NO_OUTPUT_FLAGS[a]
-        else:
+        elif a != "--exact-fp32":
             out.append(a)
+    if "--clip" in argv and "--exact-fp32" not in argv:
+        out.append("numerics=upstream")
     return out
 
 
@@ -626,7 +606,7 @@ def _marker(out: Path, name: str) -> Optional[dict]:
 
 def _stage_done(out: Path, name: str, key: str) -> bool:
     record = _marker(out, name)
-    return bool(record) and record.get("key") == key and record.get("exit") == 0
+    return record is not None and record.get("key") == key and record.get("exit") == 0
 
 
 def _set_aside_if_stale(out: Path, name: str, key: str) -> None:
@@ -656,13 +636,12 @@ def _mark_started(out: Path, name: str, argv: List[str], key: str) -> None:
         write_json(_stage_dir(out, name) / STAGE_MARKER, {"argv": argv, "key": key, "exit": None})
 
 
-def _run_stage(out: Path, name: str, argv: List[str], key: str) -> Tuple[int, float]:
+def _run_stage(out: Path, name: str, argv: List[str], key: str, runner: StageRunner) -> Tuple[int, float]:
     from vpl_plugin._io import write_json
-    from vpl_plugin.cli import main
 
     _mark_started(out, name, argv, key)
     start = time.time()
-    code = main(argv)
+    code = runner(argv)
     seconds = time.time() - start
     if code == 0:
         write_json(_stage_dir(out, name) / STAGE_MARKER,
@@ -699,15 +678,37 @@ def time_learning_pass(rows: int, dim: int, num_prototypes: int, *, device: str 
     return max(seconds[1] - seconds[0], 1e-9) / repeats
 
 
-def project_time(args, work: Path, geometry: Optional[Dict[str, int]] = None) -> Optional[Dict[str, Any]]:
-    """Time ``SAMPLE_IMAGES`` images of the CAM and CRF stages (outputs in ``work``, reusable) and
-    multiply by the list sizes; project the prototype steps from the time of one pass over a
-    random in-memory chunk of the learning set's width (:func:`time_learning_pass`) times the
-    number of chunks, steps and passes per step. Returns None when the sample could not run."""
+def _seconds_per_image(runner: StageRunner, argv: List[str], k: int) -> Optional[float]:
+    """Seconds per image of a stage: one warm-up image, then the next k - 1 timed (k = 1: the one)."""
     import contextlib
     import io
 
-    from vpl_plugin.cli import main
+    base = list(argv)
+    if "--limit" in base:
+        i = base.index("--limit")
+        del base[i:i + 2]
+    if "--no-progress" not in base:
+        base.append("--no-progress")
+    summary = Path(base[base.index("--out") + 1]) / f"vpl_{base[0]}_summary.json"
+    rate = None
+    for n in sorted({1, k}):
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = runner(base + ["--limit", str(n)])
+        if code not in (0, 3) or not summary.is_file():
+            return None
+        rec = json.loads(summary.read_text())
+        if rec.get("done"):
+            rate = rec["seconds"] / rec["done"]
+    return rate
+
+
+def project_time(args: argparse.Namespace, work: Path, geometry: Optional[Dict[str, int]] = None, *,
+                 runner: StageRunner) -> Optional[Dict[str, Any]]:
+    """Time ``SAMPLE_IMAGES`` images of the CAM and CRF stages (outputs in ``work``, reusable) and
+    multiply by the list sizes; project the prototype steps from the time of one pass over a
+    random in-memory chunk of the learning set's width (:func:`time_learning_pass`) times the
+    number of chunks, steps and passes per step. ``runner`` runs the sampled stages. Returns None
+    when the sample could not run."""
     from vpl_plugin.data.classes import get_class_spec
     from vpl_plugin.data.voc import read_split
 
@@ -719,29 +720,8 @@ def project_time(args, work: Path, geometry: Optional[Dict[str, int]] = None) ->
     if args.limit:
         n_split, n_learn = min(n_split, args.limit), min(n_learn, args.limit)
     stages = dict(_stages(args, work))
-
-    def sample(argv: List[str]) -> Optional[float]:
-        """Seconds per image: one warm-up image, then the next k - 1 timed (k = 1: the one)."""
-        base = list(argv)
-        if "--limit" in base:
-            i = base.index("--limit")
-            del base[i:i + 2]
-        if "--no-progress" not in base:
-            base.append("--no-progress")
-        summary = Path(base[base.index("--out") + 1]) / f"vpl_{base[0]}_summary.json"
-        rate = None
-        for n in sorted({1, k}):
-            with contextlib.redirect_stdout(io.StringIO()):
-                code = main(base + ["--limit", str(n)])
-            if code not in (0, 3) or not summary.is_file():
-                return None
-            rec = json.loads(summary.read_text())
-            if rec.get("done"):
-                rate = rec["seconds"] / rec["done"]
-        return rate
-
-    cam_rate = sample(stages["text_cams"])
-    mask_rate = sample(stages["text_masks"]) if cam_rate is not None else None
+    cam_rate = _seconds_per_image(runner, stages["text_cams"], k)
+    mask_rate = _seconds_per_image(runner, stages["text_masks"], k) if cam_rate is not None else None
     if cam_rate is None or mask_rate is None:
         return None
     geometry = geometry or _named_geometry("ViT-B/16")
@@ -805,29 +785,26 @@ def _miou(path: Path) -> Optional[float]:
 def build_table(out: Path, available: Sequence[str], dataset: str = "voc",
                 skipped: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """One record per Table 1 row: the paper's values (None on COCO: the paper gives none), the
-    measured mIoU from the eval stages and the differences."""
-    rows = []
-    for row, (p_seed, p_mask) in PAPER_TABLE1.items():
-        if dataset == "coco":
-            p_seed = p_mask = None
-        rec: Dict[str, Any] = {"row": row, "adapter": ROW_ADAPTER[row], "paper_seed": p_seed,
+    measured mIoU from the eval stages and the differences. ``available``: the registered
+    adapters; ``skipped``: names of rows this run left out."""
+    records = []
+    for row in TABLE1_ROWS:
+        p_seed, p_mask = (None, None) if dataset == "coco" else (row.paper_seed, row.paper_mask)
+        rec: Dict[str, Any] = {"row": row.name, "adapter": row.adapter, "paper_seed": p_seed,
                                "paper_mask": p_mask}
         if dataset == "coco":
-            rec["paper_coco_val_segmentation"] = PAPER_COCO_VAL_SEGMENTATION[row]
-        if ROW_ADAPTER[row] not in available or ROW_ADAPTER[row] not in CHAINED_ADAPTERS or row in skipped:
-            note = ("adapter not available yet" if ROW_ADAPTER[row] not in available
-                    else "skipped (--no-cpal)" if row in skipped
-                    else "adapter registered; not chained by `vpl reproduce` yet")
+            rec["paper_coco_val_segmentation"] = row.paper_coco_val_segmentation
+        if row.adapter not in available or row.name in skipped:
+            note = "adapter not available yet" if row.adapter not in available else "skipped (--no-cpal)"
             rec.update(available=False, note=note, seed=None, mask=None, diff_seed=None, diff_mask=None)
         else:
-            kind = ROW_PREFIX[row]
-            seed = _miou(out / f"eval_{kind}_cams" / "result.json")
-            mask = _miou(out / f"eval_{kind}_masks" / "result.json")
+            seed = _miou(out / f"eval_{row.cams_stage}" / "result.json")
+            mask = _miou(out / f"eval_{row.masks_stage}" / "result.json")
             rec.update(available=True, seed=seed, mask=mask,
                        diff_seed=None if seed is None or p_seed is None else round(seed - p_seed, 2),
                        diff_mask=None if mask is None or p_mask is None else round(mask - p_mask, 2))
-        rows.append(rec)
-    return rows
+        records.append(rec)
+    return records
 
 
 def _fmt(v: Optional[float], sign: bool = False, none: str = "-") -> str:
@@ -856,26 +833,53 @@ COCO_NOTE = ("The papers give no COCO seed or pseudo-mask mIoU (Table 1 is VOC t
              "(VPL and CPAL papers).")
 
 
-# -- command ----------------------------------------------------------------------------------------
-def run(args) -> int:
-    """Body of ``vpl reproduce table1``; returns the exit status."""
-    from vpl_plugin._io import write_json, write_text
+# -- command ---------------------------------------------------------------------------------------
+def run(args: argparse.Namespace, runner: StageRunner) -> int:
+    """Body of ``vpl reproduce table1``; ``runner`` runs each stage's ``vpl`` command line.
+    Returns the exit status."""
     from vpl_plugin.adapters import list_adapters
-    from vpl_plugin.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 
     resolve(args)
     out = Path(args.out)
     available = list_adapters()
+    _print_header(args, out, available)
+    missing, geometry = _check_inputs(args, out)
+    if missing:
+        print(f"missing ({len(missing)}):")
+        for m in missing:
+            print(f"  - {m}")
+        print("nothing was run." if args.dry_run else "fix these first (see `vpl reproduce --help`).")
+        return EXIT_USAGE
+    stages = _stages(args, out)
+    keys = stage_keys(stages)
+    pending = [name for name, argv in stages if not _stage_done(out, name, keys[name])]
+    proj = _projection(args, out, geometry, stages, keys, pending, runner)
+    if args.dry_run:
+        print(f"ready: {len(pending)} of {len(stages)} stages to run "
+              f"({', '.join(pending) if pending else 'none'}).")
+        return EXIT_OK
+    status, timings = _run_stages(out, stages, keys, pending, runner)
+    if status == EXIT_USAGE:
+        return status
+    rows = build_table(out, available, args.dataset,
+                       skipped=[r.name for r in TABLE1_ROWS if r not in rows_to_run(args)])
+    _write_table(args, out, rows, timings, proj)
+    return status
+
+
+def _print_header(args, out: Path, available: Sequence[str]) -> None:
     coco = args.dataset == "coco"
     print(f"vpl reproduce table1: {args.dataset} at {args.root}, CLIP {args.clip}, seeds/masks on "
           f"--split {args.split}, prototypes learned on --learn-split {args.learn_split}"
           + (f" (at most {args.max_tokens:.3g} tokens)" if args.max_tokens is not None else "") + f", out {out}")
-    for row, adapter in ROW_ADAPTER.items():
-        if adapter not in available:
-            seed, mask = PAPER_TABLE1[row]
-            paper = "paper: n/a on COCO" if coco else f"paper: seed {seed}, mask {mask}"
-            print(f"  {row}: adapter not available yet ({paper})")
+    for row in TABLE1_ROWS:
+        if row.adapter not in available:
+            paper = "paper: n/a on COCO" if coco else f"paper: seed {row.paper_seed}, mask {row.paper_mask}"
+            print(f"  {row.name}: adapter not available yet ({paper})")
 
+
+def _check_inputs(args, out: Path) -> Tuple[List[str], Optional[Dict[str, int]]]:
+    """Check layout, lists, checkpoint and disk; print the notes. ``(missing, geometry)``."""
     missing, notes = check_layout(args)
     ck_missing, ck_notes, geometry = check_checkpoint(args)
     missing += ck_missing
@@ -888,35 +892,34 @@ def run(args) -> int:
             missing.append(f"disk: about {_size(need)} needed under {out}, only {_size(free)} free")
     for n in notes:
         print(f"  {n}" if n.startswith("note:") else f"  ok: {n}")
-    if missing:
-        print(f"missing ({len(missing)}):")
-        for m in missing:
-            print(f"  - {m}")
-        print("nothing was run." if args.dry_run else "fix these first (see `vpl reproduce --help`).")
-        return EXIT_USAGE
+    return missing, geometry
 
-    stages = _stages(args, out)
-    keys = stage_keys(stages)
-    pending = [name for name, argv in stages if not _stage_done(out, name, keys[name])]
+
+def _projection(args, out: Path, geometry: Optional[Dict[str, int]], stages: List[Tuple[str, List[str]]],
+                keys: Dict[str, str], pending: List[str], runner: StageRunner) -> Optional[Dict[str, Any]]:
+    """Time a few images and print the projected run time (unless --no-projection)."""
     proj = None
-    if args.project and (args.dry_run or pending):
-        if args.dry_run and not _checkpoint_local(args.clip):
-            print("projected run time: n/a until the checkpoint is downloaded (a dry run downloads "
-                  "nothing); rerun the dry run afterwards")
-        elif args.dry_run:
-            with tempfile.TemporaryDirectory(prefix="vpl_reproduce_") as tmp:
-                proj = project_time(args, Path(tmp), geometry)
-        elif "text_cams" in pending and "text_masks" in pending:
-            for name in ("text_cams", "text_masks"):
-                _mark_started(out, name, dict(stages)[name], keys[name])
-            proj = project_time(args, out, geometry)  # the sampled images are reused by the run
-        if proj is not None or (args.dry_run and _checkpoint_local(args.clip)):
-            _print_projection(proj, args)
-    if args.dry_run:
-        print(f"ready: {len(pending)} of {len(stages)} stages to run "
-              f"({', '.join(pending) if pending else 'none'}).")
-        return EXIT_OK
+    if not (args.project and (args.dry_run or pending)):
+        return proj
+    if args.dry_run and not _checkpoint_local(args.clip):
+        print("projected run time: n/a until the checkpoint is downloaded (a dry run downloads "
+              "nothing); rerun the dry run afterwards")
+    elif args.dry_run:
+        with tempfile.TemporaryDirectory(prefix="vpl_reproduce_") as tmp:
+            proj = project_time(args, Path(tmp), geometry, runner=runner)
+    elif "text_cams" in pending and "text_masks" in pending:
+        for name in ("text_cams", "text_masks"):
+            _mark_started(out, name, dict(stages)[name], keys[name])
+        proj = project_time(args, out, geometry, runner=runner)  # the sampled images are reused by the run
+    if proj is not None or (args.dry_run and _checkpoint_local(args.clip)):
+        _print_projection(proj, args)
+    return proj
 
+
+def _run_stages(out: Path, stages: List[Tuple[str, List[str]]], keys: Dict[str, str], pending: List[str],
+                runner: StageRunner) -> Tuple[int, Dict[str, Any]]:
+    """Run the pending stages in order: ``(exit status, seconds per stage)``; a failed stage
+    stops the run with status 2."""
     status = EXIT_OK
     timings: Dict[str, Any] = {}
     for name, argv in stages:
@@ -925,7 +928,7 @@ def run(args) -> int:
             timings[name] = "reused"
             continue
         print(f"[{name}] vpl {' '.join(argv)}")
-        code, seconds = _run_stage(out, name, argv, keys[name])
+        code, seconds = _run_stage(out, name, argv, keys[name], runner)
         timings[name] = round(seconds, 1)
         if code == EXIT_PARTIAL:
             status = EXIT_PARTIAL
@@ -933,10 +936,16 @@ def run(args) -> int:
         elif code != EXIT_OK:
             print(f"error: stage {name} failed (exit {code}); fix it and rerun - finished stages "
                   "are kept", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_USAGE, timings
+    return status, timings
 
-    rows = build_table(out, available, args.dataset,
-                       skipped=() if args.cpal else ("CLIP-CPAL", "CLIP-CPAL + VPL"))
+
+def _write_table(args, out: Path, rows: List[Dict[str, Any]], timings: Dict[str, Any],
+                 proj: Optional[Dict[str, Any]]) -> None:
+    """Print the table; write table1.json and table1.md."""
+    from vpl_plugin._io import write_json, write_text
+
+    coco = args.dataset == "coco"
     table = format_table(rows)
     print(table)
     if coco:
@@ -949,9 +958,10 @@ def run(args) -> int:
                                                 "phi": args.phi, "pooling": args.pooling,
                                                 "map_mode": args.map_mode},
               "templates": args.templates, "stage_seconds": timings, "projection": proj,
-              "paper": ({k: {"seed": None, "mask": None, "coco_val_segmentation": PAPER_COCO_VAL_SEGMENTATION[k]}
-                         for k in PAPER_TABLE1} if coco else
-                        {k: {"seed": v[0], "mask": v[1]} for k, v in PAPER_TABLE1.items()}),
+              "paper": ({r.name: {"seed": None, "mask": None,
+                                  "coco_val_segmentation": r.paper_coco_val_segmentation}
+                         for r in TABLE1_ROWS} if coco else
+                        {r.name: {"seed": r.paper_seed, "mask": r.paper_mask} for r in TABLE1_ROWS}),
               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(out / "table1.json", record)
     md = (f"# Table 1 reproduction\n\nseed and pseudo-mask mIoU (%) on `{args.split}` of {args.dataset} "
@@ -962,4 +972,3 @@ def run(args) -> int:
           + (f"\n{COCO_NOTE}\n" if coco else ""))
     write_text(out / "table1.md", md)
     print(f"wrote {out / 'table1.json'} and {out / 'table1.md'}")
-    return status

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from vpl_plugin.cam import GradCAMResult, resize_maps
 from vpl_plugin.data.classes import ClassSpec
 from vpl_plugin.prototypes import PrototypeSet
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["CAMAdapter", "CAMOutput", "ImageEncoder", "create_adapter", "list_adapters",
            "register_adapter"]
@@ -31,7 +34,7 @@ class ImageEncoder(Protocol):
     """What the dataset stages use of an adapter's ``encoder``
     (:class:`~vpl_plugin.backbones.CLIPDense` provides it)."""
 
-    def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: "Image.Image") -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> the model's ``(3, H, W)`` input and the original size ``(H0, W0)``."""
 
     def padded_size(self, height: int, width: int) -> Tuple[int, int]:
@@ -158,7 +161,7 @@ class CAMAdapter(abc.ABC):
                              f"({self.class_spec.name} has {len(self.class_spec.names)} classes).")
         return labels
 
-    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
+    def analyse(self, image: "Image.Image", labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
         """First half of :meth:`__call__`: check ``labels``, preprocess ``image``, :meth:`gradcams`.
 
         Returns:
@@ -178,7 +181,7 @@ class CAMAdapter(abc.ABC):
                          features=result.features, probabilities=result.probabilities,
                          grid=result.grid)
 
-    def __call__(self, image, labels: Sequence[int]) -> CAMOutput:
+    def __call__(self, image: "Image.Image", labels: Sequence[int]) -> CAMOutput:
         """CAMs of a PIL ``image`` for its foreground ``labels`` (0-based class indices).
 
         Called by :func:`~vpl_plugin.pipeline.generate_cams` once per image (unless it batches).
@@ -225,7 +228,7 @@ def list_adapters() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def create_adapter(name: str, *args, **kwargs) -> CAMAdapter:
+def create_adapter(name: str, *args: Any, **kwargs: Any) -> CAMAdapter:
     """Instantiate a registered adapter; an unknown name lists the choices."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown adapter {name!r}; registered adapters: {list_adapters()}.")

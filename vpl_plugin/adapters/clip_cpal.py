@@ -23,12 +23,13 @@ come from the same ``G``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin._cli_common import cli_option, finite_float, nonnegative_int, positive_int
 from vpl_plugin.adapters.base import register_adapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter, CLIPESConfig
 from vpl_plugin.cam import GradCAMResult
@@ -42,6 +43,11 @@ from vpl_plugin.cpal import (
 )
 from vpl_plugin.data.classes import ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CPAL_FIELDS", "CLIPCPALAdapter", "CLIPCPALConfig", "CPALResult"]
 
@@ -69,20 +75,41 @@ class CLIPCPALConfig(CLIPESConfig):
         head_lambda: weight of ``L_self`` (default 1; 0 = BCE only).
     """
 
-    features: str = "ln1"
-    candidates: str = "same"
-    fusion: str = "mean"
-    num_context: Optional[int] = None
-    neighbours: int = 3
-    tau_s: float = 0.1
-    gamma: float = 0.5
-    delta_p: float = 0.4
-    kmeans_iters: int = 10
-    kmeans_seed: int = 0
-    head: bool = False
-    head_iters: int = 200
-    head_lr: float = 0.05
-    head_lambda: float = 1.0
+    # each field is a `vpl cams --cpal-*` flag (metadata: flag, help, argparse type)
+    features: str = field(default="ln1", metadata=cli_option(
+        "--cpal-features", "dense features: last block's ln_1 tokens (default) or projected patch tokens",
+        choices=("ln1", "proj")))
+    candidates: str = field(default="same", metadata=cli_option(
+        "--cpal-candidates", "neighbour candidates: the class's own context prototypes (default) or all "
+                             "classes' (other classes' weights zeroed)", choices=("same", "all")))
+    fusion: str = field(default="mean", metadata=cli_option(
+        "--cpal-fusion", "fused map: maxnorm((G + S) / 2) (default) or maxnorm(max(G, S))",
+        choices=("mean", "max")))
+    num_context: Optional[int] = field(default=None, metadata=cli_option(
+        "--cpal-m", "context prototypes per class (8; COCO 4)", type=positive_int, metavar="M"))
+    neighbours: int = field(default=3, metadata=cli_option(
+        "--cpal-k", "soft positive neighbours kept (3)", type=positive_int, metavar="K"))
+    tau_s: float = field(default=0.1, metadata=cli_option(
+        "--cpal-tau-s", "positive-score temperature (0.1)", type=finite_float, metavar="T"))
+    gamma: float = field(default=0.5, metadata=cli_option(
+        "--cpal-gamma", "shift strength (0.5; 0 = no shift)", type=finite_float, metavar="G"))
+    delta_p: float = field(default=0.4, metadata=cli_option(
+        "--cpal-delta-p", "instance-prototype map threshold (0.4)", type=finite_float, metavar="D"))
+    kmeans_iters: int = field(default=10, metadata=cli_option(
+        "--cpal-kmeans-iters", "spherical k-means iterations (10)", type=nonnegative_int, metavar="N"))
+    kmeans_seed: int = field(default=0, metadata=cli_option(
+        "--cpal-kmeans-seed", "k-means++ seed (0)", type=int, metavar="S"))
+    head: bool = field(default=False, metadata=cli_option(
+        "--cpal-head", "the trained-head alternative (docs/clip_cpal.md): pass 1 trains a CAM head on the "
+                       "frozen dense features (keeps them all in memory) and pass 2 fuses CLIP-ES's map with "
+                       "the head's PA-CAM"))
+    head_iters: int = field(default=200, metadata=cli_option(
+        "--cpal-head-iters", "head training steps (200)", type=nonnegative_int, metavar="N"))
+    head_lr: float = field(default=0.05, metadata=cli_option(
+        "--cpal-head-lr", "head learning rate, Adam (0.05)", type=finite_float, metavar="LR"))
+    head_lambda: float = field(default=1.0, metadata=cli_option(
+        "--cpal-head-lambda", "weight of the self-supervised L_self term (0 = BCE only)",
+        type=finite_float, metavar="L"))
 
 
 #: CPAL fields of :class:`CLIPCPALConfig` (the CLI exposes each as ``--cpal-<name>``)
@@ -119,13 +146,15 @@ class CLIPCPALAdapter(CLIPESAdapter):
         >>> out = adapter(PIL.Image.open("2007_000032.jpg"), [0, 14])  # doctest: +SKIP
     """
 
+    config: CLIPCPALConfig
+
     config_class = CLIPCPALConfig
     #: one image at a time: the ``ln_1`` tokens are captured inside :meth:`gradcams`
     supports_batch: ClassVar[bool] = False
 
-    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+    def __init__(self, encoder: "CLIPDense", class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
                  config: Optional[CLIPCPALConfig] = None, bank: Optional[ContextBank] = None,
-                 **overrides) -> None:
+                 **overrides: Any) -> None:
         super().__init__(encoder, class_spec, prototypes, config, **overrides)
         cfg = self.config
         check_choice("features", cfg.features, ("ln1", "proj"))
@@ -164,7 +193,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
     def bank_settings(self) -> Dict[str, Any]:
         """What pass 1 depends on: a bank made under other values cannot serve this adapter."""
         cfg = self.config
-        head = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
+        head: Dict[str, Any] = {"head": True, "head_iters": int(cfg.head_iters), "head_lr": float(cfg.head_lr),
                 "head_lambda": float(cfg.head_lambda)} if cfg.head else {"head": False}
         if cfg.head:  # the head's training targets depend on the PA-CAM settings too
             head.update({"candidates": cfg.candidates, "neighbours": int(cfg.neighbours),
@@ -232,7 +261,8 @@ class CLIPCPALAdapter(CLIPESAdapter):
         """``G``: the map CLIP-ES would refine (GradCAM, or the ``map_mode`` map)."""
         return super().fuse(result, labels)
 
-    def image_instance_prototypes(self, image, labels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def image_instance_prototypes(self, image: "Image.Image",
+                                  labels: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 for one image: ``(protos (k', D'), classes (k',))`` of the labelled classes whose
         map reaches ``delta_p`` (classes without such a token are left out)."""
         result, _, labels = self.analyse(image, labels)
@@ -240,7 +270,7 @@ class CLIPCPALAdapter(CLIPESAdapter):
         keep = protos.norm(dim=1) > 0
         return protos[keep], torch.as_tensor(labels, dtype=torch.long)[keep]
 
-    def pass_one(self, image, labels: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def pass_one(self, image: "Image.Image", labels: Sequence[int]) -> Dict[str, torch.Tensor]:
         """What pass 1 keeps of one image: its instance prototypes (training-free) or, with the
         trained head, its dense features, token grid and labels."""
         if not self.config.head:

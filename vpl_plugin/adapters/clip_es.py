@@ -8,8 +8,9 @@ classes of an image share one trunk forward and one backward (identical results,
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, ClassVar, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,11 +32,13 @@ from vpl_plugin.data.classes import CLIP_ES_TEMPLATE, ClassSpec, VOC
 from vpl_plugin.prototypes import PrototypeSet
 
 if TYPE_CHECKING:
+    from PIL import Image
     from vpl_plugin.backbones.clip import CLIPDense
 
 __all__ = ["CLIPESAdapter", "CLIPESConfig", "text_prototype_set"]
 
-_TEXT_CACHE: dict = {}
+# Text prototypes per encoder (dropped with it), then per weights / device / classes / templates.
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, Dict[tuple, PrototypeSet]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -72,23 +75,24 @@ class CLIPESConfig:
     dense_kind: str = "softmax"
 
 
-def text_prototype_set(encoder, class_spec: ClassSpec = VOC,
+def text_prototype_set(encoder: "CLIPDense", class_spec: ClassSpec = VOC,
                        templates: Sequence[str] = (CLIP_ES_TEMPLATE,)) -> PrototypeSet:
     """CLIP-ES text prototypes (foreground prompt names, then background concepts), cached per
     model and class list. The set carries CLIP's exact fp32 logit scale."""
-    key = (encoder.fingerprint(), str(encoder.device), class_spec.prompt_names, class_spec.background,
-           tuple(templates))
-    if key not in _TEXT_CACHE:
+    key = (encoder.fingerprint(), str(encoder.device), getattr(encoder, "numerics", None),
+           class_spec.prompt_names, class_spec.background, tuple(templates))
+    cache = _TEXT_CACHE.setdefault(encoder, {})
+    if key not in cache:
         names = list(class_spec.prompt_names) + list(class_spec.background)
         protos = encoder.encode_text_prototypes(names, templates)
         scale = float(encoder.logit_scale)
-        _TEXT_CACHE[key] = PrototypeSet(
+        cache[key] = PrototypeSet(
             protos, class_spec.names, class_spec.background, tau=1.0 / scale, kind="text",
             provenance={"templates": list(templates), "model": encoder.fingerprint(),
                         "checkpoint": encoder.checkpoint},
             logit_scale_override=scale,
         )
-    cached = _TEXT_CACHE[key]
+    cached = cache[key]
     return PrototypeSet(cached.prototypes.clone(), cached.class_names, cached.background_names,
                         cached.tau, cached.kind, dict(cached.provenance), cached.logit_scale_override)
 
@@ -121,13 +125,13 @@ class CLIPESAdapter(CAMAdapter):
     #: the attribute itself.
     supports_batch: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kwargs) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "gradcams" in vars(cls) and "supports_batch" not in vars(cls):
             cls.supports_batch = False
 
-    def __init__(self, encoder, class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
-                 config: Optional[CLIPESConfig] = None, **overrides) -> None:
+    def __init__(self, encoder: "CLIPDense", class_spec: ClassSpec = VOC, prototypes: Optional[PrototypeSet] = None,
+                 config: Optional[CLIPESConfig] = None, **overrides: Any) -> None:
         self.encoder = encoder
         self.class_spec = class_spec
         cls = self.config_class
@@ -214,7 +218,7 @@ class CLIPESAdapter(CAMAdapter):
         return refine_cams(transition, maps, masks)
 
     # -- the whole stage --------------------------------------------------------------------------
-    def analyse(self, image, labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
+    def analyse(self, image: "Image.Image", labels: Sequence[int]) -> Tuple[GradCAMResult, Tuple[int, int], List[int]]:
         """Validate ``labels``, preprocess ``image`` and run the GradCAM forward (with the text
         prototypes when ``map_mode="fused"``, else the current ones).
 

@@ -290,10 +290,10 @@ class _Reader:
                                        f"data.pkl announces {numel} {stype.name} elements "
                                        f"({nbytes} bytes)")
         data = torch.empty(nbytes, dtype=torch.uint8)  # read straight into the storage: one copy
-        view, done = memoryview(data.numpy()), 0
+        view, done = memoryview(data.numpy()), 0  # type: ignore[arg-type]  # ndarray is a buffer
         with self.zf.open(record) as fh:
             while done < nbytes:
-                n = fh.readinto(view[done:])
+                n = fh.readinto(view[done:])  # type: ignore[attr-defined]  # ZipExtFile has readinto
                 if not n:
                     raise ArchiveNotUnderstood(f"the record {record} ends after {done} bytes")
                 done += n

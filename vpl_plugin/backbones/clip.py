@@ -7,19 +7,27 @@ preprocessing at sizes rounded up to the patch size, positional embeddings inter
 token grid, the first ``L-1`` blocks without gradient (keeping head-averaged attention maps), and
 the last block with a gradient path to its ``ln_1`` output, the GradCAM target layer of CLIP-ES
 (``docs/upstream_clip_es.md#how-upstream-computes-a-cam``).
+
+Numerics (:class:`Numerics`, ``docs/upstream_clip_es.md#numerics``): by default the encoder
+computes what upstream CLIP-ES computes on the same device (weights rounded through fp16, the
+interpolated positional table stored in fp16; on CUDA the model in fp16 and upstream's fp16
+GradCAM arithmetic). ``exact_fp32=True`` keeps the checkpoint's values and computes in fp32.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 import pickle
 import re
+import warnings
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,22 +35,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpl_plugin._imports import require
+from vpl_plugin._unpickle import check_tensor_sizes
 from vpl_plugin.backbones import _torchscript
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIPDense",
     "LastBlockOutput",
+    "Numerics",
     "build_clip_from_state_dict",
     "build_random_clip",
+    "clip_normalize",
     "load_clip",
     "load_state_dict_file",
+    "numerics_for",
+    "resolve_exact_fp32",
     "save_checkpoint",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_normalize(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's per-channel normalisation of RGB values in ``[0, 1]``, ``(3, H, W)`` or ``(B, 3, H, W)``.
+
+    Example:
+        >>> clip_normalize(torch.full((3, 1, 1), 0.5)).flatten()
+        tensor([0.0690, 0.1614, 0.3328])
+    """
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
 
 
 class CheckpointError(ValueError):
@@ -83,6 +111,7 @@ def load_state_dict_file(path: Union[str, os.PathLike], *, trust_torchscript: bo
             f"CLIP checkpoint {path} does not exist. Pass an OpenAI model name such as 'ViT-B/16' "
             f"(downloaded on first use) or the path of a checkpoint file."
         )
+    state: Any
     if _torchscript.is_torchscript_archive(path):
         state = _read_torchscript(path, trust_torchscript)
     else:
@@ -93,6 +122,10 @@ def load_state_dict_file(path: Union[str, os.PathLike], *, trust_torchscript: bo
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict.")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    try:
+        check_tensor_sizes(state, path, "checkpoint")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if "visual.proj" not in state:
         kind = "a ResNet CLIP" if "visual.attnpool.positional_embedding" in state else "not CLIP"
         raise CheckpointError(
@@ -323,21 +356,191 @@ def _resolve_checkpoint(name_or_path: str, download_root: Optional[str]) -> Path
     )
 
 
+# -- numerics -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a :class:`CLIPDense` computes (``docs/upstream_clip_es.md#numerics``).
+
+    :func:`numerics_for` gives the plan for a device; tests pass another plan to
+    :class:`CLIPDense` (for example the CUDA plan on a CPU) to run a device's code path elsewhere.
+
+    Attributes:
+        exact_fp32: keep the checkpoint's values and an fp32 positional table (``--exact-fp32``);
+            ``False`` rounds the weights upstream's loader rounds through fp16 and stores the
+            interpolated positional table in fp16, as upstream does on every device.
+        model_dtype: dtype of the weights upstream's loader converts (convolutions, linear and
+            attention projections, ``proj`` / ``text_projection``); layer norms, embeddings and
+            the logit scale stay fp32. ``torch.float16`` is upstream's CUDA model.
+        half_arithmetic: upstream's fp16 GradCAM arithmetic (its GPU path, fp16 numpy arrays).
+    """
+
+    exact_fp32: bool = False
+    model_dtype: torch.dtype = torch.float32
+    half_arithmetic: bool = False
+
+    @property
+    def round_weights(self) -> bool:
+        """Round the converted weights through fp16 (upstream's ``build_model``)."""
+        return not self.exact_fp32
+
+    @property
+    def half_table(self) -> bool:
+        """Store the interpolated positional table in fp16 (upstream, every device)."""
+        return not self.exact_fp32
+
+    @property
+    def name(self) -> str:
+        """``"exact-fp32"`` or ``"upstream"``."""
+        return "exact-fp32" if self.exact_fp32 else "upstream"
+
+
+def numerics_for(device: Union[str, torch.device], *, exact_fp32: bool = False) -> Numerics:
+    """The numerics plan of a device: upstream's (fp16 model and fp16 GradCAM arithmetic on CUDA,
+    fp32 model elsewhere, fp16-rounded weights and fp16 positional table everywhere), or exact
+    fp32 on every device with ``exact_fp32=True``."""
+    cuda = torch.device(device).type == "cuda"
+    if exact_fp32:
+        return Numerics(exact_fp32=True)
+    return Numerics(model_dtype=torch.float16 if cuda else torch.float32, half_arithmetic=cuda)
+
+
+def resolve_exact_fp32(exact_fp32: bool = False, fp16_compat: Optional[bool] = None) -> bool:
+    """Combine ``exact_fp32`` with the former switch ``fp16_compat``.
+
+    ``fp16_compat=True`` names upstream's numerics, now the default: accepted, refused together
+    with ``exact_fp32=True``. ``fp16_compat=False`` was the former exact-fp32 default and still
+    means it (with a :class:`FutureWarning` naming ``exact_fp32=True``).
+
+    Raises:
+        ValueError: ``fp16_compat=True`` together with ``exact_fp32=True``.
+    """
+    if fp16_compat is None:
+        return bool(exact_fp32)
+    if fp16_compat and exact_fp32:
+        raise ValueError("fp16_compat=True (upstream's numerics, the default) contradicts "
+                         "exact_fp32=True; pass one of them.")
+    if not fp16_compat:
+        warnings.warn("fp16_compat=False asks for exact fp32, no longer the default: pass "
+                      "exact_fp32=True instead (upstream's numerics are the default).",
+                      FutureWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _converted_tensors(model: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every tensor upstream's ``convert_weights`` casts to fp16."""
+    found: List[Tuple[nn.Module, str]] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            found += [(module, a) for a in ("weight", "bias") if getattr(module, a, None) is not None]
+        if isinstance(module, nn.MultiheadAttention):
+            names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                     "in_proj_bias", "bias_k", "bias_v")
+            found += [(module, a) for a in names if getattr(module, a, None) is not None]
+        found += [(module, a) for a in ("text_projection", "proj")
+                  if isinstance(getattr(module, a, None), torch.Tensor)]
+    return found
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def _fits(model: nn.Module, numerics: Numerics, device: torch.device) -> bool:
+    """Whether ``model`` already has the device, dtypes and rounding ``numerics`` asks for.
+
+    The answer is remembered per model until one of its tensors changes (identity, storage,
+    in-place version, dtype or device), so wrapping the same model again (e.g. once per image in
+    :mod:`vpl_plugin.dropin`) does not re-read its weights (2.7 s for a ViT-B/16 on one thread).
+    """
+    state = _tensor_state(model)
+    if _FIT_CACHE.get(model) == (numerics, str(device), state):
+        return True
+    converted = {id(getattr(m, a)) for m, a in _converted_tensors(model)}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not _on_device(t, device):
+            return False
+        if not t.is_floating_point():
+            continue
+        want = numerics.model_dtype if id(t) in converted else torch.float32
+        if t.dtype != want:
+            return False
+        if id(t) in converted and numerics.round_weights and want == torch.float32:
+            if not torch.equal(t, t.half().float()):
+                return False
+    _remember_fit(model, numerics, device)
+    return True
+
+
+_FIT_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Any, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_state(model: nn.Module) -> Tuple[Any, ...]:
+    """Identity, storage, version, dtype, device and a sample of 16 values of every tensor (the
+    sample also catches most writes through ``.data``, which the version counter misses)."""
+    out = []
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 16)].double().sum().item() if flat.numel() else 0.0
+            out.append((id(t), t.data_ptr(), t._version, t.dtype, str(t.device), sample))
+    return tuple(out)
+
+
+def _remember_fit(model: nn.Module, numerics: Numerics, device: torch.device) -> None:
+    _FIT_CACHE[model] = (numerics, str(device), _tensor_state(model))
+
+
+def _convert(model: nn.Module, numerics: Numerics, device: torch.device) -> nn.Module:
+    """Give ``model`` (in place) the dtypes, rounding and device of ``numerics``."""
+    converted = _converted_tensors(model)
+    ids = {id(getattr(m, a)) for m, a in converted}
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point() and id(t) not in ids:
+                t.data = t.data.float()
+        for module, attr in converted:
+            t = getattr(module, attr)
+            data = t.data.half() if numerics.round_weights else t.data.float()
+            t.data = data.to(numerics.model_dtype)
+    model = model.to(device)
+    _remember_fit(model, numerics, device)
+    return model
+
+
+def _prepared_model(model: nn.Module, numerics: Numerics, device: torch.device) -> nn.Module:
+    """``model`` itself when it already fits ``numerics`` on ``device``, else a converted copy
+    (the caller's model is never changed)."""
+    if _fits(model, numerics, device):
+        return model
+    return _convert(copy.deepcopy(model), numerics, device)
+
+
 def load_clip(
     name_or_path: str,
     device: Union[str, torch.device] = "cpu",
     *,
-    fp16_compat: bool = False,
+    exact_fp32: bool = False,
+    fp16_compat: Optional[bool] = None,
     download_root: Optional[str] = None,
     trust_torchscript: bool = False,
 ) -> "CLIPDense":
     """Load an OpenAI CLIP ViT checkpoint as a :class:`CLIPDense` encoder.
 
+    By default the encoder computes as upstream CLIP-ES does on the same device: weights rounded
+    through fp16 as ``clip.model.build_model`` rounds them, the interpolated positional table
+    stored in fp16, and on CUDA the model in fp16 with upstream's fp16 GradCAM arithmetic
+    (``docs/upstream_clip_es.md#numerics``).
+
     Args:
         name_or_path: ``"ViT-B/16"`` (downloaded on first use, needs internet) or a checkpoint path.
         device: where the model runs.
-        fp16_compat: reproduce upstream CLIP-ES's half-precision effects (fp16-rounded weights,
-            fp16 positional embedding; on CUDA the whole model runs in fp16). Off: exact fp32.
+        exact_fp32: keep the checkpoint's exact values and compute in fp32 on every device (the
+            ``--exact-fp32`` switch; not upstream's numbers).
+        fp16_compat: the former name of the default numerics: ``True`` is accepted (and refused
+            with ``exact_fp32=True``); ``False`` means ``exact_fp32=True``, with a warning.
         download_root: where OpenAI model names are downloaded (default ``~/.cache/clip``).
         trust_torchscript: read TorchScript archives with ``torch.jit.load``, which runs the code
             stored in them (see :func:`load_state_dict_file`); by default they are read as data.
@@ -345,11 +548,14 @@ def load_clip(
     Example:
         >>> enc = load_clip("ViT-B-16.pt", "cuda")  # doctest: +SKIP
     """
+    exact = resolve_exact_fp32(exact_fp32, fp16_compat)
     path = _resolve_checkpoint(name_or_path, download_root)
     # mapped, not read: the build below copies every tensor once and the mapping is then dropped
     state = load_state_dict_file(path, trust_torchscript=trust_torchscript, mmap=True)
-    model = build_clip_from_state_dict(state, round_weights=fp16_compat, source=str(path))
-    enc = CLIPDense(model, fp16_compat=fp16_compat, device=device)
+    model = build_clip_from_state_dict(state, round_weights=not exact, source=str(path))
+    numerics = numerics_for(device, exact_fp32=exact)
+    model = _convert(model, numerics, torch.device(device))  # our own model: converted in place
+    enc = CLIPDense(model, device=device, numerics=numerics)
     enc.checkpoint = str(path)
     return enc
 
@@ -377,14 +583,22 @@ class LastBlockOutput:
 class CLIPDense(nn.Module):
     """Dense-token wrapper around an OpenAI ``clip.model.CLIP`` ViT (weights frozen).
 
+    The caller's model is never modified: when the device, dtypes or fp16 rounding that the
+    numerics ask for differ from the model's, the encoder works on a converted copy.
+
     Args:
         model: a ``clip.model.CLIP`` with a ViT image encoder.
-        fp16_compat: upstream half-precision effects (see :func:`load_clip`).
+        exact_fp32: the checkpoint's exact values and fp32 everywhere (see :func:`load_clip`);
+            by default upstream CLIP-ES's numerics.
+        fp16_compat: the former name of the default numerics (see :func:`resolve_exact_fp32`).
         device: where to run.
+        numerics: an explicit plan instead of ``numerics_for(device, exact_fp32=...)``, e.g. the
+            CUDA plan on a CPU to exercise the half-precision code path without a GPU.
     """
 
-    def __init__(self, model: nn.Module, *, fp16_compat: bool = False,
-                 device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(self, model: nn.Module, *, exact_fp32: bool = False,
+                 fp16_compat: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
+                 numerics: Optional[Numerics] = None) -> None:
         super().__init__()
         visual = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "proj") or not hasattr(visual, "conv1"):
@@ -392,14 +606,32 @@ class CLIPDense(nn.Module):
                 "CLIPDense needs an OpenAI CLIP ViT model (with .visual.conv1 and .visual.proj); "
                 f"got {type(model).__name__}."
             )
-        self.model = model
-        self.fp16_compat = bool(fp16_compat)
+        exact = resolve_exact_fp32(exact_fp32, fp16_compat)
         self.device = torch.device(device)
-        self.half = self.fp16_compat and self.device.type == "cuda"
-        self.model.to(self.device)
-        if self.half:
-            self.model.half()
+        self.numerics = numerics if numerics is not None else numerics_for(self.device, exact_fp32=exact)
+        self.model = _prepared_model(model, self.numerics, self.device)
         self.checkpoint: Optional[str] = None
+
+    @property
+    def exact_fp32(self) -> bool:
+        """``True`` under ``--exact-fp32``; ``False`` for upstream's numerics (the default)."""
+        return self.numerics.exact_fp32
+
+    @property
+    def fp16_compat(self) -> bool:
+        """Upstream's numerics (``not exact_fp32``), under the name earlier records use."""
+        return not self.numerics.exact_fp32
+
+    @property
+    def half_arithmetic(self) -> bool:
+        """Upstream's fp16 GradCAM arithmetic (its GPU path)."""
+        return self.numerics.half_arithmetic
+
+    @property
+    def half(self) -> bool:  # type: ignore[override]  # the flag of earlier versions, not Module.half()
+        """The former name of :attr:`half_arithmetic`. The numerics are fixed at construction; build
+        another encoder (``numerics=...``) instead of converting this one."""
+        return self.numerics.half_arithmetic
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -436,11 +668,17 @@ class CLIPDense(nn.Module):
         return self.model.logit_scale.detach().float().exp().cpu()
 
     def fingerprint(self) -> str:
-        """A short hash of a few weights, to key caches by model."""
+        """A short hash of a few weights and the numerics, to key caches by model.
+
+        Under ``exact_fp32`` it is the hash earlier versions gave (their default), so caches
+        written before upstream's numerics became the default stay valid with ``--exact-fp32``.
+        """
         h = hashlib.sha1()
         for t in (self.visual.proj, self.visual.conv1.weight, self.model.logit_scale):
             h.update(t.detach().float().cpu().numpy().tobytes()[:65536])
         h.update(str(tuple(self.visual.proj.shape) + (self.num_layers, self.patch_size)).encode())
+        if not self.numerics.exact_fp32:
+            h.update(b"numerics=upstream")
         return h.hexdigest()[:16]
 
     def padded_size(self, height: int, width: int) -> Tuple[int, int]:
@@ -449,7 +687,7 @@ class CLIPDense(nn.Module):
         return int(math.ceil(height / p) * p), int(math.ceil(width / p) * p)
 
     # -- preprocessing ----------------------------------------------------------------------------
-    def preprocess(self, image) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: "Image.Image") -> Tuple[torch.Tensor, Tuple[int, int]]:
         """PIL image -> normalised ``(3, H, W)`` fp32 tensor and the original ``(H0, W0)``.
 
         Bicubic resize (PIL) to the padded size, *then* RGB conversion, as upstream
@@ -460,10 +698,7 @@ class CLIPDense(nn.Module):
         height, width = self.padded_size(h0, w0)
         resized = image.resize((width, height), Image.BICUBIC).convert("RGB")
         arr = np.asarray(resized, dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)
-        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
-        return (x - mean) / std, (h0, w0)
+        return clip_normalize(torch.from_numpy(arr).permute(2, 0, 1)), (h0, w0)
 
     # -- encoder pieces ---------------------------------------------------------------------------
     def positional_embedding(self, h: int, w: int) -> torch.Tensor:
@@ -475,7 +710,7 @@ class CLIPDense(nn.Module):
         patch = patch.reshape(1, -1, h * w).permute(0, 2, 1)[0]
         table = torch.cat([pos[:1].float(), patch], dim=0)
         # upstream always stores the table in fp16 (docs/upstream_clip_es.md#fp16-positional-table)
-        if self.fp16_compat:
+        if self.numerics.half_table:
             table = table.half()
         return table
 

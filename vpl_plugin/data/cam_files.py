@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import IO, Any, Dict, Mapping, Union
+from typing import IO, Any, Callable, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class CAMFileError(ValueError):
         super().__init__(f"{self.path} is not a readable CAM file: {why}; {_FORMAT}. "
                          f"Recompute it (e.g. with `vpl cams`).")
 
-    def __reduce__(self):  # picklable with its message (errors cross worker processes)
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable with its message (errors cross worker processes)
         return (_rebuild_cam_error, (self.path, str(self)))
 
 
@@ -84,7 +84,8 @@ def _read_header(fh: IO[bytes], path: Path) -> None:
                                  f"not a dict")
 
 
-def _check_entries(cams: Mapping[Any, Any], path: Path, error: type = CAMFileError) -> None:
+def _check_entries(cams: Mapping[Any, Any], path: Path,
+                   error: Callable[[Any, str], Exception] = CAMFileError) -> None:
     """Raise unless every key is a str and every value a non-object numpy array or scalar."""
     for key, value in cams.items():
         if not isinstance(key, str):
@@ -159,4 +160,4 @@ def write_cam_file(path: Union[str, os.PathLike],
     obj = cams if type(cams) is dict else dict(cams)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, obj, allow_pickle=True)
+            np.save(fh, obj, allow_pickle=True)  # type: ignore[arg-type]  # numpy's stubs omit object arrays

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Tuple
 
 CLIP_ES_TEMPLATE = "a clean origami {}."
-PHOTO_TEMPLATE = "a photo of a {}."
 
 VOC_CLASSES: Tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -93,10 +92,19 @@ COCO = ClassSpec(
 )
 
 
+SYNTHETIC_THINGS: Tuple[str, ...] = ("boat", "train", "cow", "bird", "car", "sheep", "plane", "bottle", "chair",
+                                     "dog")
+SYNTHETIC_STUFF: Tuple[str, ...] = ("grass", "water", "sand", "sky", "road")
+SYNTHETIC = ClassSpec("synthetic", SYNTHETIC_THINGS, SYNTHETIC_THINGS, SYNTHETIC_STUFF, box_threshold=0.4)
+"""The label space of the demo world (:mod:`vpl_plugin.data.synthetic`): 10 things (labels 1..10
+in masks), 5 background concepts."""
+
+#: the label spaces :func:`get_class_spec` knows (the ``--dataset`` choices of the ``vpl`` command)
+DATASET_NAMES = ("voc", "coco", "synthetic")
+
+
 def get_class_spec(name: str) -> ClassSpec:
     """Return the :class:`ClassSpec` of ``'voc'``, ``'coco'`` or ``'synthetic'`` (the demo world)."""
-    from vpl_plugin.data.synthetic import SYNTHETIC
-
     specs = {"voc": VOC, "coco": COCO, "synthetic": SYNTHETIC}
     if name not in specs:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(specs)}.")

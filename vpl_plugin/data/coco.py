@@ -23,11 +23,11 @@ from vpl_plugin.data.voc import (
     DEFAULT_MAX_PIXELS,
     DatasetError,
     Sample,
-    _check_max_pixels,
-    _checked_id,
-    _ListDataset,
-    _read_list_lines,
-    _resolve_split_file,
+    check_max_pixels,
+    checked_id,
+    ListDataset,
+    read_list_lines,
+    resolve_split_file,
 )
 
 __all__ = ["COCODataset", "coco_image_dir", "read_coco_split"]
@@ -62,8 +62,8 @@ def read_coco_split(
     n = len(class_spec.names)
     entries: List[Tuple[str, Tuple[int, ...]]] = []
     empty: List[str] = []
-    for number, tokens in _read_list_lines(path, "split file"):
-        image_id = _checked_id(path, number, tokens[0])
+    for number, tokens in read_list_lines(path, "split file"):
+        image_id = checked_id(path, number, tokens[0])
         labels: List[int] = []
         for token in tokens[1:]:
             try:
@@ -112,7 +112,7 @@ def coco_image_dir(split_file: str | os.PathLike[str], first_id: str = "") -> st
     return "val2014" if "val" in Path(split_file).name.lower() else "train2014"
 
 
-class COCODataset(_ListDataset):
+class COCODataset(ListDataset):
     """COCO images of one CLIP-ES split list with their image-level labels (map-style).
 
     Args:
@@ -142,10 +142,10 @@ class COCODataset(_ListDataset):
         class_spec: ClassSpec = COCO,
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
-        self.max_pixels = _check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.root = Path(root).expanduser()
         self.class_spec = class_spec
-        self.split_file = _resolve_split_file(split_file, [self.root, self.root / "coco14"])
+        self.split_file = resolve_split_file(split_file, [self.root, self.root / "coco14"])
         entries = read_coco_split(self.split_file, class_spec, allow_empty=True)
         if image_dir == "auto":
             image_dir = coco_image_dir(self.split_file, entries[0][0] if entries else "")

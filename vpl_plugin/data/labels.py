@@ -26,9 +26,12 @@ import numpy as np
 from vpl_plugin._checks import check_ndim
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path
-from vpl_plugin.data.voc import IGNORE_INDEX, DatasetError
+from vpl_plugin.data.errors import DatasetError
 
-__all__ = ["LABEL_MODES", "VOC_PALETTE", "read_label_png", "save_label_png", "voc_palette"]
+__all__ = ["IGNORE_INDEX", "LABEL_MODES", "VOC_PALETTE", "read_label_png", "save_label_png", "voc_palette"]
+
+#: Label value of pixels that no metric or loss counts (object borders in VOC masks).
+IGNORE_INDEX = 255
 
 #: PIL modes that store one 8-bit class id per pixel.
 LABEL_MODES = ("P", "L")

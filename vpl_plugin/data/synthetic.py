@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from vpl_plugin.data.classes import ClassSpec
+from vpl_plugin.data.classes import SYNTHETIC, SYNTHETIC_STUFF, ClassSpec
 
 __all__ = [
     "SYNTHETIC",
@@ -41,7 +41,7 @@ __all__ = [
     "export_voc",
 ]
 
-STUFF: Tuple[str, ...] = ("grass", "water", "sand", "sky", "road")
+STUFF: Tuple[str, ...] = SYNTHETIC_STUFF
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,8 @@ THINGS: Tuple[Thing, ...] = (
     Thing("dog", "star", (170, 110, 60), (90, 50, 20), "spots", None),
 )
 
-SYNTHETIC = ClassSpec(
-    "synthetic",
-    tuple(t.name for t in THINGS),
-    tuple(t.name for t in THINGS),
-    STUFF,
-    box_threshold=0.4,
-)
-"""The label space of the world: 10 things (labels 1..10 in masks), 5 background concepts."""
+if tuple(t.name for t in THINGS) != SYNTHETIC.names:  # the label space is declared in data.classes
+    raise ImportError("vpl_plugin.data.synthetic: THINGS and data.classes.SYNTHETIC_THINGS disagree")
 
 _TEMPLATES_1 = ("a photo of a {0}.", "a {0}.", "there is a {0}.", "a picture of a {0}.")
 _TEMPLATES_2 = ("a photo of a {0} and a {1}.", "a {0} with a {1}.", "a {0} next to a {1}.")
@@ -332,7 +326,8 @@ def export_voc(world: SceneWorld, root: Union[str, os.PathLike], splits: Dict[st
     return root
 
 
-def context_false_activation(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int], background: int) -> Dict[int, Tuple[int, int]]:
+def context_false_activation(pred: np.ndarray, gt: np.ndarray, labels: Sequence[int],
+                             background: int) -> Dict[int, Tuple[int, int]]:
     """Per present class with a usual background equal to this scene's: (background pixels
     predicted as the class, background pixels). Sum over scenes and divide for the rate at which
     co-occurring context is mistaken for the object.

@@ -37,6 +37,8 @@ import numpy as np
 from vpl_plugin._checks import check_choice
 from vpl_plugin._imports import require
 from vpl_plugin.data.classes import VOC, ClassSpec
+from vpl_plugin.data.errors import DatasetError
+from vpl_plugin.data.labels import IGNORE_INDEX, read_label_png  # noqa: F401  (IGNORE_INDEX: re-exported)
 
 if TYPE_CHECKING:  # Pillow is optional (extra 'data'); imported lazily at run time
     from PIL.Image import Image as PILImage
@@ -59,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LABEL_SOURCES = ("auto", "xml", "mask")
-IGNORE_INDEX = 255
 #: Longest image id (UTF-8 bytes) a split file may hold: ``<id>.npy`` and the temporary
 #: ``.<id>.XXXXXXXX.tmp.npy`` of an atomic write must fit the usual 255-byte file-name limit.
 MAX_ID_BYTES = 200
@@ -71,29 +72,6 @@ _VOC_LAYOUT = (
 )
 
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be used, with the path and the reason.
-
-    Raised for one sample (the caller may skip it, e.g. an annotation without objects) or for
-    a whole dataset whose layout is wrong.
-
-    Attributes:
-        path: the offending file or folder.
-        reason: what is wrong with it.
-        hint: how to fix it (may be empty).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.reason = reason
-        self.hint = hint
-        message = f"{self.path}: {reason}"
-        if hint:
-            message += f" ({hint})"
-        super().__init__(message)
-
-    def __reduce__(self):  # keep the attributes when sent between DataLoader workers
-        return (type(self), (self.path, self.reason, self.hint))
 
 
 @dataclass(frozen=True)
@@ -168,7 +146,7 @@ def _id_problem(image_id: str) -> Optional[str]:
     return None
 
 
-def _checked_id(path: Path, number: int, token: str) -> str:
+def checked_id(path: Path, number: int, token: str) -> str:
     """The id of one list line, refused (naming the file and line) if it cannot be a file name."""
     image_id = _id_from_token(token)
     problem = _id_problem(image_id)
@@ -179,7 +157,7 @@ def _checked_id(path: Path, number: int, token: str) -> str:
     return image_id
 
 
-def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
+def read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int, List[str]]]:
     """Return ``(line number, tokens)`` of the non-blank, non-comment lines of a list file."""
     path = Path(path)
     if not path.is_file():
@@ -189,13 +167,28 @@ def _read_list_lines(path: str | os.PathLike[str], what: str) -> List[Tuple[int,
             f"VOC2012/ImageSets/Segmentation/train.txt."
         )
     rows = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            rows.append((number, line.split()))
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for number, line in enumerate(fh, start=1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                rows.append((number, line.split()))
+    except UnicodeDecodeError as err:
+        raise DatasetError(path, f"{_first_undecodable_line(path)} is not UTF-8 text ({err.reason})",
+                           "a list file holds one image id per line, as UTF-8 text") from None
     return rows
+
+
+def _first_undecodable_line(path: Path) -> str:
+    """``"line N"`` of the first line of ``path`` that is not UTF-8 (``"a line"`` if none is)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number}"
+    return "a line"
 
 
 def read_split(path: str | os.PathLike[str]) -> List[str]:
@@ -227,8 +220,8 @@ def read_split(path: str | os.PathLike[str]) -> List[str]:
         ['2007_000032', '2007_000039']
     """
     path = Path(path)
-    ids = [_checked_id(path, number, tokens[0])
-           for number, tokens in _read_list_lines(path, "split file")]
+    ids = [checked_id(path, number, tokens[0])
+           for number, tokens in read_list_lines(path, "split file")]
     if not ids:
         raise DatasetError(path, "split file lists no images",
                            "give a text file with one image id per line")
@@ -301,7 +294,7 @@ def parse_voc_xml(
         name_elem = obj.find("name")
         if name_elem is None or not (name_elem.text or "").strip():
             raise DatasetError(path, f"<object> number {number} has no <name>")
-        name = name_elem.text.strip()
+        name = (name_elem.text or "").strip()
         if name not in index:
             if name not in unknown:
                 unknown.append(name)
@@ -342,7 +335,6 @@ def labels_from_mask(path: str | os.PathLike[str], num_classes: int = 21) -> Tup
         >>> labels_from_mask("VOC2012/SegmentationClass/2007_000032.png")  # doctest: +SKIP
         (0, 14)
     """
-    from vpl_plugin.data.labels import read_label_png  # labels imports this module
 
     arr = read_label_png(path, num_classes, what="ground-truth mask")
     present = np.flatnonzero(np.bincount(arr.reshape(-1), minlength=256)[1:num_classes])
@@ -367,7 +359,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _check_max_pixels(max_pixels: Optional[int]) -> Optional[int]:
+def check_max_pixels(max_pixels: Optional[int]) -> Optional[int]:
     if max_pixels is None:
         return None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) \
@@ -458,7 +450,7 @@ def read_image_header(
         DatasetError: the file does not exist, is not an image, or is over ``max_pixels``.
     """
     path = Path(path)
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     try:
         with _open_checked(path, max_pixels) as img:
             return img.size, img.mode
@@ -526,7 +518,7 @@ def load_image(
         ImportError: Pillow is not installed (the message names the pip extra).
     """
     path = Path(path)
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     img = None
     try:
         img = _open_checked(path, max_pixels)
@@ -551,7 +543,7 @@ def load_image(
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path]) -> Path:
+def resolve_split_file(split_file: str | os.PathLike[str], bases: Sequence[Path]) -> Path:
     """Return ``split_file`` as given if it exists, else the first ``base/split_file`` that does.
 
     A name without suffix (``train``) also tries ``train.txt``.
@@ -584,7 +576,7 @@ def sample_image(dataset: Any, sample: Sample) -> PILImage:
                       max_pixels=getattr(dataset, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
-class _ListDataset:
+class ListDataset:
     """Shared behaviour of the map-style datasets: ids, indexing, iteration, validation."""
 
     _ids: List[str]
@@ -665,7 +657,7 @@ class _ListDataset:
         return problems
 
 
-class VOCDataset(_ListDataset):
+class VOCDataset(ListDataset):
     """PASCAL VOC images of one split with their image-level labels (map-style).
 
     Labels are read lazily, one sample at a time (and cached); :meth:`validate` checks all of
@@ -712,7 +704,7 @@ class VOCDataset(_ListDataset):
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_choice("label_source", label_source, LABEL_SOURCES)
-        self.max_pixels = _check_max_pixels(max_pixels)
+        self.max_pixels = check_max_pixels(max_pixels)
         self.root = _check_voc_root(root)
         self.class_spec = class_spec
         self.label_source = label_source
@@ -742,7 +734,7 @@ class VOCDataset(_ListDataset):
         if split_file is None:
             self.split_file = self.root / "ImageSets" / "Segmentation" / "train.txt"
         else:
-            self.split_file = _resolve_split_file(
+            self.split_file = resolve_split_file(
                 split_file, [self.root, self.root / "ImageSets" / "Segmentation"])
         self._ids = read_split(self.split_file)
         self._cache: Dict[int, Sample] = {}

@@ -124,7 +124,7 @@ class OpenAICLIPBackbone(_FrozenBackbone):
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         self._check(images)
         # CLIPDense moves inputs to its recorded device; follow the weights if .to() moved them.
-        self.encoder.device = self.encoder.visual.conv1.weight.device
+        self.encoder.device = self.encoder.visual.conv1.weight.device  # type: ignore[assignment]  # nn.Module attr
         b = images.shape[0]
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         x = self.encoder.embed(images)  # (L, B, width)
@@ -253,8 +253,10 @@ def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", *,
         trust_torchscript: OpenAI CLIP only: read a TorchScript checkpoint with
             ``torch.jit.load``, which runs the code stored in it; by default it is read as data
             (:func:`~vpl_plugin.backbones.load_state_dict_file`).
-        **kwargs: ``fp16_compat`` for OpenAI CLIP; ``pretrained``, ``checkpoint_path`` and timm
-            model kwargs for timm.
+        **kwargs: ``exact_fp32`` (default: upstream CLIP-ES's numerics, see
+            :func:`~vpl_plugin.backbones.load_clip`), its former opposite ``fp16_compat`` and
+            ``download_root`` for OpenAI CLIP; ``pretrained``, ``checkpoint_path`` and timm model
+            kwargs for timm.
 
     Raises:
         ValueError: an unknown family (the message lists the choices) or empty name.
@@ -266,12 +268,15 @@ def create_backbone(spec: str, device: Union[str, torch.device] = "cpu", *,
     if not name:
         raise ValueError(f"backbone spec {spec!r} names no model after '{family}:'.")
     if family == "clip":
-        unknown = set(kwargs) - {"fp16_compat", "download_root"}
+        unknown = set(kwargs) - {"exact_fp32", "fp16_compat", "download_root"}
         if unknown:
-            raise ValueError(f"OpenAI CLIP backbones take fp16_compat / download_root only; got "
-                             f"{sorted(unknown)}.")
+            raise ValueError(f"OpenAI CLIP backbones take exact_fp32 / fp16_compat / download_root only; "
+                             f"got {sorted(unknown)}.")
         return OpenAICLIPBackbone(load_clip(name, device, trust_torchscript=trust_torchscript,
                                             **kwargs))
+    if kwargs.pop("exact_fp32", False):
+        raise ValueError(f"exact_fp32 (--exact-fp32) applies to OpenAI CLIP backbones; {spec!r} is a "
+                         f"timm model, which always computes in fp32.")
     kwargs.setdefault("pretrained", True)
     return TimmCLIPBackbone(name, **kwargs).to(device)
 
@@ -292,7 +297,8 @@ def backbone_from_description(desc: Dict[str, Any], device: Union[str, torch.dev
             raise ValueError("the segmenter's OpenAI CLIP backbone was not loaded from a checkpoint "
                              "(random weights?), so it cannot be rebuilt; pass backbone=... (or "
                              "--clip on the command line).")
-        return create_backbone(f"clip:{ckpt}", device, fp16_compat=bool(desc.get("fp16_compat")),
+        # "fp16_compat" records upstream's numerics; False (or absent: older records) is exact fp32
+        return create_backbone(f"clip:{ckpt}", device, exact_fp32=not desc.get("fp16_compat"),
                                trust_torchscript=trust_torchscript)
     if family == "timm":
         return create_backbone(f"timm:{desc['name']}", device, pretrained=bool(desc.get("pretrained")),

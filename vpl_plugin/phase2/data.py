@@ -32,9 +32,9 @@ import torch
 
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
-from vpl_plugin.backbones.clip import CLIP_MEAN, CLIP_STD
-from vpl_plugin.data.labels import read_label_png
-from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, IGNORE_INDEX, DatasetError, load_image
+from vpl_plugin.backbones.clip import CLIP_MEAN, clip_normalize
+from vpl_plugin.data.labels import IGNORE_INDEX, read_label_png
+from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -208,10 +208,7 @@ def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` RGB in 0-255 -> ``(3, H, W)`` float32 CLIP-normalised tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return clip_normalize(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
 
 
 # -- the deterministic stream -----------------------------------------------------------------------
@@ -243,7 +240,8 @@ def batch_positions(iteration: int, batch_size: int, world_size: int = 1, rank: 
     """
     if batch_size % world_size:
         raise ValueError(f"the global batch size ({batch_size}) must be a multiple of the number of "
-                         f"processes ({world_size}); e.g. --batch-size {world_size * max(1, batch_size // world_size)}.")
+                         f"processes ({world_size}); e.g. "
+                         f"--batch-size {world_size * max(1, batch_size // world_size)}.")
     local = batch_size // world_size
     start = iteration * batch_size + rank * local
     return list(range(start, start + local))

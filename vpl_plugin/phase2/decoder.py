@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -33,6 +34,7 @@ from torch import nn
 from vpl_plugin._checks import check_range
 from vpl_plugin._imports import require
 from vpl_plugin._io import atomic_path
+from vpl_plugin._unpickle import check_tensor_sizes
 from vpl_plugin.phase2.backbones import backbone_from_description
 from vpl_plugin.phase2.losses import segmentation_logits
 from vpl_plugin.prototypes import PrototypeSet
@@ -262,16 +264,10 @@ class PrototypeSegmenter(nn.Module):
         """The decoder's weights and BN statistics (CPU copies; neither backbone nor prototypes)."""
         return {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}
 
-    def load_decoder_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True):
+    def load_decoder_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Load weights written by :meth:`decoder_state_dict` (a ``decoder.`` / ``module.`` prefix
         is stripped)."""
-        clean = {}
-        for k, v in state.items():
-            for prefix in ("module.", "decoder."):
-                if k.startswith(prefix):
-                    k = k[len(prefix):]
-            clean[k] = v
-        return self.decoder.load_state_dict(clean, strict=strict)
+        return self.decoder.load_state_dict(_strip_prefixes(state), strict=strict)
 
     # -- forward -----------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -296,6 +292,17 @@ class PrototypeSegmenter(nn.Module):
                 f"layers={list(self.layers)}, tau_seg={self.tau_seg:.4g}")
 
 
+def _strip_prefixes(state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` with a leading ``module.`` / ``decoder.`` dropped from each key."""
+    clean = {}
+    for k, v in state.items():
+        for prefix in ("module.", "decoder."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        clean[k] = v
+    return clean
+
+
 def build_segmenter(backbone: nn.Module, prototypes: PrototypeSet,
                     config: Optional[DecoderConfig] = None, **overrides: Any) -> PrototypeSegmenter:
     """Build a :class:`PrototypeSegmenter`; keyword arguments override ``config`` fields.
@@ -309,7 +316,7 @@ def build_segmenter(backbone: nn.Module, prototypes: PrototypeSet,
     return PrototypeSegmenter(backbone, prototypes, config)
 
 
-def _unwrap(model: nn.Module) -> PrototypeSegmenter:
+def unwrap_segmenter(model: nn.Module) -> PrototypeSegmenter:
     inner = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
     if not isinstance(inner, PrototypeSegmenter):
         raise TypeError(f"expected a PrototypeSegmenter (optionally DDP-wrapped); got "
@@ -326,7 +333,7 @@ def save_segmenter(path: Union[str, os.PathLike], model: nn.Module,
     rebuilds it; the backbone's weights are not stored. ``extra`` holds plain values (numbers,
     strings, lists, dicts, tensors), e.g. the iteration and the training configuration.
     """
-    model = _unwrap(model)
+    model = unwrap_segmenter(model)
     ps = model.prototype_set
     describe = getattr(model.backbone, "describe", None)
     payload = {
@@ -377,13 +384,16 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
     path = os.fspath(path)
     payload = read_segmenter_checkpoint(path)
     p = payload["prototypes"]
-    ps = PrototypeSet(p["prototypes"], p["class_names"], p["background_names"], p["tau"],
-                      kind=p["kind"], provenance=p.get("provenance") or {},
-                      logit_scale_override=p.get("logit_scale_override"))
+    try:
+        ps = PrototypeSet(p["prototypes"], p["class_names"], p["background_names"], p["tau"],
+                          kind=p["kind"], provenance=p.get("provenance") or {},
+                          logit_scale_override=p.get("logit_scale_override"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"segmenter checkpoint {path!r}: its prototype set is invalid "
+                         f"({type(err).__name__}: {err}).") from err
     desc = payload.get("backbone") or {}
     if backbone is None:
-        backbone = backbone_from_description(desc, map_location,
-                                             trust_torchscript=trust_torchscript)
+        backbone = _rebuild_backbone(desc, path, map_location, trust_torchscript)
     if check_backbone and desc.get("fingerprint") and hasattr(backbone, "fingerprint"):
         got = backbone.fingerprint()
         if got != desc["fingerprint"]:
@@ -395,17 +405,71 @@ def load_segmenter(path: Union[str, os.PathLike], backbone: Optional[nn.Module] 
         if key in desc and int(getattr(backbone, key)) != int(desc[key]):
             raise ValueError(f"backbone {key} {getattr(backbone, key)} differs from the one the "
                              f"decoder was trained on ({desc[key]}).")
-    model = PrototypeSegmenter(backbone, ps, DecoderConfig.from_dict(payload["config"]))
+    model = PrototypeSegmenter(backbone, ps, _checked_config(payload, backbone, ps, path))
     model.load_decoder_state_dict(payload["decoder"])
     model.to(map_location)
     model.eval()
-    model.checkpoint_extra = dict(payload.get("extra") or {})
+    model.checkpoint_extra = dict(payload.get("extra") or {})  # type: ignore[assignment]  # a new attribute on an nn.Module
     return model
+
+
+def _checked_config(payload: Dict[str, Any], backbone: nn.Module, ps: PrototypeSet,
+                    path: str) -> DecoderConfig:
+    """The checkpoint's decoder configuration, refused (naming the file) unless it is valid and
+    the stored decoder weights have exactly the shapes it implies. The decoder is first built on
+    PyTorch's ``meta`` device (no memory), so a configuration edited to ask for an enormous
+    decoder is refused before anything is allocated."""
+    try:
+        if not isinstance(payload["config"], dict):
+            raise TypeError(f"the configuration is a {type(payload['config']).__name__}, not a dict")
+        config = DecoderConfig.from_dict(payload["config"])
+        layers = config.resolve_layers(int(backbone.num_layers))
+        with torch.device("meta"):
+            decoder = SegmentationDecoder(int(backbone.width), len(layers), int(ps.prototypes.shape[1]),
+                                          config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"segmenter checkpoint {path!r}: its decoder configuration is invalid "
+                         f"({err}).") from err
+    expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    stored = payload["decoder"] if isinstance(payload["decoder"], dict) else {}
+    got = {k: tuple(v.shape) for k, v in _strip_prefixes(stored).items() if isinstance(v, torch.Tensor)}
+    wrong = [f"{k} missing" for k in expected if k not in got]
+    wrong += [f"{k} unexpected" for k in got if k not in expected]
+    wrong += [f"{k} {got[k]} instead of {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if wrong:
+        shown = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise ValueError(f"segmenter checkpoint {path!r}: its decoder weights do not fit its configuration "
+                         f"and backbone ({shown}); the file is damaged or was edited.")
+    return config
+
+
+def _rebuild_backbone(desc: Dict[str, Any], path: str, map_location: Union[str, torch.device],
+                      trust_torchscript: bool) -> nn.Module:
+    """The backbone a checkpoint describes. timm reports a weights file it refuses to unpickle
+    (``torch.load(weights_only=True)``) as a bare RuntimeError without the file's name; that
+    becomes a ValueError naming the checkpoint and the files its description points to."""
+    try:
+        return backbone_from_description(desc, map_location, trust_torchscript=trust_torchscript)
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        if desc.get("family") != "timm":
+            raise
+        overlay = (desc.get("model_kwargs") or {}).get("pretrained_cfg_overlay") or {}
+        overlay_file = overlay.get("file") if isinstance(overlay, dict) else None
+        files = [f for f in (desc.get("checkpoint_path"), overlay_file) if f]
+        where = f" from {', '.join(map(str, files))}" if files else ""
+        raise ValueError(f"segmenter checkpoint {path!r}: its timm backbone {desc.get('name')!r} could "
+                         f"not be rebuilt{where} ({type(err).__name__}: {' '.join(str(err).split())}).") from err
 
 
 def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The raw payload of a :func:`save_segmenter` file (keys ``decoder``, ``config``,
-    ``prototypes``, ``backbone``, ``extra``), validated, on the CPU."""
+    ``prototypes``, ``backbone``, ``extra``), validated, on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable segmenter checkpoint (nothing in it is executed), keys
+            missing, or NaN/inf in the decoder weights or the prototypes (the tensors are named).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"segmenter checkpoint {path!r} does not exist.")
@@ -420,4 +484,21 @@ def read_segmenter_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     missing = [k for k in ("decoder", "config", "prototypes", "backbone") if k not in payload]
     if missing:
         raise ValueError(f"segmenter checkpoint {path!r} is missing keys {missing}.")
+    check_tensor_sizes(payload, path, "segmenter checkpoint")
+    _check_finite_weights(payload, path)
     return payload
+
+
+def _check_finite_weights(payload: Dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint whose decoder weights or prototypes hold NaN/inf (they would segment
+    every image into one class, reported as done), naming the file and the tensors."""
+    tensors = dict(payload["decoder"]) if isinstance(payload["decoder"], dict) else {}
+    protos = payload["prototypes"].get("prototypes") if isinstance(payload["prototypes"], dict) else None
+    if isinstance(protos, torch.Tensor):
+        tensors["prototypes"] = protos
+    bad = [name for name, t in tensors.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"segmenter checkpoint {path!r} holds non-finite values (NaN/inf) in {shown}; "
+                         "it cannot segment anything. Retrain or use an earlier checkpoint.")

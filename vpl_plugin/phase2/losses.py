@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,7 @@ def _one_per_group(groups: torch.Tensor, generator: Optional[torch.Generator]) -
     keep = []
     for g in torch.unique(groups):
         idx = torch.nonzero(groups == g).flatten()
-        j = torch.randint(len(idx), (1,), generator=generator).item() if len(idx) > 1 else 0
+        j = int(torch.randint(len(idx), (1,), generator=generator).item()) if len(idx) > 1 else 0
         keep.append(idx[j])
     return torch.stack(keep) if keep else groups.new_zeros(0)
 
@@ -260,7 +260,7 @@ class RSCLoss(nn.Module):
         self.form = form
 
     def forward(self, regions: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor,
-                **kwargs) -> torch.Tensor:
+                **kwargs: Any) -> torch.Tensor:
         return rsc_loss(regions, prototypes, classes, self.tau, self.form, **kwargs)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,14 +32,19 @@ from torch import nn
 from vpl_plugin._imports import require
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.phase2.data import normalize_image
-from vpl_plugin.phase2.decoder import _unwrap
+from vpl_plugin.phase2.decoder import unwrap_segmenter
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vpl_plugin.data.voc import SampleDataset
 
 __all__ = ["DEFAULT_SCALES", "predict_probabilities", "segment_dataset", "segment_image", "to_clip_tensor"]
 
 DEFAULT_SCALES: Tuple[float, ...] = (0.75, 1.0, 1.25)
 
 
-def to_clip_tensor(image) -> torch.Tensor:
+def to_clip_tensor(image: "Image.Image") -> torch.Tensor:
     """A PIL image -> CLIP-normalised ``(3, H, W)`` float32 tensor at its own size (RGB)."""
     return normalize_image(np.asarray(image.convert("RGB")))
 
@@ -56,7 +61,7 @@ def _scaled_size(h: int, w: int, s: float, p: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, image, scales: Sequence[float] = DEFAULT_SCALES,
+def predict_probabilities(model: nn.Module, image: "Image.Image", scales: Sequence[float] = DEFAULT_SCALES,
                           flip: bool = True) -> torch.Tensor:
     """Multi-scale (+ flip) averaged softmax of a :class:`~vpl_plugin.phase2.PrototypeSegmenter`.
 
@@ -70,7 +75,7 @@ def predict_probabilities(model: nn.Module, image, scales: Sequence[float] = DEF
         ``(1 + N_fg, H, W)`` float32 probabilities on the CPU (channel 0 background), the mean
         over ``len(scales) * (2 if flip else 1)`` passes.
     """
-    net = _unwrap(model)
+    net = unwrap_segmenter(model)
     scales = _check_scales(scales)
     x = image if isinstance(image, torch.Tensor) else to_clip_tensor(image)
     if x.dim() != 3 or x.shape[0] != 3:
@@ -97,8 +102,8 @@ def predict_probabilities(model: nn.Module, image, scales: Sequence[float] = DEF
     return (total / (len(scales) * (2 if flip else 1))).cpu()
 
 
-def segment_image(model: nn.Module, image, *, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                  crf: bool = False, labels: Optional[Sequence[int]] = None) -> np.ndarray:
+def segment_image(model: nn.Module, image: "Image.Image", *, scales: Sequence[float] = DEFAULT_SCALES,
+                  flip: bool = True, crf: bool = False, labels: Optional[Sequence[int]] = None) -> np.ndarray:
     """One image's label map: averaged probabilities, optional CRF, argmax.
 
     Args:
@@ -130,11 +135,11 @@ def segment_image(model: nn.Module, image, *, scales: Sequence[float] = DEFAULT_
     return probs.argmax(0).astype(np.uint8)
 
 
-def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike], *,
+def segment_dataset(model: nn.Module, dataset: "SampleDataset", out_dir: Union[str, os.PathLike], *,
                     scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True, crf: bool = False,
                     limit: Optional[int] = None, progress: bool = True, skip_existing: bool = True,
                     use_image_labels: bool = False, palette: bool = True, rank: int = 0,
-                    world_size: int = 1):
+                    world_size: int = 1) -> Dict[str, Any]:
     """Write ``<out_dir>/<id>.png`` label maps for a dataset (resumable, atomic per image).
 
     Args:
@@ -160,13 +165,13 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
     """
     from vpl_plugin.data.labels import save_label_png
     from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS, DatasetError, load_image
-    from vpl_plugin.pipeline import RunSummary, _failure
+    from vpl_plugin.pipeline import RunSummary, failure_text
 
     require("PIL.Image")
     if crf:
         require("pydensecrf.densecrf")
     scales = _check_scales(scales)
-    net = _unwrap(model)
+    net = unwrap_segmenter(model)
     spec = getattr(dataset, "class_spec", None)
     if spec is not None and len(spec.names) != net.num_fg:
         raise ValueError(f"the segmenter has {net.num_fg} foreground classes but the dataset's label "
@@ -202,7 +207,7 @@ def segment_dataset(model: nn.Module, dataset, out_dir: Union[str, os.PathLike],
             label = segment_image(model, image, scales=scales, flip=flip, crf=crf,
                                   labels=labels if use_image_labels else None)
         except Exception as err:  # noqa: BLE001 - any per-image failure is recorded, the run goes on
-            summary.failed.append((image_id, _failure(err, image_path)))
+            summary.failed.append((image_id, failure_text(err, image_path)))
             continue
         save_label_png(target, label, palette=palette)
         summary.done += 1

@@ -33,7 +33,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -43,7 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vpl_plugin._checks import check_choice, check_range
+from vpl_plugin._checks import check_choice, check_range, describe_diff, settings_diff
+from vpl_plugin._cli_common import cli_option, finite_float, nonnegative_int, positive_float, positive_int
 from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.distributed import barrier, init_distributed
@@ -51,8 +52,10 @@ from vpl_plugin.phase2.data import (IterationBatchSampler, TrainStream, batch_po
                                     normalize_image)
 
 __all__ = [
+    "AUTOCAST_DEVICE_TYPES",
     "GlobalBatchNorm",
     "TrainConfig",
+    "amp_dtype_for",
     "convert_global_batchnorm",
     "evaluate_segmenter",
     "load_train_state",
@@ -94,23 +97,40 @@ class TrainConfig:
         num_workers: data-loading processes per rank.
     """
 
-    iterations: int = 30000
-    batch_size: int = 6
-    lr: float = 0.01
+    # fields with `cli_option` metadata are `vpl train` flags (flag, help, argparse type)
+    iterations: int = field(default=30000, metadata=cli_option(
+        "--iters", "iterations (30000)", type=nonnegative_int))
+    batch_size: int = field(default=6, metadata=cli_option(
+        "--batch-size", "global batch over all processes (6); a multiple of the process count",
+        type=positive_int))
+    lr: float = field(default=0.01, metadata=cli_option(
+        "--lr", "base learning rate, poly 0.9 decay (0.01)", type=positive_float))
     poly_power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    crop: int = 448
-    scale_range: Tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
-    checkpoint_every: int = 1000
-    eval_every: Optional[int] = None
-    eval_limit: Optional[int] = None
+    momentum: float = field(default=0.9, metadata=cli_option("--momentum", None, type=finite_float))
+    weight_decay: float = field(default=1e-4, metadata=cli_option("--weight-decay", None, type=finite_float))
+    crop: int = field(default=448, metadata=cli_option(
+        "--crop", "crop side, a multiple of the patch (448)", type=positive_int))
+    scale_range: Tuple[float, float] = field(default=(0.5, 2.0), metadata=cli_option(
+        "--scale", "random rescale range (0.5 2.0)", type=positive_float, nargs=2, metavar=("LO", "HI")))
+    flip: bool = field(default=True, metadata=cli_option("--no-flip", "no horizontal flip"))
+    checkpoint_every: int = field(default=1000, metadata=cli_option(
+        "--checkpoint-every", "write OUT/last.pt every N iterations (1000) and at the end",
+        type=positive_int, metavar="N"))
+    eval_every: Optional[int] = field(default=None, metadata=cli_option(
+        "--eval-every", "validation mIoU every N iterations (needs --val-split-file)",
+        type=positive_int, metavar="N"))
+    eval_limit: Optional[int] = field(default=None, metadata=cli_option(
+        "--val-limit", "validate on the first N images only", type=positive_int, metavar="N"))
     log_every: int = 20
-    amp: bool = True
-    amp_dtype: str = "bf16"
-    seed: int = 0
-    num_workers: int = 2
+    amp: bool = field(default=True, metadata=cli_option(
+        "--amp", "mixed precision on CUDA (default on; ignored on CPU)",
+        off_flag="--no-amp", off_help="full fp32 on CUDA"))
+    amp_dtype: str = field(default="bf16", metadata=cli_option(
+        "--amp-dtype", "autocast dtype (bf16 default; fp16 adds a gradient scaler)", choices=("bf16", "fp16")))
+    seed: int = field(default=0, metadata=cli_option(
+        "--seed", "decoder init, data order and augmentation (0)", type=int))
+    num_workers: int = field(default=2, metadata=cli_option(
+        "--workers", "data-loading processes per rank (2)", type=nonnegative_int))
 
     def __post_init__(self) -> None:
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
@@ -324,9 +344,26 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, device: Union[str, tor
             **{k: v for k, v in result.items() if k not in ("miou",)}}
 
 
+#: device types whose forward runs under autocast when ``amp`` is on. Only CUDA by default; tests
+#: add ``"cpu"`` to run the CUDA branch (bf16 autocast) on a machine without a GPU.
+AUTOCAST_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
+
+
+def amp_dtype_for(config: "TrainConfig", device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The autocast dtype of a run (``None``: full fp32): ``config.amp_dtype`` when ``config.amp``
+    and the device type is in :data:`AUTOCAST_DEVICE_TYPES`. On a CPU only bf16 is used."""
+    kind = torch.device(device).type
+    if not config.amp or kind not in AUTOCAST_DEVICE_TYPES:
+        return None
+    if kind != "cuda":
+        return torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[config.amp_dtype]
+
+
 def _autocast(device: Union[str, torch.device], dtype: Optional[torch.dtype]):
-    enabled = dtype is not None and torch.device(device).type == "cuda"
-    return torch.autocast(device_type="cuda" if enabled else "cpu", dtype=dtype, enabled=enabled)
+    kind = torch.device(device).type
+    enabled = dtype is not None and kind in AUTOCAST_DEVICE_TYPES
+    return torch.autocast(device_type=kind if enabled else "cpu", dtype=dtype, enabled=enabled)
 
 
 # -- curves -----------------------------------------------------------------------------------------------
@@ -447,28 +484,94 @@ def _describe_model(model: nn.Module) -> Dict[str, Any]:
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "fingerprint"):
         out["backbone"] = backbone.fingerprint()
+    numerics = getattr(getattr(backbone, "encoder", None), "numerics", None)
+    if numerics is not None:  # absent from states of earlier versions: not compared there
+        out["backbone_numerics"] = numerics.name
     return out
 
 
 def _check_resumable(path: Path, state: Dict[str, Any], config: TrainConfig, loss_desc: Dict[str, Any],
                      model_desc: Dict[str, Any]) -> None:
     saved, now = state["config"], config.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in _RUN_FIELDS if saved.get(k) != now[k]}
+    diff = settings_diff(saved, now, _RUN_FIELDS)
     if state.get("loss") != loss_desc:
         diff["loss"] = (state.get("loss"), loss_desc)
     for k, v in model_desc.items():  # another decoder, prototype set or backbone
         if state.get("model", {}).get(k, v) != v:
             diff[f"model {k}"] = (state["model"][k], v)
     if diff:
-        text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        text = describe_diff(diff)
+        hint = ""
+        if "model backbone" in diff and model_desc.get("backbone_numerics") == "upstream" \
+                and "backbone_numerics" not in state.get("model", {}):
+            hint = (" A run of an earlier version computed its CLIP backbone in exact fp32 (then the "
+                    "default): `vpl train --exact-fp32` continues it.")
         raise ValueError(f"{path} was written by a run with other settings ({text}); resuming would "
-                         f"not continue that run. Use another --out, delete it, or pass resume=False "
+                         f"not continue that run.{hint} Use another --out, delete it, or pass resume=False "
                          f"(`vpl train --no-resume`) to start over.")
+
+
+def _resume(state_path: Path, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, loss_desc: Dict[str, Any], model_desc: Dict[str, Any],
+            main: bool) -> Tuple[int, float, Dict[str, Any], Dict[str, Any]]:
+    """Restore a run from ``last.pt`` (refused when written under other settings): the decoder,
+    optimiser, scaler and RNG states; returns ``(iteration, seconds, curves, window)``."""
+    state = load_train_state(state_path)
+    _check_resumable(state_path, state, config, loss_desc, model_desc)
+    model.load_decoder_state_dict(state["decoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    start, seconds = int(state["iteration"]), float(state["seconds"])
+    if main:
+        log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+    return start, seconds, state["curves"], state["window"]
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, without DDP's buffer broadcasts."""
+    import inspect
+
+    ddp = nn.parallel.DistributedDataParallel
+    # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def _train_step(net: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                batch: Dict[str, torch.Tensor], *, lr: float, device: torch.device,
+                amp_dtype: Optional[torch.dtype], world: int, rank: int,
+                iteration: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """One optimisation step at learning rate ``lr``: forward (under autocast), the loss over the
+    global batch in float32, backward and step; refuses a non-finite loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images = batch["images"].to(device, non_blocking=True)
+    masks = batch["masks"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with _autocast(device, amp_dtype):
+        outputs = net(images)
+    with torch.autocast(device_type=device.type, enabled=False):
+        outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in outputs.items()}
+        value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
+    if not torch.isfinite(value.detach()):
+        raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
+                         f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
+                         f"use --amp-dtype bf16 / --no-amp.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(value * world).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return value, parts
 
 
 # -- training -------------------------------------------------------------------------------------------
 def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike], *,
-                    config: TrainConfig = TrainConfig(), loss: Optional[nn.Module] = None,
+                    config: Optional[TrainConfig] = None, loss: Optional[nn.Module] = None,
                     val_dataset: Any = None, device: Union[str, torch.device] = "cpu",
                     resume: bool = True, progress: bool = True,
                     on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
@@ -483,7 +586,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         dataset: a :class:`~vpl_plugin.phase2.data.PseudoMaskDataset` (anything with ``__len__``,
             ``load(i)``, ``labels(i)``).
         out: output folder (``last.pt``, ``segmenter.pt``, ``curves.json``, ``curves.png``).
-        config: :class:`TrainConfig`.
+        config: :class:`TrainConfig` (default: its defaults).
         loss: the criterion, called ``loss(outputs, masks, labels) -> (loss, {"ce", "rsc"})``;
             default ``Phase2Loss()`` (CE + RSC, weights 1 and 1, tau_RSC 0.07).
         val_dataset: optional dataset of samples with ground truth for mIoU curves
@@ -502,6 +605,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     Raises:
         ValueError: bad settings, a ``last.pt`` from a run with other settings, or a non-finite loss.
     """
+    config = TrainConfig() if config is None else config
     env = init_distributed(str(device))
     world, rank = env.world_size, env.rank
     device = torch.device(device)
@@ -516,8 +620,7 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
         from vpl_plugin.phase2.losses import Phase2Loss
 
         loss = Phase2Loss()
-    amp_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}[config.amp_dtype]
-                 if config.amp and device.type == "cuda" else None)
+    amp_dtype = amp_dtype_for(config, device)
     out = Path(out)
     main = rank == 0
     state_path, curves_path = out / "last.pt", out / "curves.json"
@@ -539,30 +642,12 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     curves: Dict[str, List[Dict[str, float]]] = {"train": [], "val": []}
     window = {"loss": 0.0, "ce": 0.0, "rsc": 0.0, "n": 0}
     if resume and state_path.exists():
-        state = load_train_state(state_path)
-        _check_resumable(state_path, state, config, loss_desc, model_desc)
-        model.load_decoder_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start, seconds = int(state["iteration"]), float(state["seconds"])
-        curves, window = state["curves"], state["window"]
-        if main:
-            log.info("resuming from %s at iteration %d of %d", state_path, start, config.iterations)
+        start, seconds, curves, window = _resume(state_path, config, model, optimizer, scaler, loss_desc,
+                                                 model_desc, main)
     elif main and state_path.exists():
         log.info("not resuming: %s will be overwritten", state_path)
 
-    net: nn.Module = model
-    if env.distributed:
-        import inspect
-
-        ddp = nn.parallel.DistributedDataParallel
-        # buffers are synchronised at construction (rank 0's) and kept equal by GlobalBatchNorm
-        no_sync = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-                   else {"broadcast_buffers": False})
-        net = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    net: nn.Module = _wrap_ddp(model, device) if env.distributed else model
     model.train()
 
     stream = TrainStream(dataset, crop=config.crop, seed=config.seed,
@@ -605,25 +690,8 @@ def train_segmenter(model: nn.Module, dataset: Any, out: Union[str, os.PathLike]
     try:
         for batch in loader:
             lr = poly_lr(config.lr, iteration, config.iterations, config.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = batch["images"].to(device, non_blocking=True)
-            masks = batch["masks"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                outputs = net(images)
-            with torch.autocast(device_type=device.type, enabled=False):
-                outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-                           for k, v in outputs.items()}
-                value, parts = _global_loss(loss, outputs, masks, labels, world, rank)
-            if not torch.isfinite(value.detach()):
-                raise ValueError(f"non-finite loss {float(value)} at iteration {iteration + 1} "
-                                 f"(ce {parts.get('ce')}, rsc {parts.get('rsc')}); lower --lr, or "
-                                 f"use --amp-dtype bf16 / --no-amp.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(value * world).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            value, parts = _train_step(net, loss, optimizer, scaler, batch, lr=lr, device=device,
+                                       amp_dtype=amp_dtype, world=world, rank=rank, iteration=iteration)
             iteration += 1
             now = time.perf_counter()
             seconds += now - tick
