@@ -78,6 +78,55 @@ def test_fp32_weights_are_exact_and_fp16_compat_rounds_like_build_model(tiny_cli
     assert torch.equal(rounded.state_dict()["visual.ln_pre.weight"], tiny_clip.state_dict()["visual.ln_pre.weight"])
 
 
+def _build_model_then_load(state, round_weights):
+    """The construction ``build_clip_from_state_dict`` replaces (oracle): ``clip.model.build_model``
+    on the CPU (random initialisation, fp16 conversion, load), cast to fp32, and for exact weights
+    the fp32 values loaded again."""
+    import clip.model
+
+    model = clip.model.build_model({k: v.clone() for k, v in state.items()}).float()
+    if not round_weights:
+        model.load_state_dict({k: v.float() for k, v in state.items()
+                               if k not in ("input_resolution", "context_length", "vocab_size")})
+    return model.eval()
+
+
+@pytest.mark.parametrize("round_weights", [False, True])
+def test_build_without_throwaway_init_equals_build_model_bit_for_bit(tiny_clip, round_weights):
+    state = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    state["visual.ln_pre.weight"] = state["visual.ln_pre.weight"].half()  # mixed dtypes, as OpenAI's files
+    before = {k: v.clone() for k, v in state.items()}
+    ours = build_clip_from_state_dict(state, round_weights=round_weights)
+    oracle = _build_model_then_load(state, round_weights)
+    sa, sb = ours.state_dict(), oracle.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype == torch.float32, k
+        assert torch.equal(sa[k], sb[k]), k
+        assert sa[k].data_ptr() != state[k].data_ptr(), k  # a copy: the model never aliases the input
+    assert all(not p.requires_grad and p.device.type == "cpu" for p in ours.parameters())
+    assert not ours.training
+    for ba, bb in zip(ours.transformer.resblocks, oracle.transformer.resblocks):
+        assert torch.equal(ba.attn_mask, bb.attn_mask) and ba.attn_mask.device.type == "cpu"
+    assert all(b.attn_mask is None for b in ours.visual.transformer.resblocks)
+    tokens = torch.randint(1, 400, (2, 77))
+    tokens[:, 9] = 400  # the EOT position (argmax)
+    with torch.no_grad():
+        assert torch.equal(ours.encode_text(tokens), oracle.encode_text(tokens))
+    for k in state:  # the input state dict is untouched
+        assert torch.equal(state[k], before[k]) and state[k].dtype == before[k].dtype, k
+
+
+def test_inconsistent_state_dicts_are_refused_by_name(tiny_clip):
+    state = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    extra = {**state, "visual.extra.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match="(?s)src.pt.*visual.extra.weight"):
+        build_clip_from_state_dict(extra, source="src.pt")
+    wrong = {**state, "ln_final.bias": torch.zeros(5)}
+    with pytest.raises(CheckpointError, match="(?s)src.pt.*ln_final.bias"):
+        build_clip_from_state_dict(wrong, source="src.pt")
+
+
 def test_positional_embedding_identity_at_pretraining_grid(tiny_clip):
     enc = CLIPDense(tiny_clip, exact_fp32=True)
     g = enc.pretrain_grid

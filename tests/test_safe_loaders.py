@@ -716,3 +716,38 @@ def test_a_plain_checkpoint_with_a_pickled_payload_is_refused(tmp_path, tiny_cli
     with pytest.raises(CheckpointError, match="evil.pt"):
         load_state_dict_file(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_every_non_finite_value_is_found_whatever_its_place_and_dtype(tiny_clip, dtype, bad):
+    from vpl_plugin.backbones.clip import CheckpointError, _check_finite  # the module's own checker
+
+    state = {k: v.to(dtype) for k, v in _state(tiny_clip).items()}
+    _check_finite(state, "ok.pt")  # finite: accepted
+    state["empty"] = torch.zeros(0, dtype=dtype)
+    _check_finite(state, "ok.pt")  # an empty tensor has nothing to check
+    for key in ("logit_scale", "visual.proj", "ln_final.bias"):
+        for position in (0, state[key].numel() // 2, state[key].numel() - 1):
+            broken = dict(state)
+            broken[key] = state[key].clone()
+            broken[key].view(-1)[position] = bad
+            assert torch.isfinite(broken[key]).all().item() is False  # the oracle agrees it is bad
+            with pytest.raises(CheckpointError, match=f"bad.pt.*{key}"):
+                _check_finite(broken, "bad.pt")
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_mapped_loading_returns_the_same_tensors_as_reading(tmp_path, tiny_clip, zip_format):
+    from vpl_plugin.backbones import load_clip, load_state_dict_file
+
+    path = tmp_path / "clip.pt"
+    torch.save(_state(tiny_clip), path, _use_new_zipfile_serialization=zip_format)
+    read = load_state_dict_file(path)
+    mapped = load_state_dict_file(path, mmap=True)  # the legacy format falls back to reading
+    assert read.keys() == mapped.keys()
+    for key in read:
+        assert read[key].dtype == mapped[key].dtype and torch.equal(read[key], mapped[key]), key
+    model = load_clip(str(path), exact_fp32=True).model  # the checkpoint's values, unrounded
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, tiny_clip.state_dict()[key]), key
