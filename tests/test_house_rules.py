@@ -26,18 +26,9 @@ MAX_BODY_LINES = 150
 # -- allow-lists: today's offenders in modules being rewritten (the CLI package, the demo). Empty
 # them as those rewrites land; an entry that no longer matches an offence fails the test. --------
 ALLOWED_PRIVATE_USES: Set[Tuple[str, str]] = set()  # (module using the name, "defining_module._name")
-ALLOWED_UNANNOTATED: Set[str] = {
-    "vpl_plugin.demo.report.DemoConfig.learning_scenes",
-    "vpl_plugin.demo.report.label_set_accuracy",
-    "vpl_plugin.demo.report.learning_split",
-    "vpl_plugin.demo.report.text_gradcam_seed_miou",
-    "vpl_plugin.demo.train_clip.build_demo_clip",
-    "vpl_plugin.demo.train_clip.selection_score",
-}
-ALLOWED_LONG_BODIES: Set[str] = {"vpl_plugin.demo.report._run_demo"}
-ALLOWED_CYCLES: Set[frozenset] = {
-    frozenset({"vpl_plugin.demo.report", "vpl_plugin.demo.train_clip"}),  # demo rewrite
-}
+ALLOWED_UNANNOTATED: Set[str] = set()
+ALLOWED_LONG_BODIES: Set[str] = set()
+ALLOWED_CYCLES: Set[frozenset] = set()
 
 
 # -- the package as data -------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class DemoConfig:
     def quick_config(cls) -> "DemoConfig":
         return cls(learn_tokens=19_200, eval_scenes=100, taus=(0.01, 0.03, 0.05), phis=(0.3, 0.4, 0.5))
 
-    def learning_scenes(self, encoder, size: int) -> int:
+    def learning_scenes(self, encoder: Any, size: int) -> int:
         """Scenes in the learning split for ``encoder`` on ``size`` x ``size`` scenes."""
         if self.train_scenes is not None:
             return self.train_scenes
@@ -109,7 +109,7 @@ class DemoConfig:
         return max(1, -(-self.learn_tokens // tokens))
 
 
-def learning_split(encoder, cfg: DemoConfig):
+def learning_split(encoder: Any, cfg: DemoConfig) -> Tuple[DemoConfig, SceneWorld, List[Any]]:
     """``(cfg, world, scenes)``: the demo's world, ``cfg`` with the learning split sized for
     ``encoder`` (:meth:`DemoConfig.learning_scenes`) and the learning scenes."""
     world = SceneWorld(seed=cfg.world_seed)

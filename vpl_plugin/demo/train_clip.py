@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class TrainConfig:
                              f"x batch size or raise select_offset.")
 
 
-def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0):
+def build_demo_clip(config: DemoCLIPConfig = DemoCLIPConfig(), seed: int = 0) -> Any:  # clip.model.CLIP
     """A freshly initialised demo CLIP (fp32, trainable)."""
     from vpl_plugin.backbones import build_random_clip
 
@@ -116,7 +116,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (loss_i + loss_t) / 2
 
 
-def selection_score(state: Dict[str, torch.Tensor], scenes) -> float:
+def selection_score(state: Dict[str, torch.Tensor], scenes: List[Any]) -> float:
     """The demo's second quality gate (text-prototype GradCAM seed mIoU, no CAA, no CRF) of a CLIP
     given as an fp16 state dict, loaded exactly as ``load_clip`` loads the saved checkpoint."""
     from vpl_plugin.backbones.clip import CLIPDense, build_clip_from_state_dict
