@@ -33,11 +33,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from vpl_plugin.data.synthetic import SceneWorld
-    from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, _batch, _batches
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig, _batch, _batches
 
     torch.set_num_threads(1)
-    world = SceneWorld(seed=TrainConfig().world_seed)
-    config = TrainConfig(steps=args.batches, batch_size=args.batch_size)
+    world = SceneWorld(seed=DemoTrainConfig().world_seed)
+    config = DemoTrainConfig(steps=args.batches, batch_size=args.batch_size)
     context = DemoCLIPConfig().context_length
     _batch(world, args.batches, args.batch_size, context)  # warm-up: the tokenizer loads once, before forking
     seconds, streams = {}, {}

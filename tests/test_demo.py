@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch) is needed")
 pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is needed")
 
-from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, contrastive_loss, train_demo_clip  # noqa: E402
+from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig, contrastive_loss, train_demo_clip  # noqa: E402
 
 TINY = DemoCLIPConfig(embed_dim=32, vision_layers=2, vision_width=64, transformer_width=64,
                       transformer_heads=1, transformer_layers=1, context_length=24)
@@ -44,10 +44,10 @@ def test_training_resumes_to_the_same_weights_and_loads_as_openai_clip(tmp_path)
     from vpl_plugin.backbones import load_clip
 
     cfg = dict(batch_size=8, warmup=2, checkpoint_every=2, log_every=1)
-    straight = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=4, **cfg),
+    straight = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=4, **cfg),
                                progress=False, log=None)
-    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False, log=None)
-    resumed = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False,
+    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=DemoTrainConfig(steps=2, **cfg), progress=False, log=None)
+    resumed = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=DemoTrainConfig(steps=4, **cfg), progress=False,
                               log=None)
     a = torch.load(tmp_path / "a.pt.train.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b.pt.train.pt", weights_only=False)["model"]
@@ -228,10 +228,10 @@ def test_data_loader_workers_leave_the_weights_unchanged(tmp_path):
     # the batches are a function of the step: drawing them in 2 worker processes (and resuming
     # half-way with workers) gives the weights of the in-process run exactly
     cfg = dict(batch_size=8, warmup=2, checkpoint_every=2, log_every=1)
-    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False, log=None)
-    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False, log=None,
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=4, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "b.pt", arch=TINY, config=DemoTrainConfig(steps=2, **cfg), progress=False, log=None,
                     workers=2)
-    rec = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=TrainConfig(steps=4, **cfg), progress=False,
+    rec = train_demo_clip(tmp_path / "b.pt", arch=TINY, config=DemoTrainConfig(steps=4, **cfg), progress=False,
                           log=None, workers=2)
     a = torch.load(tmp_path / "a.pt.train.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b.pt.train.pt", weights_only=False)["model"]
@@ -245,7 +245,7 @@ def test_data_loader_workers_leave_the_weights_unchanged(tmp_path):
     written, exported = torch.load(tmp_path / "b.pt"), torch.load(tmp_path / "e.pt")
     assert written.keys() == exported.keys() and all(torch.equal(written[k], exported[k]) for k in written)
     with pytest.raises(ValueError, match="workers"):
-        train_demo_clip(tmp_path / "c.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False,
+        train_demo_clip(tmp_path / "c.pt", arch=TINY, config=DemoTrainConfig(steps=1, **cfg), progress=False,
                         log=None, workers=-1)
 
 
@@ -302,10 +302,10 @@ def test_shipped_demo_clip_recognises_held_out_scenes():
 
 def test_resume_refuses_a_state_of_another_architecture(tmp_path):
     cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
-    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=1, **cfg), progress=False, log=None)
     wider = DemoCLIPConfig(**{**TINY.__dict__, "vision_width": TINY.vision_width + 64})
     with pytest.raises(ValueError, match="different settings"):
-        train_demo_clip(tmp_path / "a.pt", arch=wider, config=TrainConfig(steps=2, **cfg), progress=False, log=None)
+        train_demo_clip(tmp_path / "a.pt", arch=wider, config=DemoTrainConfig(steps=2, **cfg), progress=False, log=None)
 
 
 def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_alone(tmp_path):
@@ -318,8 +318,8 @@ def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_al
 
     cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1, lr=2e-2)
     sel = dict(select_every=1, select_scenes=6, select_offset=1000)
-    plain = train_demo_clip(tmp_path / "p.pt", arch=TINY, config=TrainConfig(steps=6, **cfg), progress=False, log=None)
-    chosen = train_demo_clip(tmp_path / "s.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+    plain = train_demo_clip(tmp_path / "p.pt", arch=TINY, config=DemoTrainConfig(steps=6, **cfg), progress=False, log=None)
+    chosen = train_demo_clip(tmp_path / "s.pt", arch=TINY, config=DemoTrainConfig(steps=6, **cfg, **sel),
                              progress=False, log=None)
     a = torch.load(tmp_path / "p.pt.train.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "s.pt.train.pt", weights_only=False)["model"]
@@ -346,30 +346,30 @@ def test_checkpoint_selection_keeps_the_best_scored_state_and_leaves_training_al
             raise KeyboardInterrupt  # after step 3's state was saved, before step 4's
 
     with pytest.raises(KeyboardInterrupt):
-        train_demo_clip(tmp_path / "r.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+        train_demo_clip(tmp_path / "r.pt", arch=TINY, config=DemoTrainConfig(steps=6, **cfg, **sel),
                         progress=False, log=crash_at_step_4)
-    resumed = train_demo_clip(tmp_path / "r.pt", arch=TINY, config=TrainConfig(steps=6, **cfg, **sel),
+    resumed = train_demo_clip(tmp_path / "r.pt", arch=TINY, config=DemoTrainConfig(steps=6, **cfg, **sel),
                               progress=False, log=None)
     assert resumed["selection"] == chosen["selection"]
     assert resumed["selected_step"] == chosen["selected_step"]
     with pytest.raises(ValueError, match="selection scenes"):
-        TrainConfig(steps=300, batch_size=4, select_every=10, select_offset=1000)
+        DemoTrainConfig(steps=300, batch_size=4, select_every=10, select_offset=1000)
 
 
 def test_a_state_from_before_checkpoint_selection_still_resumes(tmp_path):
     """Training states written before ``select_*`` existed lack those keys: they resume (the
     settings were at their defaults then), and a run asking for selection is refused."""
     cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
-    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=1, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=1, **cfg), progress=False, log=None)
     state_path = tmp_path / "a.pt.train.pt"
     state = torch.load(state_path, weights_only=False)
     for key in ("select_every", "select_scenes", "select_offset"):
         del state["config"][key]
     del state["selection"], state["best"]
     torch.save(state, state_path)
-    record = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=2, **cfg), progress=False,
+    record = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=2, **cfg), progress=False,
                              log=None)
     assert [c["step"] for c in record["curve"]] == [1, 2] and record["selection"] == []
     with pytest.raises(ValueError, match="different settings"):
-        train_demo_clip(tmp_path / "a.pt", arch=TINY, config=TrainConfig(steps=3, select_every=1, **cfg),
+        train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=3, select_every=1, **cfg),
                         progress=False, log=None)

@@ -58,8 +58,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    """``(DemoCLIPConfig, TrainConfig)`` of the flags; a refused value is a usage error."""
-    from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig
+    """``(DemoCLIPConfig, DemoTrainConfig)`` of the flags; a refused value is a usage error."""
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig
 
     if args.vision_width <= 0 or args.vision_width % 64:
         raise UsageError(f"--vision-width must be a positive multiple of 64 (CLIP's loader infers "
@@ -77,7 +77,7 @@ def _settings(args: argparse.Namespace) -> Any:
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}.")
     try:
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        config = DemoTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              select_every=args.select_every, select_scenes=args.select_scenes)
     except ValueError as e:
         raise UsageError(f"vpl train-clip: {e}") from None

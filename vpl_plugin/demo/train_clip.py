@@ -25,7 +25,7 @@ from vpl_plugin._io import atomic_path, write_json
 from vpl_plugin._progress import progress as progress_bar
 from vpl_plugin.demo.evaluation import images_to_tensor, text_gradcam_seed_miou
 
-__all__ = ["DemoCLIPConfig", "TrainConfig", "build_demo_clip", "export_training_state", "images_to_tensor",
+__all__ = ["DemoCLIPConfig", "DemoTrainConfig", "build_demo_clip", "export_training_state", "images_to_tensor",
            "train_demo_clip"]
 
 
@@ -50,7 +50,7 @@ class DemoCLIPConfig:
 
 
 @dataclass
-class TrainConfig:
+class DemoTrainConfig:
     """Training recipe (defaults sized for a CPU run in the background; raise ``steps`` on a GPU)."""
 
     steps: int = 2500
@@ -175,7 +175,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return _batch(self.world, self.start + i, self.batch_size, self.context_length)
 
 
-def _batches(world, start: int, config: TrainConfig, context_length: int, workers: int, pin: bool):
+def _batches(world, start: int, config: DemoTrainConfig, context_length: int, workers: int, pin: bool):
     """Batches for steps ``start..config.steps - 1`` in order, drawn in ``workers`` processes
     (0: in this process). The batches do not depend on ``workers``."""
     data = _StepBatches(world, start, config.steps, config.batch_size, context_length)
@@ -186,7 +186,7 @@ def _batches(world, start: int, config: TrainConfig, context_length: int, worker
 
 
 def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = DemoCLIPConfig(),
-                    config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = True,
+                    config: DemoTrainConfig = DemoTrainConfig(), device: str = "cpu", resume: bool = True,
                     progress: bool = True, log: Optional[Callable[[str], None]] = print,
                     workers: int = 0) -> Dict:
     """Train the demo CLIP and save it to ``out`` (fp16 state dict, OpenAI format).
@@ -219,7 +219,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
         free = ("steps", "checkpoint_every", "log_every")  # a resumed run may extend or log differently
         now = {k: v for k, v in asdict(config).items() if k not in free}
         # settings a state written by an older version lacks were at their defaults then
-        then = {k: v for k, v in {**asdict(TrainConfig()), **saved.get("config", asdict(config))}.items()
+        then = {k: v for k, v in {**asdict(DemoTrainConfig()), **saved.get("config", asdict(config))}.items()
                 if k not in free}
         if saved.get("arch", asdict(arch)) != asdict(arch) or then != now:
             raise ValueError(f"{state_path} was written by a run with different settings "
