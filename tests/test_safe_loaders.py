@@ -298,16 +298,16 @@ TINY_DEMO = dict(embed_dim=32, vision_layers=2, vision_width=64, transformer_wid
 
 def test_demo_clip_states_are_plain_and_a_malicious_one_is_refused(tmp_path):
     pytest.importorskip("clip")
-    from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, export_training_state, train_demo_clip
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig, export_training_state, train_demo_clip
 
     arch, cfg = DemoCLIPConfig(**TINY_DEMO), dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
-    train_demo_clip(tmp_path / "a.pt", arch=arch, config=TrainConfig(steps=1, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "a.pt", arch=arch, config=DemoTrainConfig(steps=1, **cfg), progress=False, log=None)
     state = tmp_path / "a.pt.train.pt"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(state) == []
     saved = torch.load(state, weights_only=True)
     saved["curve"].append({"evil": _Shell(tmp_path / "marker")})
     torch.save(saved, state)
-    for call in (lambda: train_demo_clip(tmp_path / "a.pt", arch=arch, config=TrainConfig(steps=2, **cfg),
+    for call in (lambda: train_demo_clip(tmp_path / "a.pt", arch=arch, config=DemoTrainConfig(steps=2, **cfg),
                                          progress=False, log=None),
                  lambda: export_training_state(state, tmp_path / "e.pt")):
         with pytest.raises(UnsafeFileError, match=SYSTEM) as info:
@@ -318,12 +318,12 @@ def test_demo_clip_states_are_plain_and_a_malicious_one_is_refused(tmp_path):
 
 def test_a_demo_state_holding_numpy_scalars_still_resumes_to_the_same_weights(tmp_path):
     pytest.importorskip("clip")
-    from vpl_plugin.demo.train_clip import DemoCLIPConfig, TrainConfig, train_demo_clip
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig, train_demo_clip
 
     arch = DemoCLIPConfig(**TINY_DEMO)
     cfg = dict(batch_size=4, warmup=1, checkpoint_every=1, log_every=1)
-    train_demo_clip(tmp_path / "full.pt", arch=arch, config=TrainConfig(steps=3, **cfg), progress=False, log=None)
-    train_demo_clip(tmp_path / "cut.pt", arch=arch, config=TrainConfig(steps=2, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "full.pt", arch=arch, config=DemoTrainConfig(steps=3, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "cut.pt", arch=arch, config=DemoTrainConfig(steps=2, **cfg), progress=False, log=None)
     state = tmp_path / "cut.pt.train.pt"
     saved = torch.load(state, weights_only=True)
     saved["seconds"] = np.float64(saved["seconds"])  # as a state holding numpy values would
@@ -331,7 +331,7 @@ def test_a_demo_state_holding_numpy_scalars_still_resumes_to_the_same_weights(tm
                       for p in saved["curve"]]
     torch.save(saved, state)
     assert "numpy.dtype" in torch.serialization.get_unsafe_globals_in_checkpoint(state)
-    train_demo_clip(tmp_path / "cut.pt", arch=arch, config=TrainConfig(steps=3, **cfg), progress=False, log=None)
+    train_demo_clip(tmp_path / "cut.pt", arch=arch, config=DemoTrainConfig(steps=3, **cfg), progress=False, log=None)
     a = torch.load(tmp_path / "full.pt.train.pt", weights_only=True)["model"]
     b = load_weights_only(state)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
