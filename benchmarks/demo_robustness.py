@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report, conf = load_run(Path(folder))
         clip = per_clip(report, conf)
         ckpt = Path(str(report.get("checkpoint", "")))
-        clip["checkpoint"] = str(ckpt)
+        inside = ckpt.resolve().is_relative_to(Path.cwd()) if ckpt.is_file() else False
+        clip["checkpoint"] = str(ckpt.resolve().relative_to(Path.cwd())) if inside else ckpt.name
         clip["checkpoint_sha256"] = sha256(ckpt) if ckpt.is_file() else None
         result["clips"][name] = clip
         runs.append((name, conf, clip))
