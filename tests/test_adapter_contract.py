@@ -22,7 +22,7 @@ pytest.importorskip("clip", reason="OpenAI CLIP code (pip install clip-anytorch)
 from vpl_plugin.adapters import (CAMAdapter, CLIPESAdapter, create_adapter, list_adapters,  # noqa: E402
                                  text_prototype_set)
 from vpl_plugin.cam import GradCAMResult, image_gradcams, resize_maps  # noqa: E402
-from vpl_plugin.cpal import build_context_bank  # noqa: E402
+from vpl_plugin.adapters.cpal_bank import build_context_bank  # noqa: E402
 from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld, export_voc  # noqa: E402
 from vpl_plugin.prototypes import PrototypeSet  # noqa: E402
 

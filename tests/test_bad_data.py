@@ -572,7 +572,7 @@ def test_corrupt_feature_cache_record_is_recomputed(tmp_path, tiny_encoder, capl
 
 def test_garbage_cpal_partial_file_is_ignored_with_a_warning(tmp_path, tiny_encoder, caplog):
     from vpl_plugin.adapters import CLIPCPALAdapter
-    from vpl_plugin.cpal import build_context_bank
+    from vpl_plugin.adapters.cpal_bank import build_context_bank
     from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
 
     samples = [SimpleNamespace(image=Image.fromarray(sc.image), labels=list(sc.labels))

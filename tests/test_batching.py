@@ -65,7 +65,7 @@ def test_call_batch_refuses_mixed_sizes_and_bad_labels(tiny_encoder, scenes):
 
 
 def test_an_adapter_with_its_own_gradcams_is_served_image_by_image(tiny_encoder, scenes):
-    from vpl_plugin.cpal import build_context_bank
+    from vpl_plugin.adapters.cpal_bank import build_context_bank
 
     samples = [SimpleNamespace(image=Image.fromarray(sc.image), labels=list(sc.labels)) for sc in scenes]
     cpal = create_adapter("clip-cpal", tiny_encoder, SYNTHETIC)

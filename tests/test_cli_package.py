@@ -45,6 +45,22 @@ def test_every_train_flag_reaches_its_field():
     assert {name: getattr(config, name) for name in values} == values
 
 
+def test_train_clip_flags_come_from_the_demo_dataclasses():
+    """`vpl train-clip`: defaults equal the dataclasses' and every flag reaches its field."""
+    from vpl_plugin.cli.train_clip import _settings
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig
+
+    arch, config = _settings(cli.parse_args(["train-clip", "--out", "x.pt"]))
+    assert (arch, config) == (DemoCLIPConfig(), DemoTrainConfig())
+    values = {"steps": 5, "batch_size": 4, "lr": 0.01, "seed": 3, "select_every": 2, "select_scenes": 7,
+              "vision_width": 192, "vision_layers": 4, "patch_size": 4}
+    options = {**options_of(DemoTrainConfig), **options_of(DemoCLIPConfig)}
+    assert sorted(options) == sorted(values)  # a new field with a flag must be added here
+    argv = ["train-clip", "--out", "x.pt"] + [a for n, v in values.items() for a in (options[n].flag, str(v))]
+    arch, config = _settings(cli.parse_args(argv))
+    assert {n: getattr(config if hasattr(config, n) else arch, n) for n in values} == values
+
+
 def test_generated_flags_keep_their_names_in_the_namespace():
     args = vars(cli.parse_args(TRAIN))
     for option in options_of(TrainConfig).values():

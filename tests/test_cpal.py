@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vpl_plugin.adapters.cpal_bank import build_context_bank
 from vpl_plugin.cpal import (
     ContextBank,
     align_prototypes,
-    build_context_bank,
     context_aware_maps,
     fuse_maps,
     head_cams,

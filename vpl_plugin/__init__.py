@@ -25,7 +25,8 @@ from vpl_plugin.adapters import (
 )
 from vpl_plugin.backbones import CLIPDense, build_random_clip, load_clip
 from vpl_plugin.data.classes import COCO, VOC, ClassSpec
-from vpl_plugin.cpal import ContextBank, build_context_bank
+from vpl_plugin.adapters.cpal_bank import build_context_bank
+from vpl_plugin.cpal import ContextBank
 from vpl_plugin.dropin import (
     DropInPrototypes,
     check_imports,

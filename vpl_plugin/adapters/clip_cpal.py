@@ -4,7 +4,7 @@ A reconstruction: CPAL's code is unreleased and its method section was not reada
 the training-free default of ``docs/clip_cpal.md#what-the-adapter-does`` (every interpretation is a
 config field):
 
-* pass 1 (:func:`vpl_plugin.cpal.build_context_bank`): per image and labelled class, an instance
+* pass 1 (:func:`vpl_plugin.adapters.cpal_bank.build_context_bank`): per image and labelled class, an instance
   prototype from the dense features weighted by the CLIP-ES map ``G`` above ``delta_p``; per class,
   spherical k-means of the split's instance prototypes gives ``M`` context prototypes;
 * pass 2 (this adapter's ``__call__``): per image and class, the instance prototype, its soft

@@ -92,7 +92,8 @@ def _cpal_bank(args: argparse.Namespace, adapter: Any, dataset: Any, out: Path) 
     if args.adapter != "clip-cpal":
         return
     from vpl_plugin import distributed
-    from vpl_plugin.cpal import ContextBank, build_context_bank
+    from vpl_plugin.adapters.cpal_bank import build_context_bank
+    from vpl_plugin.cpal import ContextBank
     from vpl_plugin.pipeline import RunSummary
 
     path = Path(args.cpal_bank) if args.cpal_bank else out / "cpal_bank.pt"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vpl_plugin._cli_common import EXIT_OK, UsageError, positive_float, positive_int
+from vpl_plugin._cli_common import EXIT_OK, UsageError
 from vpl_plugin.cli.arguments import FORMATTER
+from vpl_plugin.cli.options import add_config_options, config_values
 
 NAME = "train-clip"
 #: ``--out`` is one file (held locked while the command runs)
@@ -25,26 +26,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH.pt",
                    help="checkpoint to write (fp16 state dict, loads with clip.model.build_model); the "
                         "resumable training state goes to PATH.pt.train.pt, the curve to PATH.pt.curve.json")
-    p.add_argument("--steps", type=positive_int, default=2500, help="optimiser steps (default 2500)")
-    p.add_argument("--batch-size", type=positive_int, default=128,
-                   help="scenes per step; every caption of the same label set in the batch counts as a "
-                        "positive (default 128)")
-    p.add_argument("--lr", type=positive_float, default=1e-3,
-                   help="AdamW peak learning rate, cosine schedule after 100 warm-up steps (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="weight-initialisation seed; the batches depend on the step only (default 0)")
-    p.add_argument("--vision-width", type=int, default=128, metavar="W",
-                   help="ViT width, a multiple of 64 (default 128, the shipped model)")
-    p.add_argument("--vision-layers", type=int, default=6, metavar="L", help="ViT depth (default 6)")
-    p.add_argument("--patch-size", type=int, default=8, metavar="P",
-                   help="ViT patch size: 8 gives the 64x64 scenes an 8x8 token grid, 4 a 16x16 grid at about "
-                        "3x the time per step on a CPU (default 8; the shipped model uses 4)")
-    p.add_argument("--select-every", type=int, default=0, metavar="N",
-                   help="every N steps, score the model on held-out scenes of the training world (text "
-                        "GradCAM seed mIoU, the demo's second gate) and save the best-scored state "
-                        "instead of the last (default 0: the last)")
-    p.add_argument("--select-scenes", type=int, default=300, metavar="N",
-                   help="how many held-out scenes --select-every scores on (default 300)")
+    from vpl_plugin.demo.train_clip import DemoCLIPConfig, DemoTrainConfig
+
+    add_config_options(p, DemoTrainConfig, ["steps", "batch_size", "lr", "seed"])
+    add_config_options(p, DemoCLIPConfig, ["vision_width", "vision_layers", "patch_size"])
+    add_config_options(p, DemoTrainConfig, ["select_every", "select_scenes"])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="data-loader processes that draw the scenes ahead of the optimiser; they change "
@@ -70,15 +56,13 @@ def _settings(args: argparse.Namespace) -> Any:
     if args.patch_size <= 0 or side % args.patch_size or side // args.patch_size < 8:
         raise UsageError(f"--patch-size must divide the {side}-pixel scenes into a grid of at least 8x8 tokens "
                          f"(1, 2, 4 or 8), got {args.patch_size}.")
-    arch = DemoCLIPConfig(vision_width=args.vision_width, vision_layers=args.vision_layers,
-                          patch_size=args.patch_size)
+    arch = DemoCLIPConfig(**config_values(DemoCLIPConfig, args))
     for flag, value, least in (("--select-every", args.select_every, 0), ("--select-scenes", args.select_scenes, 1),
                                ("--workers", args.workers, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}.")
     try:
-        config = DemoTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             select_every=args.select_every, select_scenes=args.select_scenes)
+        config = DemoTrainConfig(**config_values(DemoTrainConfig, args))
     except ValueError as e:
         raise UsageError(f"vpl train-clip: {e}") from None
     return arch, config

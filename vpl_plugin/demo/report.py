@@ -29,7 +29,7 @@ from vpl_plugin.adapters.clip_cpal import CLIPCPALAdapter
 from vpl_plugin.adapters.clip_es import CLIPESAdapter
 from vpl_plugin.backbones.clip import TrunkCache
 from vpl_plugin.bootstrap import BOOTSTRAP_RESAMPLES
-from vpl_plugin.cpal import build_context_bank
+from vpl_plugin.adapters.cpal_bank import build_context_bank
 from vpl_plugin.data.synthetic import SYNTHETIC, SceneWorld
 from vpl_plugin.demo.evaluation import (
     DEMO_TEMPLATES,
