@@ -874,12 +874,8 @@ def learn_vision_prototypes(
       iteration, always ``iters`` iterations. ``alpha`` never grows back, so it can collapse long
       before convergence, and the loss is not monotone.
 
-    Measured (synthetic clustered features with a modality gap, 40-80 images, D 32-64, N 10-18,
-    seed-hardened targets, fp32; 3 seeds x 2 sizes): at ``tau = 0.03`` "bb" after 300 iterations
-    (at most 400 passes) is below "halving" after 1000 iterations in 6 of 6 cases (after 100
-    iterations, about 135 passes, in 4 of 6); at ``tau = 0.1``
-    "halving"'s alpha collapses within about 100 iterations and stays above the optimum by up to
-    2e-3, while "bb" converges to working precision in 30-50 iterations (40-70 passes).
+    How the two rules compare, measured: ``benchmarks/NOTES.md``, section "Step rules of
+    learn_vision_prototypes" (``test_bb_reaches_lower_loss_than_halving_at_tau_01`` keeps one case).
 
     Both rules leave a row whose gradient is exactly zero (a prototype that is never a candidate)
     bit-identical to its init; init rows already unit to 1e-6 are taken verbatim.
