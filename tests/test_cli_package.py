@@ -61,6 +61,26 @@ def test_train_clip_flags_come_from_the_demo_dataclasses():
     assert {n: getattr(config if hasattr(config, n) else arch, n) for n in values} == values
 
 
+def test_clip_es_flags_come_from_clipesconfig():
+    """`vpl cams` / `vpl learn`: the CLIP-ES flags are generated from CLIPESConfig; defaults give no
+    change to the dataclass and every flag reaches its field."""
+    from vpl_plugin.adapters.clip_es import CLIPESConfig
+    from vpl_plugin.cli.shared import clip_es_overrides
+
+    cams = ["cams", "--clip", "c", "--root", "r", "--out", "o"]
+    assert CLIPESConfig(**clip_es_overrides(cli.parse_args(cams))) == CLIPESConfig()
+    values = {"box_threshold": 0.5, "box_clip_fix": True, "refine": False, "save_gradcam": True,
+              "map_mode": "dense"}
+    options = options_of(CLIPESConfig)
+    assert sorted(options) == sorted(values)  # a new field with a flag must be added here
+    argv = list(cams)
+    for name, value in values.items():
+        argv += [options[name].flag] if isinstance(value, bool) else [options[name].flag, str(value)]
+    assert clip_es_overrides(cli.parse_args(argv + ["--template", "a {}"])) == {**values, "templates": ("a {}",)}
+    learn = cli.parse_args(["learn", "--clip", "c", "--root", "r", "--out", "o.pt", "--box-clip-fix"])
+    assert clip_es_overrides(learn) == {"box_clip_fix": True, "map_mode": "gradcam"}  # learn has no --no-refine
+
+
 def test_generated_flags_keep_their_names_in_the_namespace():
     args = vars(cli.parse_args(TRAIN))
     for option in options_of(TrainConfig).values():

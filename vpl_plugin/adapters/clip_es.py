@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence,
 import numpy as np
 import torch
 
+from vpl_plugin._cli_common import cli_option, finite_float
 from vpl_plugin._checks import check_template
 from vpl_plugin.adapters.base import CAMAdapter, CAMOutput, register_adapter
 from vpl_plugin.cam import (
@@ -64,14 +65,23 @@ class CLIPESConfig:
         dense_kind: ``"softmax"`` (posterior, default) or ``"cosine"`` (raw similarity) dense maps.
     """
 
-    box_threshold: Optional[float] = None
+    # fields with `cli_option` metadata are flags of `vpl cams` (and, where shared, `vpl learn`)
+    box_threshold: Optional[float] = field(default=None, metadata=cli_option(
+        "--box-threshold", "CAA box threshold (default 0.4 VOC, 0.7 COCO)", type=finite_float))
     affinity_layers: int = 8
     sinkhorn_rounds: int = 3
-    box_clip_fix: bool = False
-    refine: bool = True
-    save_gradcam: bool = False
+    box_clip_fix: bool = field(default=False, metadata=cli_option(
+        "--box-clip-fix", "fix upstream's box mask, which drops the last row and column; off = upstream "
+                          "(docs/upstream_clip_es.md#box-mask-last-row-column)"))
+    refine: bool = field(default=True, metadata=cli_option(
+        "--no-refine", "skip CAA refinement (attn_highres = upsampled GradCAM)"))
+    save_gradcam: bool = field(default=False, metadata=cli_option(
+        "--save-gradcam", "also save the unrefined upsampled GradCAM under the key 'highres'"))
     templates: Tuple[str, ...] = field(default=(CLIP_ES_TEMPLATE,))
-    map_mode: str = "gradcam"
+    map_mode: str = field(default="gradcam", metadata=cli_option(
+        "--map-mode", "map refined into CAMs: gradcam (CLIP-ES; with --prototypes the paper-literal "
+                      "VPL), dense (per-token class posterior of the prototypes), fused (text "
+                      "GradCAM x dense map)", choices=["gradcam", "dense", "fused"]))
     dense_kind: str = "softmax"
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vpl_plugin._cli_common import add_numerics_flags, finite_float, max_pixels_arg, positive_int
+from vpl_plugin._cli_common import add_numerics_flags, max_pixels_arg, positive_int
 from vpl_plugin.adapters import CLIPCPALConfig, list_adapters
+from vpl_plugin.adapters.clip_cpal import CPAL_FIELDS
+from vpl_plugin.adapters.clip_es import CLIPESConfig
 from vpl_plugin.cli.options import add_config_options
 from vpl_plugin.data.classes import DATASET_NAMES
 from vpl_plugin.data.voc import DEFAULT_MAX_PIXELS
@@ -75,15 +77,7 @@ def add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", dest="templates", action="append", metavar="TEMPLATE",
                    help="prompt template with {} for the class name; repeat for an ensemble "
                         "(default: CLIP-ES's 'a clean origami {}.')")
-    g.add_argument("--map-mode", default="gradcam", choices=["gradcam", "dense", "fused"],
-                   help="map refined into CAMs: gradcam (CLIP-ES; with --prototypes the paper-literal "
-                        "VPL), dense (per-token class posterior of the prototypes), fused (text "
-                        "GradCAM x dense map)")
-    g.add_argument("--box-threshold", type=finite_float, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
-    g.add_argument("--box-clip-fix", action="store_true",
-                   help="fix upstream's box mask, which drops the last row and column; off = upstream "
-                        "(docs/upstream_clip_es.md#box-mask-last-row-column)")
-
+    add_config_options(g, CLIPESConfig, ["map_mode", "box_threshold", "box_clip_fix"])
 
 def add_cpal(p: argparse.ArgumentParser) -> None:
     """The CLIP-CPAL group of ``vpl cams``: ``--cpal-bank`` and a flag per CPAL field of
@@ -93,4 +87,4 @@ def add_cpal(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpal-bank", metavar="FILE",
                    help="context bank of pass 1: loaded when it exists (its settings must match), "
                         "else built over the same list and saved there (default: OUT/cpal_bank.pt)")
-    add_config_options(g, CLIPCPALConfig, given_only=True)
+    add_config_options(g, CLIPCPALConfig, CPAL_FIELDS, given_only=True)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from vpl_plugin._cli_common import UsageError, numerics_resume_hint, positive_int
+from vpl_plugin.adapters.clip_es import CLIPESConfig
 from vpl_plugin.cli.arguments import FORMATTER, add_common, add_cpal, add_data
+from vpl_plugin.cli.options import add_config_options
 from vpl_plugin.cli.shared import (create_adapter_from_args, create_dataset, describe_labels, gather_summary,
                                    write_config)
 
@@ -44,10 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CAM_DIR", help="output folder of <id>.npy files")
     p.add_argument("--prototypes", metavar="PROTOTYPES.pt",
                    help="vision prototypes from `vpl learn` (default: CLIP-ES text prototypes)")
-    p.add_argument("--save-gradcam", action="store_true",
-                   help="also save the unrefined upsampled GradCAM under the key 'highres'")
-    p.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="skip CAA refinement (attn_highres = upsampled GradCAM)")
+    add_config_options(p, CLIPESConfig, ["save_gradcam", "refine"])
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
                    help="images of equal size per forward (default 1; use 8 or so on a GPU: same "
                         "CAMs within float rounding, fewer launches; slower on a CPU thread)")

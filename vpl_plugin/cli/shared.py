@@ -13,10 +13,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from vpl_plugin._cli_common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, FP16_COMPAT_CONFLICT, UsageError
 from vpl_plugin._version import __version__
 from vpl_plugin.adapters import CLIPCPALConfig
-from vpl_plugin.cli.options import config_values, options_of
+from vpl_plugin.adapters.clip_cpal import CPAL_FIELDS
+from vpl_plugin.adapters.clip_es import CLIPESConfig
+from vpl_plugin.cli.options import config_values, option_dest, options_of
 
-__all__ = ["cpal_overrides", "create_dataset", "create_adapter_from_args", "describe_labels", "gather_summary",
-           "read_ids", "report", "summary_status", "write_config"]
+__all__ = ["clip_es_overrides", "cpal_overrides", "create_dataset", "create_adapter_from_args", "describe_labels",
+           "gather_summary", "read_ids", "report", "summary_status", "write_config"]
 
 
 def write_config(path: Path, args: argparse.Namespace, extra: Optional[dict] = None) -> None:
@@ -73,25 +75,31 @@ def create_adapter_from_args(args: argparse.Namespace, spec: Any, prototypes: An
         raise UsageError(FP16_COMPAT_CONFLICT)
     encoder = load_clip(args.clip, args.device, exact_fp32=args.exact_fp32,
                         trust_torchscript=args.trust_torchscript)
-    overrides: Dict[str, Any] = {"box_clip_fix": args.box_clip_fix, "map_mode": args.map_mode}
+    overrides = clip_es_overrides(args)
+    overrides.update(cpal_overrides(args))
+    return create_adapter(args.adapter, encoder, spec, prototypes, **overrides)
+
+
+def clip_es_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """:class:`~vpl_plugin.adapters.clip_es.CLIPESConfig` fields from the flags this command has
+    (generated from the fields' metadata), plus ``--template``; ``--box-threshold`` only when given
+    (else the dataset's)."""
+    present = [n for n, o in options_of(CLIPESConfig).items() if hasattr(args, option_dest(o))]
+    overrides: Dict[str, Any] = config_values(CLIPESConfig, args, present)
+    if overrides.get("box_threshold") is None:
+        overrides.pop("box_threshold", None)
     if args.templates:
         bad = [t for t in args.templates if "{}" not in t]
         if bad:
             raise UsageError(f"--template needs a '{{}}' where the class name goes; got {bad}.")
         overrides["templates"] = tuple(args.templates)
-    if args.box_threshold is not None:
-        overrides["box_threshold"] = args.box_threshold
-    for key in ("refine", "save_gradcam"):
-        if hasattr(args, key):
-            overrides[key] = getattr(args, key)
-    overrides.update(cpal_overrides(args))
-    return create_adapter(args.adapter, encoder, spec, prototypes, **overrides)
+    return overrides
 
 
 def cpal_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """:class:`~vpl_plugin.adapters.CLIPCPALConfig` fields given as ``--cpal-*`` flags; refused
     with another adapter (as is ``--cpal-bank``)."""
-    given = config_values(CLIPCPALConfig, args, given_only=True)
+    given = config_values(CLIPCPALConfig, args, CPAL_FIELDS, given_only=True)
     flags = [options_of(CLIPCPALConfig)[name].flag for name in given]
     if getattr(args, "cpal_bank", None) is not None:
         flags.append("--cpal-bank")
