@@ -184,7 +184,8 @@ def test_a_rank_killed_in_the_feature_pass_resumes_to_the_same_prototypes(voc12,
             launcher.kill()
     assert launcher.returncode != 0, log[-3000:]
     assert not out.exists()
-    before = len(list(cache.glob("*.npz")))
+    # finished records only: a writer killed mid write leaves a hidden ``.<id>.*.tmp.npz`` beside them
+    before = len([p for p in cache.glob("*.npz") if ".tmp" not in p.name])
     assert 0 < before < IMAGES
 
     proc = _run(_torchrun(), command, tmp_path)  # the same command again
