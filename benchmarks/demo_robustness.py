@@ -80,8 +80,7 @@ def per_clip(report: dict, conf: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Di
         entry = {}
         for m, meas in enumerate(MEASURES):
             r = bootstrap_miou(pick(conf, m, rows[meas]), resamples=RESAMPLES, seed=SEED)
-            entry[meas] = {"row": rows[meas], "miou": point(pick(conf, m, rows[meas])),
-                           "ci95": [100 * v for v in r["ci95"]]}
+            entry[meas] = {"row": rows[meas], "miou": 100 * r["miou"], "ci95": [100 * v for v in r["ci95"]]}
         out["rows"][label] = entry
     for gain, (a, b) in gain_pairs(best).items():
         out["gains"][gain] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from typing import Any, Dict
 
@@ -45,7 +44,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def parse_bg_thresholds(text: str) -> Any:
-    """``"auto"``, one finite number, or a list of finite numbers from ``--bg-threshold``.
+    """``"auto"``, one number, or a list of numbers from ``--bg-threshold`` (their values are
+    checked where they are used, by :func:`vpl_plugin.metrics.evaluate_cams`).
 
     >>> parse_bg_thresholds("auto"), parse_bg_thresholds("0.5"), parse_bg_thresholds("1, 2,3")
     ('auto', 0.5, [1.0, 2.0, 3.0])
@@ -56,10 +56,6 @@ def parse_bg_thresholds(text: str) -> Any:
         values = [float(t) for t in text.split(",")]
     except ValueError:
         raise UsageError(f"--bg-threshold must be 'auto', a number or a comma list of numbers; got {text!r}.") from None
-    if not all(math.isfinite(v) for v in values):
-        raise UsageError(f"--bg-threshold must be finite; got {text!r}.")
-    if len(set(values)) != len(values):
-        raise UsageError(f"--bg-threshold has duplicates: {text!r}.")
     return values[0] if len(values) == 1 else values
 
 
