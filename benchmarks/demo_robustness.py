@@ -12,7 +12,12 @@ gain, and whether the gain "holds across CLIPs" (every CLIP's paired interval ab
     python benchmarks/demo_robustness.py --run seed0=demo_seed0 --run seed1=demo_seed1 \
         --run seed2=demo_seed2 --out benchmarks/results/demo_robustness.json
 
-With fewer than two CLIPs the across-CLIP part is written as null with the reason.
+With fewer than two CLIPs the across-CLIP part is written as null with the reason; with fewer than
+the plan's three (``--planned``) the result is marked ``"complete": false`` and its across-CLIP
+numbers are interim (the plan's claim rule applies to the full set only).
+
+A run folder may hold ``clip.json`` (``{"checkpoint": NAME, "sha256": HEX, ...}``, written when the
+folder is archived): it names the CLIP when the checkpoint itself is no longer on disk.
 """
 
 from __future__ import annotations
@@ -131,11 +136,27 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_identity(folder: Path, report: dict) -> Dict[str, Any]:
+    """The CLIP a run used: its path (inside the working directory) or name, and its sha256, taken
+    from the checkpoint when it is on disk, else from the folder's ``clip.json``."""
+    ckpt = Path(str(report.get("checkpoint", "")))
+    if ckpt.is_file():
+        inside = ckpt.resolve().is_relative_to(Path.cwd())
+        return {"checkpoint": str(ckpt.resolve().relative_to(Path.cwd())) if inside else ckpt.name,
+                "checkpoint_sha256": sha256(ckpt)}
+    card = folder / "clip.json"
+    if card.is_file():
+        info = json.loads(card.read_text())
+        return {"checkpoint": str(info.get("checkpoint", ckpt.name)), "checkpoint_sha256": info.get("sha256")}
+    return {"checkpoint": ckpt.name, "checkpoint_sha256": None}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                     help="a CLIP's name and its `vpl demo` output folder (repeat per CLIP)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/demo_robustness.json"))
+    ap.add_argument("--planned", type=int, default=3, help="CLIPs the plan needs (default 3)")
     args = ap.parse_args(argv)
     runs: List[Tuple[str, Dict[str, Tuple[np.ndarray, np.ndarray]], Dict[str, Any]]] = []
     result: Dict[str, Any] = {"plan": "benchmarks/results/demo_robustness/PLAN.md", "resamples": RESAMPLES,
@@ -146,15 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--run {spec!r}: expected NAME=DIR")
         report, conf = load_run(Path(folder))
         clip = per_clip(report, conf)
-        ckpt = Path(str(report.get("checkpoint", "")))
-        inside = ckpt.resolve().is_relative_to(Path.cwd()) if ckpt.is_file() else False
-        clip["checkpoint"] = str(ckpt.resolve().relative_to(Path.cwd())) if inside else ckpt.name
-        clip["checkpoint_sha256"] = sha256(ckpt) if ckpt.is_file() else None
+        clip.update(checkpoint_identity(Path(folder), report))
         result["clips"][name] = clip
         runs.append((name, conf, clip))
         for label, gain in clip["gains"].items():
             print(f"{name}: {label}: " + ", ".join(
                 f"{m} {g['difference']:+.1f} [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]" for m, g in gain.items()))
+    result["complete"] = len(runs) >= args.planned
+    if not result["complete"]:
+        result["interim_reason"] = (f"{len(runs)} of the {args.planned} planned CLIPs: across-CLIP numbers are "
+                                    f"interim and no gain is said to hold across CLIPs")
     if len(runs) >= 2:
         result["across_clips"] = across(runs)
     else:

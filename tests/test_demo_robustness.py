@@ -79,3 +79,28 @@ def test_one_clip_writes_no_across_part(tmp_path):
     mod.main(["--run", f"a={tmp_path / 'c0'}", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["across_clips"] is None and "two more" in r["across_clips_reason"]
+
+
+def test_interim_marking_and_archived_clip_identity(tmp_path):
+    """Two of three planned CLIPs: marked incomplete; a folder's clip.json names a CLIP no longer on disk,
+    a checkpoint on disk is hashed (sha256 of its bytes, the known answer)."""
+    import hashlib
+
+    mod = _module()
+    accs = {mod.CLIP_ES: 0.6, mod.PAPER_LITERAL: 0.5, mod.RECOMMENDED: 0.8}
+    _write_run(tmp_path / "c0", mod, accs, 0)
+    _write_run(tmp_path / "c1", mod, accs, 1)
+    (tmp_path / "c0" / "clip.json").write_text(json.dumps({"checkpoint": "clip_seed1.pt", "sha256": "ab" * 32}))
+    ckpt = tmp_path / "real.pt"
+    ckpt.write_bytes(b"weights")
+    (tmp_path / "c1" / "report.json").write_text(json.dumps({"gates": {}, "checkpoint": str(ckpt)}))
+    out = tmp_path / "r.json"
+    mod.main(["--run", f"a={tmp_path / 'c0'}", "--run", f"b={tmp_path / 'c1'}", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["complete"] is False and "2 of the 3" in r["interim_reason"]
+    assert r["clips"]["a"]["checkpoint"] == "clip_seed1.pt" and r["clips"]["a"]["checkpoint_sha256"] == "ab" * 32
+    assert r["clips"]["b"]["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
+    mod.main(["--run", f"a={tmp_path / 'c0'}", "--run", f"b={tmp_path / 'c1'}", "--planned", "2",
+              "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["complete"] is True and "interim_reason" not in r
