@@ -373,3 +373,27 @@ def test_a_state_from_before_checkpoint_selection_still_resumes(tmp_path):
     with pytest.raises(ValueError, match="different settings"):
         train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=3, select_every=1, **cfg),
                         progress=False, log=None)
+
+
+def test_progress_bar_shows_each_steps_loss_also_on_logging_steps(tmp_path, monkeypatch):
+    """The bar's loss is the step's own loss (the curve's mean over a 1-step window is the oracle); it
+    used to read 0.000 on every logging step, where the window had just been emptied."""
+    import vpl_plugin.demo.train_clip as tc
+
+    shown = []
+
+    class Recorder:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            shown.append(float(kw["loss"]))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tc, "progress_bar", lambda **kw: Recorder())
+    rec = train_demo_clip(tmp_path / "a.pt", arch=TINY, config=DemoTrainConfig(steps=3, batch_size=8, warmup=1,
+                                                                               log_every=1), progress=True, log=None)
+    assert shown == pytest.approx([round(c["loss"], 3) for c in rec["curve"]], abs=1e-3)
+    assert min(shown) > 0

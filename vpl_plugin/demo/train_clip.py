@@ -299,7 +299,8 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
         seconds += time.time() - t0
-        window.append(loss.item())
+        last = loss.item()
+        window.append(last)
         if step % config.log_every == 0 or step == config.steps:
             curve.append({"step": step, "loss": float(np.mean(window)), "seconds": round(seconds, 1),
                           "temperature": float(1 / model.logit_scale.detach().exp())})
@@ -308,7 +309,7 @@ def train_demo_clip(out: Union[str, os.PathLike], *, arch: DemoCLIPConfig = Demo
                 log(f"step {step}/{config.steps} loss {curve[-1]['loss']:.4f} ({seconds:.0f} s)")
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{window[-1] if window else 0:.3f}")
+            bar.set_postfix(loss=f"{last:.3f}")
         if config.select_every and (step % config.select_every == 0 or step == config.steps):
             select()
         if step % config.checkpoint_every == 0 or step == config.steps:
