@@ -19,11 +19,16 @@ attention, as in a trained CLIP; the refinement then has real dynamic range, whi
 check meaningful). Images: the first ``--images`` ids of the VOC train list (``--select first``)
 or the ``--images`` with the most classes (``--select most-classes``, as ``bench_cams.py`` picks
 them; per-class work is where the two differ most).
+With ``--upstream-script`` another script with that command line runs as the baseline, from its
+own folder (so upstream's original ``generate_cams_voc12.py`` imports the ``clip`` package of its
+checkout); ``--upstream-args`` adds its extra flags. Its CAM-loop time is reported only if it
+prints ``in N s``.
 Writes benchmarks/results/cams_process.{json,md}.
 
     python benchmarks/bench_cams_process.py [--voc-root VOC2012] [--images 8] [--repeats 5]
         [--select first|most-classes] [--clip vitb16.pt] [--vpl-root CHECKOUT]
-        [--baseline-root OLD_CHECKOUT] [--name cams_process]
+        [--baseline-root OLD_CHECKOUT] [--upstream-script generate_cams_voc12.py]
+        [--upstream-args "..."] [--name cams_process]
 """
 
 from __future__ import annotations
@@ -66,11 +71,11 @@ def make_checkpoint(folder: Path, qk_scale: float, env: dict[str, str]) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> dict[str, float]:
     """Run ``cmd``; wall seconds, the child's CPU seconds and peak RSS, its CAM-loop seconds."""
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -135,6 +140,7 @@ def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], dif
     loads = [r["load_before"] for rs in runs.values() for r in rs]
     result = {"images": args.images, "select": args.select, "image_ids": ids, "repeats": args.repeats,
               "vpl_root": str(args.vpl_root), "baseline_root": str(args.baseline_root or ""),
+              "upstream_script": str(args.upstream_script), "upstream_args": args.upstream_args,
               "vpl_args": args.vpl_args, "runs": runs, "ratio_upstream_over": ratio,
               "outside_loop_wall_median": outside, "max_abs_diff_attn_highres": diff,
               "within_tolerance": diff <= args.tolerance, "tolerance": args.tolerance,
@@ -156,14 +162,16 @@ def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], dif
 
 
 def commands(args, root: Path, split: Path, clip: Path) -> dict:
-    upstream = [sys.executable, str(HERE / "upstream_cams_script.py"), "--img_root", str(root / "JPEGImages"),
-                "--split_file", str(split), "--model", str(clip), "--cam_out_dir"]
+    script = args.upstream_script.resolve()
+    upstream = [sys.executable, str(script), "--img_root", str(root / "JPEGImages"), "--split_file", str(split),
+                "--model", str(clip), *args.upstream_args.split(), "--cam_out_dir"]
     ours = [sys.executable, "-m", "vpl_plugin", "cams", "--clip", str(clip), "--root", str(root),
             "--split-file", str(split), "--no-progress", *args.vpl_args.split(), "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out = {"upstream": (upstream, env), "ours": (ours, {**env, "PYTHONPATH": str(args.vpl_root.resolve())})}
+    out = {"upstream": (upstream, env, script.parent),
+           "ours": (ours, {**env, "PYTHONPATH": str(args.vpl_root.resolve())}, None)}
     if args.baseline_root:
-        out["baseline"] = (ours, {**env, "PYTHONPATH": str(args.baseline_root.resolve())})
+        out["baseline"] = (ours, {**env, "PYTHONPATH": str(args.baseline_root.resolve())}, None)
     return out
 
 
@@ -178,6 +186,9 @@ def main() -> None:
     ap.add_argument("--qk-scale", type=float, default=8.0)
     ap.add_argument("--vpl-root", type=Path, default=REPO, help="checkout whose vpl_plugin is timed")
     ap.add_argument("--baseline-root", type=Path, help="another checkout, timed as a third contestant")
+    ap.add_argument("--upstream-script", type=Path, default=HERE / "upstream_cams_script.py",
+                    help="the baseline script (default: the upstream-interface script here)")
+    ap.add_argument("--upstream-args", default="", help="extra flags of the baseline script")
     ap.add_argument("--vpl-args", default="--fp16-compat", help="extra `vpl cams` flags (parity)")
     ap.add_argument("--tolerance", type=float, default=1e-2)
     ap.add_argument("--name", default="cams_process", help="results file name")
@@ -198,8 +209,8 @@ def main() -> None:
             order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
             for name in order:
                 out = work / f"{name}_{rep}"
-                cmd, env = cmds[name]
-                r = timed([*cmd, str(out)], env)
+                cmd, env, cwd = cmds[name]
+                r = timed([*cmd, str(out)], env, cwd)
                 print(f"run {rep} {name:9s} wall {r['wall']:6.2f} s  cpu {r['cpu']:6.2f} s  loop "
                       f"{r['loop_wall']:6.2f} s  load {r['load_before']:.1f}", flush=True)
                 if rep >= args.warmup:
