@@ -20,7 +20,7 @@ RUN="$ROOT/runs/robust"
 ARCHIVE="$ROOT/benchmarks/results/demo_robustness"
 CLIP="$RUN/clip_seed$SEED.pt"
 mkdir -p "$RUN"
-[ -d "$CODE" ] || git -C "$ROOT" worktree add --detach "$CODE" "$PINNED"
+[ -d "$CODE" ] || { git -C "$ROOT" worktree prune; git -C "$ROOT" worktree add --detach "$CODE" "$PINNED"; }
 cd "$CODE"  # python puts the working folder first on its path: the pinned package, not main's
 export PYTHONPATH="$CODE" PYTHONWARNINGS="ignore::UserWarning:clip.clip,ignore::FutureWarning"
 python3 -c "import vpl_plugin, sys; sys.exit(0 if vpl_plugin.__file__.startswith('$CODE') else 'not the pinned code')"
