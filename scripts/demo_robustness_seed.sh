@@ -33,10 +33,10 @@ python3 -m vpl_plugin demo --clip "$CLIP" --out "$RUN/demo_seed$SEED"
 mkdir -p "$ARCHIVE/seed$SEED"
 cp "$RUN/demo_seed$SEED"/{report.json,report.md,confusion.npz} "$ARCHIVE/seed$SEED/"
 [ -f "$CLIP.curve.json" ] && cp "$CLIP.curve.json" "$ARCHIVE/seed$SEED/curve.json"
-python3 - "$CLIP" "$SEED" "$PINNED" "$ARCHIVE/seed$SEED/clip.json" <<'PY'
-import hashlib, json, sys
-clip, seed, commit, out = sys.argv[1:]
-json.dump({"checkpoint": f"clip_seed{seed}.pt", "sha256": hashlib.sha256(open(clip, "rb").read()).hexdigest(),
+python3 - "$(sha256sum "$CLIP" | cut -d' ' -f1)" "$SEED" "$PINNED" "$ARCHIVE/seed$SEED/clip.json" <<'PY'
+import json, sys
+sha, seed, commit, out = sys.argv[1:]
+json.dump({"checkpoint": f"clip_seed{seed}.pt", "sha256": sha,
            "trained_by": f"vpl train-clip --out clip_seed{seed}.pt --patch-size 4 --select-every 250 --seed {seed}",
            "demo": f"vpl demo --clip clip_seed{seed}.pt --out DIR", "code_commit": commit},
           open(out, "w"), indent=1)
