@@ -22,7 +22,10 @@ them; per-class work is where the two differ most).
 With ``--upstream-script`` another script with that command line runs as the baseline, from its
 own folder (so upstream's original ``generate_cams_voc12.py`` imports the ``clip`` package of its
 checkout); ``--upstream-args`` adds its extra flags. Its CAM-loop time is reported only if it
-prints ``in N s``.
+prints ``in N s``. As published, upstream's script picks its device in ``perform`` as
+``cuda:{process_id % torch.cuda.device_count()}``, which divides by zero on a machine without a GPU:
+for a CPU timing that one device string has to read ``cpu`` (the arithmetic is unchanged); it also
+imports ``ttach`` and ``lxml``.
 Writes benchmarks/results/cams_process.{json,md}.
 
     python benchmarks/bench_cams_process.py [--voc-root VOC2012] [--images 8] [--repeats 5]
