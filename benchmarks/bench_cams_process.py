@@ -26,7 +26,7 @@ prints ``in N s``. As published, upstream's script picks its device in ``perform
 ``cuda:{process_id % torch.cuda.device_count()}``, which divides by zero on a machine without a GPU:
 for a CPU timing that one device string has to read ``cpu`` (the arithmetic is unchanged); it also
 imports ``ttach`` and ``lxml``.
-Writes benchmarks/results/cams_process.{json,md}.
+Writes benchmarks/results/NAME.{json,md} (``--name``, default ``cams_process``).
 
     python benchmarks/bench_cams_process.py [--voc-root VOC2012] [--images 8] [--repeats 5]
         [--select first|most-classes] [--clip vitb16.pt] [--vpl-root CHECKOUT]
