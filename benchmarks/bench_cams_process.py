@@ -1,12 +1,15 @@
 """`vpl cams` against an upstream-interface script, each as a whole process (interpreter start,
 imports, model loading, text features, the CAM loop, file writes), on the same images and weights at
-upstream parity (``--fp16-compat``), CPU, one thread.
+upstream parity (the default numerics; ``--vpl-args`` passes ``--fp16-compat``, its accepted alias,
+unless told otherwise, e.g. ``--vpl-args "--fp16-compat --keep-subnormals"``), CPU, one thread.
 
 The baseline is ``benchmarks/upstream_cams_script.py`` (the command line and structure of upstream
 CLIP-ES's ``generate_cams_voc12.py``, see its docstring). Runs alternate (upstream, ours, ours,
 upstream, ...) into fresh output folders after one warm-up of each; the ratio is of the medians.
 With ``--baseline-root`` a second checkout of vpl-plugin (e.g. the code before a change) runs as a
-third contestant in the same rotation, so before and after are measured under the same load.
+third contestant in the same rotation, so before and after are measured under the same load. Each
+checkout runs from its own root (``python -m`` imports from the working folder first), and a child
+that imports ``vpl_plugin`` from elsewhere stops the benchmark.
 Wall time and CPU time (user + system, of the child process alone) are both reported: on a machine
 shared with other work the CPU time is the steadier of the two, and the load average is recorded
 before every run. Each process's own CAM-loop time (printed by both) splits the total into the loop
@@ -134,8 +137,8 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], diff: float,
-              digests: set) -> None:
+def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], diff: dict[str, float],
+              digests: dict[str, set]) -> None:
     up = runs["upstream"]
     ratio = {f"{name}_{k}": median(up, k) / median(rs, k)
              for name, rs in runs.items() if name != "upstream" for k in ("wall", "cpu", "loop_wall")}
@@ -145,9 +148,12 @@ def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], dif
               "vpl_root": str(args.vpl_root), "baseline_root": str(args.baseline_root or ""),
               "upstream_script": str(args.upstream_script), "upstream_args": args.upstream_args,
               "vpl_args": args.vpl_args, "runs": runs, "ratio_upstream_over": ratio,
-              "outside_loop_wall_median": outside, "max_abs_diff_attn_highres": diff,
-              "within_tolerance": diff <= args.tolerance, "tolerance": args.tolerance,
-              "ours_byte_identical_across_runs": len(digests) == 1, "ours_digests": sorted(digests),
+              "outside_loop_wall_median": outside, "max_abs_diff_attn_highres": diff["ours"],
+              "within_tolerance": diff["ours"] <= args.tolerance, "tolerance": args.tolerance,
+              "max_abs_diff_attn_highres_of": diff,
+              "ours_byte_identical_across_runs": len(digests["ours"]) == 1,
+              "byte_identical_across_runs": {k: len(v) == 1 for k, v in digests.items()},
+              "digests": {k: sorted(v) for k, v in digests.items()},
               "load_average_before_runs": {"min": min(loads), "median": statistics.median(loads),
                                            "max": max(loads)}}
     table = [["contestant (median of runs)", "process wall, s", "process CPU, s", "CAM loop wall, s",
@@ -158,9 +164,10 @@ def summarise(args, ids: list[str], runs: dict[str, list[dict[str, float]]], dif
                       f"{median(rs, 'max_rss_gb'):.2f}",
                       "" if name == "upstream" else " / ".join(
                           f"{ratio[f'{name}_{k}']:.3f}x" for k in ("wall", "cpu", "loop_wall"))])
-    table.append([f"max abs difference of attn_highres (ours - upstream): {diff:.2e}; ours byte-identical "
-                  f"across runs: {len(digests) == 1}; load average before runs {min(loads):.1f}-"
-                  f"{max(loads):.1f}", "", "", "", "", "", ""])
+    differences = "; ".join(f"{name} - upstream {d:.2e}" for name, d in diff.items())
+    identical = ", ".join(f"{name} {len(d) == 1}" for name, d in digests.items())
+    table.append([f"max abs difference of attn_highres: {differences}; byte-identical across runs: {identical}; "
+                  f"load average before runs {min(loads):.1f}-{max(loads):.1f}", "", "", "", "", "", ""])
     write_results(args.name, result, table)
 
 
@@ -171,11 +178,25 @@ def commands(args, root: Path, split: Path, clip: Path) -> dict:
     ours = [sys.executable, "-m", "vpl_plugin", "cams", "--clip", str(clip), "--root", str(root),
             "--split-file", str(split), "--no-progress", *args.vpl_args.split(), "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out = {"upstream": (upstream, env, script.parent),
-           "ours": (ours, {**env, "PYTHONPATH": str(args.vpl_root.resolve())}, None)}
+    # `python -m` puts its working folder first on sys.path: each checkout runs from its own root
+    roots = {"ours": args.vpl_root.resolve()}
     if args.baseline_root:
-        out["baseline"] = (ours, {**env, "PYTHONPATH": str(args.baseline_root.resolve())}, None)
+        roots["baseline"] = args.baseline_root.resolve()
+    out = {"upstream": (upstream, env, script.parent)}
+    for name, root_dir in roots.items():
+        child_env = {**env, "PYTHONPATH": str(root_dir)}
+        check_imported_from(root_dir, child_env)
+        out[name] = (ours, child_env, root_dir)
     return out
+
+
+def check_imported_from(root_dir: Path, env: dict[str, str]) -> None:
+    """Refuse to time a checkout whose ``vpl_plugin`` is not the one the child process imports."""
+    found = subprocess.run([sys.executable, "-c", "import vpl_plugin; print(vpl_plugin.__file__)"], env=env,
+                           cwd=root_dir, capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(root_dir):
+        raise SystemExit(f"a process started in {root_dir} imports vpl_plugin from {found}, not from that "
+                         f"checkout; give the folder that holds its vpl_plugin/.")
 
 
 def main() -> None:
@@ -207,7 +228,7 @@ def main() -> None:
         cmds = commands(args, root, split, clip)
         names = list(cmds)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-        digests = set()
+        digests: dict[str, set] = {name: set() for name in names if name != "upstream"}
         for rep in range(args.warmup + args.repeats):
             order = names[rep % len(names):] + names[: rep % len(names)]  # rotate who goes first
             for name in order:
@@ -219,11 +240,11 @@ def main() -> None:
                 if rep >= args.warmup:
                     runs[name].append(r)
                 if name != "upstream":
-                    digests.add(digest(out))
+                    digests[name].add(digest(out))
                 if rep < args.warmup + args.repeats - 1:
                     shutil.rmtree(out)
         last = args.warmup + args.repeats - 1
-        diff = parity(work / f"ours_{last}", work / f"upstream_{last}")
+        diff = {name: parity(work / f"{name}_{last}", work / f"upstream_{last}") for name in digests}
     summarise(args, ids, runs, diff, digests)
 
 

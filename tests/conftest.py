@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_configure(config):
+    """Start torch's intra-op threads before any test. A ``vpl`` command that computes GradCAMs
+    flushes subnormal floats from its start, and intra-op threads started during a command run
+    in-process would keep that mode for the rest of the session
+    (docs/upstream_clip_es.md#subnormals)."""
+    import torch
+
+    torch.ones(1 << 22).sum()
+
 # ------------------------------------------------------------------------------------------------
 # Real data: the shared PASCAL VOC 2012 subset (/work/shared/data/voc2012_subset, see SOURCES.md)
 # ------------------------------------------------------------------------------------------------

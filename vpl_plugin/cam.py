@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vpl_plugin._imports import require
+from vpl_plugin._subnormals import flushed_subnormals
 
 if TYPE_CHECKING:
     from vpl_plugin.backbones.clip import CLIPDense
@@ -34,6 +35,7 @@ __all__ = [
     "affinity_transition",
     "box_mask",
     "choose_backward",
+    "flushes_subnormals",
     "dense_maps",
     "gradcam",
     "image_gradcams",
@@ -219,6 +221,14 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (width, height)) for m in arr])
 
 
+def flushes_subnormals(encoder: object) -> bool:
+    """Whether GradCAMs of ``encoder`` flush subnormal floats to zero: on the CPU, when the encoder
+    asks for it (:class:`~vpl_plugin.backbones.CLIPDense` does unless built with
+    ``flush_subnormals=False``, ``--keep-subnormals``; ``docs/upstream_clip_es.md#subnormals``)."""
+    device = getattr(encoder, "device", "cpu")
+    return bool(getattr(encoder, "flush_subnormals", False)) and torch.device(device).type == "cpu"
+
+
 def choose_backward(device: Union[str, torch.device]) -> str:
     """The per-class backward :func:`image_gradcams` uses with ``backward="auto"``: ``"batched"``
     on CUDA, ``"shared"`` elsewhere (tests call it with ``"cuda"`` to run the GPU branch on a CPU)."""
@@ -274,6 +284,13 @@ def image_gradcams(encoder: "CLIPDense", image: torch.Tensor, prototypes: torch.
         backward = choose_backward(encoder.device)
     if backward not in ("batched", "shared"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'shared'; got {backward!r}.")
+    with flushed_subnormals(flushes_subnormals(encoder)):
+        return _image_gradcams(encoder, image, prototypes, targets, logit_scale, grid, affinity_layers, backward)
+
+
+def _image_gradcams(encoder: "CLIPDense", image: torch.Tensor, prototypes: torch.Tensor, targets: Sequence[int],
+                    logit_scale: torch.Tensor, grid: Tuple[int, int], affinity_layers: int,
+                    backward: str) -> GradCAMResult:
     tokens, maps = encoder.trunk(image[None], keep_attention=affinity_layers)
     k = len(targets)
     out = encoder.last_block(tokens, copies=max(k, 1) if backward == "batched" else 1)
@@ -332,6 +349,14 @@ def batch_image_gradcams(encoder: "CLIPDense", images: torch.Tensor, prototypes:
                          f"{len(logit_scales)} scales.")
     p = encoder.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
+    with flushed_subnormals(flushes_subnormals(encoder)):
+        return _batch_image_gradcams(encoder, images, prototypes, targets, logit_scales, grid, affinity_layers)
+
+
+def _batch_image_gradcams(encoder: "CLIPDense", images: torch.Tensor, prototypes: Sequence[torch.Tensor],
+                          targets: Sequence[Sequence[int]], logit_scales: Sequence[torch.Tensor],
+                          grid: Tuple[int, int], affinity_layers: int) -> List[GradCAMResult]:
+    b = images.shape[0]
     tokens, maps = encoder.trunk(images, keep_attention=affinity_layers)
     counts = [max(len(t), 1) for t in targets]
     starts = [sum(counts[:i]) for i in range(b)]

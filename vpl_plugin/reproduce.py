@@ -499,7 +499,8 @@ def _stages(args, out: Path) -> List[Tuple[str, List[str]]]:
         raise UsageError(FP16_COMPAT_CONFLICT)
     data = ["--clip", args.clip, "--dataset", args.dataset, "--root", root, "--device", args.device,
             *pixels, *(["--trust-torchscript"] if args.trust_torchscript else []),
-            *(["--exact-fp32"] if getattr(args, "exact_fp32", False) else [])]
+            *(["--exact-fp32"] if getattr(args, "exact_fp32", False) else []),
+            *(["--keep-subnormals"] if getattr(args, "keep_subnormals", False) else [])]
     for t in args.templates or ():
         data += ["--template", t]
     common = [] if args.progress else ["--no-progress"]

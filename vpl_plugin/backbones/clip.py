@@ -527,6 +527,7 @@ def load_clip(
     fp16_compat: Optional[bool] = None,
     download_root: Optional[str] = None,
     trust_torchscript: bool = False,
+    flush_subnormals: bool = True,
 ) -> "CLIPDense":
     """Load an OpenAI CLIP ViT checkpoint as a :class:`CLIPDense` encoder.
 
@@ -545,6 +546,7 @@ def load_clip(
         download_root: where OpenAI model names are downloaded (default ``~/.cache/clip``).
         trust_torchscript: read TorchScript archives with ``torch.jit.load``, which runs the code
             stored in them (see :func:`load_state_dict_file`); by default they are read as data.
+        flush_subnormals: see :class:`CLIPDense` (``False``: ``--keep-subnormals``).
 
     Example:
         >>> enc = load_clip("ViT-B-16.pt", "cuda")  # doctest: +SKIP
@@ -556,7 +558,7 @@ def load_clip(
     model = build_clip_from_state_dict(state, round_weights=not exact, source=str(path))
     numerics = numerics_for(device, exact_fp32=exact)
     model = _convert(model, numerics, torch.device(device))  # our own model: converted in place
-    enc = CLIPDense(model, device=device, numerics=numerics)
+    enc = CLIPDense(model, device=device, numerics=numerics, flush_subnormals=flush_subnormals)
     enc.checkpoint = str(path)
     return enc
 
@@ -629,11 +631,16 @@ class CLIPDense(nn.Module):
             CUDA plan on a CPU to exercise the half-precision code path without a GPU.
         trunk_cache: a :class:`TrunkCache` that makes :meth:`trunk` run once per distinct input
             (also settable later as the ``trunk_cache`` attribute; None: no caching).
+        flush_subnormals: on the CPU, GradCAMs (:func:`~vpl_plugin.cam.image_gradcams`) flush
+            subnormal floats to zero, which makes a CLIP with peaked attention several times
+            faster and left its CAMs byte-identical (``docs/upstream_clip_es.md#subnormals``);
+            ``False`` (``--keep-subnormals``) computes with IEEE subnormals.
     """
 
     def __init__(self, model: nn.Module, *, exact_fp32: bool = False,
                  fp16_compat: Optional[bool] = None, device: Union[str, torch.device] = "cpu",
-                 numerics: Optional[Numerics] = None, trunk_cache: Optional[TrunkCache] = None) -> None:
+                 numerics: Optional[Numerics] = None, trunk_cache: Optional[TrunkCache] = None,
+                 flush_subnormals: bool = True) -> None:
         super().__init__()
         visual = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "proj") or not hasattr(visual, "conv1"):
@@ -647,6 +654,12 @@ class CLIPDense(nn.Module):
         self.model = _prepared_model(model, self.numerics, self.device)
         self.checkpoint: Optional[str] = None
         self.trunk_cache = trunk_cache
+        self._flush_subnormals = bool(flush_subnormals)
+
+    @property
+    def flush_subnormals(self) -> bool:
+        """Whether GradCAMs on the CPU flush subnormal floats to zero (fixed at construction)."""
+        return self._flush_subnormals
 
     @property
     def exact_fp32(self) -> bool:

@@ -43,7 +43,7 @@ def run_argv(argv: Optional[Sequence[str]], commands: Sequence[Any]) -> int:
     module = next(m for m in commands if m.NAME == args.command)
     try:
         _check_output(args, module)
-        with _output_lock(args, module, argv):
+        with _output_lock(args, module, argv), _subnormals_mode(args):
             return module.run(args)
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; run the same command again to resume.",
@@ -58,6 +58,16 @@ def run_argv(argv: Optional[Sequence[str]], commands: Sequence[Any]) -> int:
         hint = "" if verbose else " (run with -v for the traceback)"
         print(f"error: {type(err).__name__}: {error_line(err)}{hint}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _subnormals_mode(args: argparse.Namespace) -> Any:
+    """A command that offers ``--keep-subnormals`` (it computes GradCAMs) runs with subnormal
+    floats flushed to zero unless given it, from its start: the intra-op threads it starts inherit
+    the mode, so a multi-threaded CPU run flushes on every thread
+    (``docs/upstream_clip_es.md#subnormals``)."""
+    from vpl_plugin._subnormals import flushed_subnormals
+
+    return flushed_subnormals(getattr(args, "keep_subnormals", None) is False)
 
 
 def _check_output(args: argparse.Namespace, module: Any) -> None:

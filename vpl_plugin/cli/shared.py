@@ -74,7 +74,8 @@ def create_adapter_from_args(args: argparse.Namespace, spec: Any, prototypes: An
     if args.fp16_compat and args.exact_fp32:
         raise UsageError(FP16_COMPAT_CONFLICT)
     encoder = load_clip(args.clip, args.device, exact_fp32=args.exact_fp32,
-                        trust_torchscript=args.trust_torchscript)
+                        trust_torchscript=args.trust_torchscript,
+                        flush_subnormals=not getattr(args, "keep_subnormals", False))
     overrides = clip_es_overrides(args)
     overrides.update(cpal_overrides(args))
     return create_adapter(args.adapter, encoder, spec, prototypes, **overrides)

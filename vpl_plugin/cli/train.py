@@ -84,7 +84,7 @@ def _add_data_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-file", metavar="LIST.txt", help="training image list (e.g. train_aug.txt)")
     g.add_argument("--label-source", default="auto", choices=["auto", "xml", "mask"],
                    help="VOC image-level labels: XML, GT mask, or XML where present (default auto)")
-    add_numerics_flags(g, alias=False)
+    add_numerics_flags(g, alias=False, subnormals=False)
     g.add_argument("--masks", required=True, metavar="MASK_DIR",
                    help="pseudo masks <id>.png from `vpl masks` (255 = ignore)")
     g.add_argument("--skip-missing", action="store_true",
