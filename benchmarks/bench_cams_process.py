@@ -192,9 +192,10 @@ def commands(args, root: Path, split: Path, clip: Path) -> dict:
 
 def check_imported_from(root_dir: Path, env: dict[str, str]) -> None:
     """Refuse to time a checkout whose ``vpl_plugin`` is not the one the child process imports."""
-    found = subprocess.run([sys.executable, "-c", "import vpl_plugin; print(vpl_plugin.__file__)"], env=env,
-                           cwd=root_dir, capture_output=True, text=True, check=True).stdout.strip()
-    if not Path(found).resolve().is_relative_to(root_dir):
+    child = subprocess.run([sys.executable, "-c", "import vpl_plugin; print(vpl_plugin.__file__)"], env=env,
+                           cwd=root_dir, capture_output=True, text=True)
+    found = child.stdout.strip() if child.returncode == 0 else "nowhere (the import failed)"
+    if child.returncode != 0 or not Path(found).resolve().is_relative_to(root_dir):
         raise SystemExit(f"a process started in {root_dir} imports vpl_plugin from {found}, not from that "
                          f"checkout; give the folder that holds its vpl_plugin/.")
 

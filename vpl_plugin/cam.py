@@ -13,7 +13,8 @@ Functional pieces, each faithful to upstream CLIP-ES (``docs/upstream_clip_es.md
   per image.
 * :func:`refine_cams` - ``T @ (mask * cam)`` for all classes at once, min-max, resized.
 * :func:`image_gradcams` - one trunk forward and one batched backward through the last block for
-  all classes of an image.
+  all classes of an image; on the CPU with subnormal floats flushed to zero
+  (:func:`flushes_subnormals`, ``docs/upstream_clip_es.md#subnormals``).
 """
 
 from __future__ import annotations

@@ -633,7 +633,8 @@ class CLIPDense(nn.Module):
             (also settable later as the ``trunk_cache`` attribute; None: no caching).
         flush_subnormals: on the CPU, GradCAMs (:func:`~vpl_plugin.cam.image_gradcams`) flush
             subnormal floats to zero, which makes a CLIP with peaked attention several times
-            faster and left its CAMs byte-identical (``docs/upstream_clip_es.md#subnormals``);
+            faster and moved its maps by at most one fp16 step where it moved them at all
+            (measured; ``docs/upstream_clip_es.md#subnormals``);
             ``False`` (``--keep-subnormals``) computes with IEEE subnormals.
     """
 
