@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from bench_helpers import BENCH, import_bench
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks"
+REPO = BENCH.parent
 
 
 def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("bench_cams_process")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("bench_cams_process")
 
 
 def test_each_checkout_runs_from_its_own_root_and_imports_its_own_code(tmp_path):

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from bench_helpers import import_bench
 
 from vpl_plugin.bootstrap import bootstrap_miou, paired_bootstrap, resample_counts
 from vpl_plugin.metrics import iou_from_confusion
 from vpl_plugin.prototypes import PrototypeSet
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("literal_harm_factorial")
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_bench("literal_harm_factorial")
 
 
 def _stack(rng, candidates: int, n: int = 25, c: int = 4) -> np.ndarray:

@@ -4,6 +4,8 @@ within one fp16 step of IEEE arithmetic on a test bed that does produce subnorma
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,7 +105,7 @@ def test_an_encoder_without_the_attribute_is_not_flushed():
     assert not flushes_subnormals(Other())
 
 
-def test_cuda_encoders_are_not_flushed(tiny_clip):
+def test_cuda_encoders_are_not_flushed():
     """The switch concerns CPU arithmetic; a CUDA encoder's GradCAMs leave the host thread alone."""
     from vpl_plugin.cam import flushes_subnormals
 
@@ -261,7 +263,7 @@ else:
 
     def run(inside: bool):
         out = subprocess.run([sys.executable, "-c", code.format(inside=inside)], capture_output=True, text=True,
-                             check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+                             check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         return [int(v) for v in out.stdout.split()]
 
     flushed, after = run(True)
